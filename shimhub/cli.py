@@ -1,0 +1,121 @@
+"""The `shimhub` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import attrs
+import tomli_w
+
+from shimhub import __version__, config, plugins
+from shimhub.errors import ConfigError, PluginLoadError
+from shimhub.hookspecs import API_VERSION
+
+
+def _load_config(args: argparse.Namespace) -> config.Config:
+    path = Path(args.config) if args.config else None
+    overrides = {key: getattr(args, key, None) for key in ("socket", "state_dir", "run_dir", "log_level")}
+    return config.load(path, required=path is not None, overrides={k: v for k, v in overrides.items() if v})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the CRI socket until SIGTERM/SIGINT."""
+    from shimhub.daemon import Daemon
+    from shimhub.server import Server, SocketInUse, run_until_signalled
+
+    cfg = _load_config(args)
+    daemon = Daemon(cfg)
+    daemon.recover()
+    server = Server(daemon, Path(cfg.socket))
+
+    def reload() -> None:
+        log = logging.getLogger("shimhub")
+        log.info("SIGHUP: reloading the configuration")
+        try:
+            daemon.reload(_load_config(args))
+        except (ConfigError, PluginLoadError) as exc:
+            log.error("configuration not reloaded, the running one stays: %s", exc)
+
+    try:
+        run_until_signalled(server, reload)
+    except SocketInUse as exc:
+        print(f"shimhub: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the effective (or the embedded default) configuration as TOML."""
+    if args.default:
+        sys.stdout.write(config.default_text())
+        return 0
+    sys.stdout.write(tomli_w.dumps(config.dump(_load_config(args))))
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """List the installed plugins and whether each loads."""
+    found = plugins.discover()
+    if args.json:
+        print(json.dumps([attrs.asdict(info) for info in found], indent=2))
+        return 0
+    print(f"plugin API {API_VERSION}")
+    for info in found:
+        print(f"{info.kind:<10} {info.name:<16} {info.distribution} {info.version}  [{info.status}]  {info.target}")
+    if not found:
+        print("no plugins installed")
+    return 0 if all(info.status == "ok" for info in found) else 1
+
+
+def cmd_version(_args: argparse.Namespace) -> int:
+    """Print shimhub's version and its plugin API version."""
+    print(f"shimhub {__version__} (CRI v1, plugin API {API_VERSION})")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of the `shimhub` command."""
+    top = argparse.ArgumentParser(prog="shimhub", description="A CRI v1 container runtime built from plugins.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", help=f"main config file (default {config.DEFAULT_CONFIG_PATH}, drop-ins in its .d dir)")
+        return p
+
+    serve = with_config(sub.add_parser("serve", help=cmd_serve.__doc__))
+    serve.add_argument("--socket", help="CRI socket path (overrides the config)")
+    serve.add_argument("--state-dir", dest="state_dir", help="state directory (overrides the config)")
+    serve.add_argument("--run-dir", dest="run_dir", help="runtime directory (overrides the config)")
+    serve.add_argument("--log-level", dest="log_level", choices=config.LOG_LEVELS, help="log level (overrides the config)")
+    serve.set_defaults(func=cmd_serve)
+
+    show = with_config(sub.add_parser("config", help=cmd_config.__doc__))
+    show.add_argument("--default", action="store_true", help="print the embedded default configuration")
+    show.set_defaults(func=cmd_config)
+
+    listing = sub.add_parser("plugins", help=cmd_plugins.__doc__)
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(func=cmd_plugins)
+
+    sub.add_parser("version", help=cmd_version.__doc__).set_defaults(func=cmd_version)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `shimhub` console script."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("shimhub").setLevel(logging.INFO)
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, PluginLoadError) as exc:
+        print(f"shimhub: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""shimhub's configuration: TOML files structured into attrs classes.
+
+The effective configuration is the embedded default (``default.toml``), then
+the main file, then every ``*.toml`` in the drop-in directory beside it
+(``shimhub.d``) in name order; later files override earlier ones key by key.
+Any error names the file that set the offending key, the key, and what was
+expected.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import cattrs
+from attrs import define, field
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+from shimhub.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/shimhub/shimhub.toml")
+DEFAULT_SOURCE = "<embedded default>"
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+CGROUP_DRIVERS = ("cgroupfs", "systemd")
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+
+
+@define(frozen=True)
+class HandlerConfig:
+    """One runtime handler: the name a RuntimeClass refers to, bound to a runtime plugin."""
+
+    plugin: str
+    #: Options handed to the plugin as they are; the plugin validates them.
+    options: dict[str, Any] = field(factory=dict)
+    #: Storage driver for this handler's containers ("" = the global one).
+    storage_driver: str = ""
+    #: Whether a pod may pick this handler with the handler annotation.
+    selectable: bool = False
+    #: Annotation prefixes of pods that this handler's plugin may see.
+    allowed_annotations: list[str] = field(factory=list)
+
+
+@define(frozen=True)
+class StorageConfig:
+    """The storage driver that holds image layers and container root filesystems."""
+
+    driver: str = "overlay"
+    root: str = "/var/lib/shimhub/storage"
+    options: dict[str, Any] = field(factory=dict)
+
+
+@define(frozen=True)
+class NetworkConfig:
+    """The network backend that gives pods their network."""
+
+    backend: str = "cni"
+    options: dict[str, Any] = field(factory=dict)
+
+
+@define(frozen=True)
+class Config:
+    """The effective configuration of one shimhub instance."""
+
+    socket: str = "/run/shimhub/shimhub.sock"
+    state_dir: str = "/var/lib/shimhub"
+    run_dir: str = "/run/shimhub"
+    log_level: str = "info"
+    cgroup_driver: str = "cgroupfs"
+    default_runtime: str = "runc"
+    untrusted_runtime: str = ""
+    handler_annotation: str = "shimhub.io/runtime-handler"
+    runtimes: dict[str, HandlerConfig] = field(factory=dict)
+    storage: StorageConfig = field(factory=StorageConfig)
+    network: NetworkConfig = field(factory=NetworkConfig)
+    #: Names of extension plugins (entry point group ``shimhub.extension``) to load.
+    extensions: list[str] = field(factory=list)
+    #: Seconds in-flight RPCs get to finish on SIGTERM.
+    shutdown_grace: float = 10.0
+
+
+def _strict_converter() -> cattrs.Converter:
+    """A converter that refuses extra keys and never coerces between types."""
+    conv = cattrs.Converter(forbid_extra_keys=True)
+
+    def exact(kind: type, label: str):  # noqa: ANN202 - hook factory
+        def structure(value: object, _type: type) -> object:
+            if type(value) is bool and kind is not bool:
+                raise TypeError(f"expected {label}, got a boolean")
+            if kind is float and isinstance(value, int):
+                return float(value)
+            if not isinstance(value, kind):
+                raise TypeError(f"expected {label}, got {type(value).__name__} {value!r}")
+            return value
+
+        return structure
+
+    conv.register_structure_hook(str, exact(str, "a string"))
+    conv.register_structure_hook(bool, exact(bool, "true or false"))
+    conv.register_structure_hook(int, exact(int, "an integer"))
+    conv.register_structure_hook(float, exact(float, "a number"))
+    conv.register_structure_hook(Any, lambda value, _type: value)
+    return conv
+
+
+converter = _strict_converter()
+
+
+def _walk_errors(exc: BaseException, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], str]]:
+    """Yield (key path, message) for every leaf error of a cattrs validation error."""
+    if isinstance(exc, ClassValidationError | IterableValidationError):
+        for sub in exc.exceptions:
+            step = path
+            for note in getattr(sub, "__notes__", []):
+                if hasattr(note, "name"):
+                    step = path + (note.name,)
+                elif hasattr(note, "index"):
+                    step = path + (str(note.index),)
+            yield from _walk_errors(sub, step)
+    elif isinstance(exc, ForbiddenExtraKeysError):
+        for key in sorted(exc.extra_fields):
+            yield path + (key,), "unknown key"
+    elif isinstance(exc, KeyError):
+        yield path, "required key is missing"
+    else:
+        yield path, str(exc)
+
+
+class _Layers:
+    """Merges TOML documents in order and remembers which file set each key."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self.origin: dict[tuple[str, ...], str] = {}
+
+    def add(self, doc: Mapping[str, Any], source: str) -> None:
+        self._merge(self.data, doc, (), source)
+
+    def _merge(self, into: dict[str, Any], doc: Mapping[str, Any], path: tuple[str, ...], source: str) -> None:
+        for key, value in doc.items():
+            here = path + (key,)
+            # `options` tables belong to one plugin: a later file replaces them whole.
+            if isinstance(value, dict) and isinstance(into.get(key), dict) and key != "options":
+                self.origin.setdefault(here, source)
+                self._merge(into[key], value, here, source)
+            else:
+                into[key] = value
+                self.origin[here] = source
+                self._forget_below(here)
+
+    def _forget_below(self, path: tuple[str, ...]) -> None:
+        for known in [p for p in self.origin if len(p) > len(path) and p[: len(path)] == path]:
+            del self.origin[known]
+
+    def source_of(self, path: tuple[str, ...]) -> str:
+        """The file that set `path`, or the nearest enclosing table that was set."""
+        for end in range(len(path), 0, -1):
+            if path[:end] in self.origin:
+                return self.origin[path[:end]]
+        return DEFAULT_SOURCE
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def default_text() -> str:
+    """The embedded default configuration, as TOML text."""
+    return resources.files("shimhub").joinpath("default.toml").read_text()
+
+
+def config_files(main: Path) -> list[Path]:
+    """The files that make up the configuration: the main file, then its drop-ins in name order."""
+    files = [main] if main.exists() else []
+    dropins = main.with_suffix(".d")
+    if dropins.is_dir():
+        files += sorted(p for p in dropins.iterdir() if p.suffix == ".toml" and p.is_file())
+    return files
+
+
+def load(main: Path | None = None, *, required: bool = False, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load the effective configuration.
+
+    `main` defaults to /etc/shimhub/shimhub.toml. A missing main file is fine
+    (the embedded default applies) unless `required`, e.g. when the operator
+    named the file explicitly. `overrides` (top-level keys, e.g. from the
+    command line) apply last.
+    """
+    main = main or DEFAULT_CONFIG_PATH
+    if required and not main.exists():
+        raise ConfigError(f"{main}: no such configuration file")
+    layers = _Layers()
+    layers.add(tomllib.loads(default_text()), DEFAULT_SOURCE)
+    for path in config_files(main):
+        layers.add(_read_toml(path), str(path))
+    if overrides:
+        layers.add(overrides, "command line")
+    return _structure(layers)
+
+
+def _structure(layers: _Layers) -> Config:
+    try:
+        config = converter.structure(layers.data, Config)
+    except (ClassValidationError, IterableValidationError) as exc:
+        problems = [
+            f"{layers.source_of(path)}: {'.'.join(path) or '(top level)'}: {message}"
+            for path, message in _walk_errors(exc, ())
+        ]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
+    _check_values(config, layers)
+    return config
+
+
+def _check_values(config: Config, layers: _Layers) -> None:
+    """Checks of values and of references between keys, each naming its key."""
+    problems: list[str] = []
+
+    def bad(path: tuple[str, ...], message: str) -> None:
+        problems.append(f"{layers.source_of(path)}: {'.'.join(path)}: {message}")
+
+    for key in ("socket", "state_dir", "run_dir"):
+        if not getattr(config, key).startswith("/"):
+            bad((key,), f"expected an absolute path, got {getattr(config, key)!r}")
+    if not config.storage.root.startswith("/"):
+        bad(("storage", "root"), f"expected an absolute path, got {config.storage.root!r}")
+    for key, choices in (("log_level", LOG_LEVELS), ("cgroup_driver", CGROUP_DRIVERS)):
+        if getattr(config, key) not in choices:
+            bad((key,), f"expected one of {', '.join(choices)}, got {getattr(config, key)!r}")
+    if config.shutdown_grace < 0:
+        bad(("shutdown_grace",), f"expected a number of seconds >= 0, got {config.shutdown_grace}")
+
+    for name, handler in config.runtimes.items():
+        if not _NAME.match(name):
+            bad(("runtimes", name), "a handler name must be lower-case letters, digits, '-' and '.'")
+        if not handler.plugin:
+            bad(("runtimes", name, "plugin"), "names no runtime plugin")
+    known = ", ".join(sorted(config.runtimes)) or "none"
+    if config.default_runtime not in config.runtimes:
+        bad(("default_runtime",), f"no [runtimes.{config.default_runtime}] table (handlers: {known})")
+    if config.untrusted_runtime and config.untrusted_runtime not in config.runtimes:
+        bad(("untrusted_runtime",), f"no [runtimes.{config.untrusted_runtime}] table (handlers: {known})")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def dump(config: Config) -> dict[str, Any]:
+    """The configuration as plain data (for `shimhub config` and Status)."""
+    return converter.unstructure(config)
+
+
+def set_log_level(level: str) -> None:
+    """Apply `level` (one of LOG_LEVELS) to shimhub's loggers."""
+    logging.getLogger("shimhub").setLevel(level.upper())

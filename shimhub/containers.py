@@ -1,0 +1,220 @@
+"""Container lifecycle: create, start, stop, remove, status refresh and exec."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+from shimhub.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from shimhub.hooktypes import ContainerState, ContainerStatus, ExecResult
+from shimhub.pods import new_id
+from shimhub.records import SANDBOX_READY, ContainerRecord, SandboxRecord, proto_to_dict
+from shimhub_proto.cri.v1 import api_pb2 as cri
+
+if TYPE_CHECKING:
+    from shimhub.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+#: Most output ExecSync returns per stream; the rest is dropped (as the CRI asks).
+EXEC_OUTPUT_LIMIT = 16 * 1024 * 1024
+
+
+def container_name(metadata: cri.ContainerMetadata, pod: cri.PodSandboxMetadata) -> str:
+    """The unique CRI name of a container."""
+    return f"{metadata.name}_{pod.name}_{pod.namespace}_{pod.uid}_{metadata.attempt}"
+
+
+def resolve_log_path(log_directory: str, log_path: str) -> str:
+    """The absolute log file for `log_path` under the pod's `log_directory`; refuses escapes."""
+    if not log_path:
+        return ""
+    if not log_directory:
+        raise InvalidArgument("log_path is set but the pod sandbox has no log_directory")
+    if os.path.isabs(log_path):
+        raise InvalidArgument(f"log_path {log_path!r} must be relative to the pod's log_directory")
+    base = os.path.normpath(log_directory)
+    full = os.path.normpath(os.path.join(base, log_path))
+    if os.path.commonpath([base, full]) != base or full == base:
+        raise InvalidArgument(f"log_path {log_path!r} escapes the pod's log_directory")
+    return full
+
+
+class ContainerManager:
+    """Creates, starts, stops and removes containers, and keeps their state current."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def _sandbox_of(self, container: ContainerRecord) -> SandboxRecord:
+        return self.daemon.store.sandbox(container.sandbox_id)
+
+    def create(self, sandbox_id: str, config: cri.ContainerConfig, digest: str, wait: float | None) -> str:
+        """Create a container in a ready sandbox; return its id."""
+        daemon = self.daemon
+        sandbox = daemon.store.sandbox(sandbox_id)
+        if sandbox.state != SANDBOX_READY:
+            raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
+        if not config.metadata.name:
+            raise InvalidArgument("container metadata.name is empty")
+        pod_config = sandbox.pod_config()
+        log_path = resolve_log_path(pod_config.log_directory, config.log_path)
+        name = container_name(config.metadata, pod_config.metadata)
+
+        def create() -> str:
+            return self._create(sandbox, config, name, log_path, digest)
+
+        def reusable(container_id: str) -> bool:
+            try:
+                return self.daemon.store.container(container_id).state.status == ContainerStatus.CREATED
+            except NotFound:
+                return False
+
+        return daemon.container_names.create(name, digest, create, reusable, wait)
+
+    def _create(self, sandbox: SandboxRecord, config: cri.ContainerConfig, name: str, log_path: str, digest: str) -> str:
+        daemon = self.daemon
+        handler = daemon.handlers.get(sandbox.handler)
+        plugin = handler.require()
+        record = ContainerRecord(
+            id=new_id(),
+            sandbox_id=sandbox.id,
+            name=name,
+            created_at=time.time_ns(),
+            config=proto_to_dict(config),
+            log_path=log_path,
+            request_digest=digest,
+        )
+        plugin_config = cri.ContainerConfig()
+        plugin_config.CopyFrom(config)
+        plugin_config.annotations.clear()
+        plugin_config.annotations.update(handler.allowed_annotations(config.annotations))
+        with daemon.locks.hold(sandbox.id), daemon.locks.hold(record.id):
+            if sandbox.state != SANDBOX_READY:
+                raise FailedPrecondition(f"pod sandbox {sandbox.id} stopped while the container was being created")
+            daemon.store.save_container(record)
+            try:
+                plugin.call("runtime_container_create", sandbox=sandbox, container=record, config=plugin_config, rootfs="")
+                daemon.store.save_container(record)
+            except BaseException:
+                try:
+                    plugin.call("runtime_container_remove", sandbox=sandbox, container=record)
+                except Exception:
+                    log.exception("cleanup of failed container %s failed", record.id[:12])
+                daemon.store.delete_container(record.id)
+                raise
+        daemon.emit("container_created", sandbox, record)
+        return record.id
+
+    def start(self, container_id: str) -> None:
+        """Start a created container."""
+        record = self.daemon.store.container(container_id)
+        sandbox = self._sandbox_of(record)
+        with self.daemon.locks.hold(record.id):
+            if record.state.status != ContainerStatus.CREATED:
+                raise FailedPrecondition(f"container {record.id} is {record.state.status.value}, not created")
+            plugin = self.daemon.handlers.get(sandbox.handler).require()
+            plugin.call("runtime_container_start", sandbox=sandbox, container=record)
+            self.daemon.store.save_container(record)
+            self._refresh(sandbox, record)
+        self.daemon.emit("container_started", sandbox, record)
+
+    def stop(self, container_id: str, timeout: int) -> None:
+        """Stop a container, forcibly after `timeout` seconds. Idempotent."""
+        try:
+            record = self.daemon.store.container(container_id)
+        except NotFound:
+            return
+        sandbox = self._sandbox_of(record)
+        with self.daemon.locks.hold(record.id):
+            if self._refresh(sandbox, record).status == ContainerStatus.EXITED:
+                return
+            plugin = self.daemon.handlers.get(sandbox.handler).installed()
+            plugin.call("runtime_container_stop", sandbox=sandbox, container=record, timeout=max(timeout, 0))
+            self._refresh(sandbox, record)
+        self.daemon.emit("container_stopped", sandbox, record)
+
+    def remove(self, container_id: str) -> None:
+        """Remove a container, stopping it first if it runs. Idempotent."""
+        try:
+            record = self.daemon.store.container(container_id)
+        except NotFound:
+            return
+        sandbox = self._sandbox_of(record)
+        with self.daemon.locks.hold(record.id):
+            if self._refresh(sandbox, record).status == ContainerStatus.RUNNING:
+                self.stop(record.id, timeout=0)
+            plugin = self.daemon.handlers.get(sandbox.handler).installed()
+            plugin.call("runtime_container_remove", sandbox=sandbox, container=record)
+            self.daemon.store.delete_container(record.id)
+            self.daemon.container_names.release(record.name, record.id)
+        self.daemon.locks.forget(record.id)
+        self.daemon.emit("container_removed", sandbox, record)
+
+    def state(self, container_id: str) -> tuple[ContainerRecord, ContainerState]:
+        """A container's record with its current state."""
+        record = self.daemon.store.container(container_id)
+        return record, self._refresh(self._sandbox_of(record), record)
+
+    def _refresh(self, sandbox: SandboxRecord, record: ContainerRecord) -> ContainerState:
+        """Ask the runtime for a non-final state and persist any change."""
+        if record.state.status == ContainerStatus.EXITED:
+            return record.state
+        handler = self.daemon.handlers.get(sandbox.handler)
+        if handler.backend.plugin is None:
+            return record.state
+        current = handler.backend.plugin.call("runtime_container_state", sandbox=sandbox, container=record)
+        if current != record.state:
+            record.state = current
+            self.daemon.store.save_container(record)
+        return current
+
+    def refresh_running(self) -> None:
+        """Bring every non-final container state up to date (before listing)."""
+        for record in self.daemon.store.containers():
+            if record.state.status in (ContainerStatus.CREATED, ContainerStatus.RUNNING):
+                try:
+                    self._refresh(self._sandbox_of(record), record)
+                except Exception:  # noqa: BLE001 - one broken container must not break the list
+                    log.exception("cannot refresh the state of container %s", record.id[:12])
+
+    def exec_sync(self, container_id: str, cmd: list[str], timeout: int) -> ExecResult:
+        """Run `cmd` in a running container and wait for it."""
+        if not cmd:
+            raise InvalidArgument("ExecSync needs a command")
+        record, state = self.state(container_id)
+        if state.status != ContainerStatus.RUNNING:
+            raise FailedPrecondition(f"container {record.id} is not running")
+        sandbox = self._sandbox_of(record)
+        plugin = self.daemon.handlers.get(sandbox.handler).require()
+        result = plugin.call(
+            "runtime_exec_sync", sandbox=sandbox, container=record, cmd=list(cmd), timeout=float(timeout) if timeout > 0 else None
+        )
+        if result.timed_out:
+            raise DeadlineExceeded(f"command {cmd[0]!r} in container {record.id} timed out after {timeout} s")
+        return ExecResult(
+            exit_code=result.exit_code,
+            stdout=result.stdout[:EXEC_OUTPUT_LIMIT],
+            stderr=result.stderr[:EXEC_OUTPUT_LIMIT],
+        )
+
+    def update_resources(self, container_id: str, resources: cri.LinuxContainerResources) -> None:
+        """Apply new resource limits and remember them for ContainerStatus."""
+        record = self.daemon.store.container(container_id)
+        sandbox = self._sandbox_of(record)
+        with self.daemon.locks.hold(record.id):
+            plugin = self.daemon.handlers.get(sandbox.handler).require()
+            plugin.call("runtime_container_update", sandbox=sandbox, container=record, resources=resources)
+            record.config.setdefault("linux", {})["resources"] = proto_to_dict(resources)
+            self.daemon.store.save_container(record)
+
+    def reopen_log(self, container_id: str) -> None:
+        """Have the runtime reopen the container's log after rotation."""
+        record, state = self.state(container_id)
+        if state.status != ContainerStatus.RUNNING:
+            raise FailedPrecondition(f"container {record.id} is not running")
+        sandbox = self._sandbox_of(record)
+        plugin = self.daemon.handlers.get(sandbox.handler).require()
+        plugin.call("runtime_container_reopen_log", sandbox=sandbox, container=record)

@@ -1,0 +1,134 @@
+"""The daemon: configuration, plugins, state and lifecycle managers of one shimhub instance."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from shimhub import config as config_module
+from shimhub import plugins
+from shimhub.backends import Backend
+from shimhub.config import Config
+from shimhub.containers import ContainerManager
+from shimhub.handlers import HandlerRegistry
+from shimhub.hooktypes import PluginContext
+from shimhub.locks import KeyedLocks
+from shimhub.names import NameRegistry
+from shimhub.pods import PodManager
+from shimhub.records import ContainerRecord, SandboxRecord
+from shimhub.state import StateStore
+
+log = logging.getLogger(__name__)
+
+#: Keys whose change needs a restart; a reload keeps the old value and says so.
+RESTART_KEYS = ("socket", "state_dir", "run_dir", "cgroup_driver", "storage", "network", "extensions")
+
+
+class Daemon:
+    """Everything a running shimhub holds, built from one Config."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        config_module.set_log_level(config.log_level)
+        for directory in (config.state_dir, config.run_dir):
+            Path(directory).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = StateStore(Path(config.state_dir))
+        self.locks = KeyedLocks()
+        self.pod_names = NameRegistry("pod sandbox")
+        self.container_names = NameRegistry("container")
+        self.extensions = plugins.load_extensions(config.extensions)
+        self.handlers = HandlerRegistry.build(config, self.plugin_context)
+        self.network = Backend.setup(
+            "network",
+            f"network backend {config.network.backend!r}",
+            config.network.backend,
+            "[network.options]",
+            self.plugin_context("network", config.network.backend),
+            options=dict(config.network.options),
+        )
+        self.storage = Backend.setup(
+            "storage",
+            f"storage driver {config.storage.driver!r}",
+            config.storage.driver,
+            "[storage.options]",
+            self.plugin_context("storage", config.storage.driver),
+            root=config.storage.root,
+            options=dict(config.storage.options),
+        )
+        self.pods = PodManager(self)
+        self.containers = ContainerManager(self)
+        #: The pod CIDR the kubelet last sent with UpdateRuntimeConfig.
+        self.pod_cidr = ""
+
+    def plugin_context(self, kind: str, name: str) -> PluginContext:
+        """The context handed to plugin instance `name` of `kind` at setup."""
+        state_dir = Path(self.config.state_dir, "plugins", kind, name)
+        run_dir = Path(self.config.run_dir, "plugins", kind, name)
+        for directory in (state_dir, run_dir):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return PluginContext(
+            name=name,
+            state_dir=state_dir,
+            run_dir=run_dir,
+            log=logging.getLogger(f"shimhub.plugin.{kind}.{name}"),
+            cgroup_driver=self.config.cgroup_driver,
+            extensions=self.extensions,
+        )
+
+    def recover(self) -> None:
+        """Load the persisted records and let each handler reattach to its pods."""
+        self.store.load()
+        sandboxes = self.store.sandboxes()
+        for sandbox in sandboxes:
+            self.pod_names.restore(sandbox.name, sandbox.id, sandbox.request_digest)
+        containers = self.store.containers()
+        for container in containers:
+            self.container_names.restore(container.name, container.id, container.request_digest)
+        for name in sorted({sandbox.handler for sandbox in sandboxes}):
+            handler = self.handlers.handlers.get(name)
+            if handler is None or handler.backend.plugin is None:
+                log.error("pods of runtime handler %r cannot be recovered: the handler is not available", name)
+                continue
+            plugin = handler.backend.plugin
+            if plugin.implements("runtime_recover"):
+                mine = {s.id for s in sandboxes if s.handler == name}
+                plugin.call(
+                    "runtime_recover",
+                    sandboxes=[s for s in sandboxes if s.id in mine],
+                    containers=[c for c in containers if c.sandbox_id in mine],
+                )
+        log.info("recovered %d pod sandboxes and %d containers", len(sandboxes), len(containers))
+
+    def reload(self, new: Config) -> None:
+        """Apply what can change while running: runtime handlers and the log level."""
+        for key in RESTART_KEYS:
+            if getattr(new, key) != getattr(self.config, key):
+                log.warning("config key %r changed; it takes effect after a restart", key)
+        in_use = frozenset(sandbox.handler for sandbox in self.store.sandboxes())
+        self.handlers = HandlerRegistry.build(new, self.plugin_context, previous=self.handlers, in_use=in_use)
+        config_module.set_log_level(new.log_level)
+        self.config = attrs.evolve(new, **{key: getattr(self.config, key) for key in RESTART_KEYS})
+        log.info("configuration reloaded: handlers %s", ", ".join(sorted(self.handlers.handlers)))
+
+    def emit(self, event: str, sandbox: SandboxRecord, container: ContainerRecord | None = None) -> None:
+        """Tell the extensions about a lifecycle change; their errors are logged, never raised."""
+        try:
+            self.extensions.shimhub_lifecycle_event(event=event, sandbox=sandbox, container=container)
+        except Exception:
+            log.exception("an extension failed on %s", event)
+
+    def status_info(self) -> dict[str, Any]:
+        """Readiness of every handler and backend, for verbose Status and `shimhub status`."""
+        def describe(backend: Backend) -> dict[str, Any]:
+            readiness = backend.readiness()
+            return {"ready": readiness.ready, "reason": readiness.reason, "info": readiness.info}
+
+        return {
+            "handlers": {name: describe(h.backend) for name, h in sorted(self.handlers.handlers.items())},
+            "network": describe(self.network),
+            "storage": describe(self.storage),
+            "pod_cidr": self.pod_cidr,
+        }

@@ -1,0 +1,82 @@
+"""Errors that carry a gRPC status code.
+
+The core and plugins raise these; the RPC layer turns them into the matching
+gRPC status with the message as details. Any other exception reaching the RPC
+layer is a bug and becomes INTERNAL (logged with its traceback, never sent).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ShimhubError(Exception):
+    """Base class: an error a client may see, with its gRPC status code."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ShimhubError):
+    """The request is malformed or names something that cannot be used."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ShimhubError):
+    """The named pod, container or image does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(ShimhubError):
+    """A pod or container of that name exists already."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(ShimhubError):
+    """The object is not in a state that allows the request."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class PermissionDenied(ShimhubError):
+    """The node's configuration does not allow the request."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unimplemented(ShimhubError):
+    """The RPC, or the hook behind it, is not implemented for this object."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Unavailable(ShimhubError):
+    """A dependency (runtime binary, network backend) is not ready right now."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ShimhubError):
+    """The work did not finish within the time allowed."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class PluginFailed(ShimhubError):
+    """A plugin tried and failed; the message says what the plugin reported."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and key."""
+
+
+class PluginLoadError(Exception):
+    """A plugin cannot be loaded; the message names the distribution and entry point."""

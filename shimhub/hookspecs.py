@@ -1,0 +1,261 @@
+"""The plugin contract: pluggy hook specifications for every plugin kind.
+
+Plugin kinds and their entry point groups:
+
+* runtime plugins (``shimhub.runtime``) run pod sandboxes and containers;
+  shimhub makes one instance per runtime handler that names the plugin;
+* storage drivers (``shimhub.storage``) hold image layers and container root
+  filesystems; one instance per driver in use;
+* network backends (``shimhub.network``) give pods their network; one instance;
+* extensions (``shimhub.extension``) observe and adjust what the others do;
+  loaded only when named in the config's ``extensions`` list.
+
+An entry point names a class. shimhub instantiates it with no arguments and
+registers the instance with a pluggy plugin manager that knows only the hook
+specifications of that kind, so a hook implementation with a wrong name or a
+wrong argument is refused at startup. Every plugin class declares the API
+version it was written for as ``shimhub_api = "MAJOR.MINOR"``: shimhub loads it
+when the major equals ``API_VERSION``'s and the minor is not newer.
+
+Hooks are called from gRPC worker threads, several at a time for different
+pods; shimhub never calls two hooks at once for the same pod or container.
+A hook raises a ``shimhub.errors.ShimhubError`` subclass for an error the
+client should see with that gRPC code; any other exception reaches the client
+as INTERNAL naming the plugin. Hooks marked "optional" may be left out: the
+RPC that needs them then answers UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import IO, TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from shimhub.hooktypes import (
+        ContainerState,
+        ContainerUsage,
+        ExecResult,
+        FilesystemUsage,
+        PluginContext,
+        PodNetwork,
+        Readiness,
+    )
+    from shimhub.records import ContainerRecord, SandboxRecord
+    from shimhub_proto.cri.v1 import api_pb2 as cri
+
+PROJECT = "shimhub"
+#: The version of this contract. A new optional hook raises the minor; a
+#: changed or removed hook raises the major.
+API_VERSION = "1.0"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class RuntimeSpec:
+    """Hooks of a runtime plugin. Each is called on the handler's own instance only."""
+
+    @hookspec(firstresult=True)
+    def runtime_setup(self, options: Mapping[str, Any], context: PluginContext) -> Readiness:
+        """Validate the handler's `options` and probe the node.
+
+        Raise ``shimhub.errors.ConfigError`` for options that are wrong (shimhub
+        refuses to start); return ``Readiness(ready=False, reason=...)`` when the
+        options are right but the node cannot run them (e.g. the runtime binary
+        is missing): the handler is then disabled and shown so in Status.
+        Required.
+        """
+
+    @hookspec(firstresult=True)
+    def runtime_readiness(self) -> Readiness:
+        """Whether the handler can run pods now. Optional (default: as at setup)."""
+
+    @hookspec(firstresult=True)
+    def runtime_recover(self, sandboxes: list[SandboxRecord], containers: list[ContainerRecord]) -> None:
+        """Reattach to this handler's pods and containers after shimhub restarted. Optional."""
+
+    @hookspec(firstresult=True)
+    def runtime_sandbox_run(self, sandbox: SandboxRecord, config: cri.PodSandboxConfig, network: PodNetwork) -> None:
+        """Create and start the pod sandbox; return when it is ready.
+
+        `config.annotations` holds only the annotations this handler allows.
+        The plugin may keep what it needs later in ``sandbox.runtime_data``
+        (JSON-serialisable); shimhub persists it. Required.
+        """
+
+    @hookspec(firstresult=True)
+    def runtime_sandbox_stop(self, sandbox: SandboxRecord) -> None:
+        """Stop the sandbox's own processes (its containers are already stopped). Idempotent. Required."""
+
+    @hookspec(firstresult=True)
+    def runtime_sandbox_remove(self, sandbox: SandboxRecord) -> None:
+        """Remove everything the sandbox holds on the node. Idempotent. Required."""
+
+    @hookspec(firstresult=True)
+    def runtime_sandbox_update(self, sandbox: SandboxRecord, resources: cri.LinuxContainerResources) -> None:
+        """Apply new pod-level resources. Optional."""
+
+    @hookspec(firstresult=True)
+    def runtime_container_create(
+        self,
+        sandbox: SandboxRecord,
+        container: ContainerRecord,
+        config: cri.ContainerConfig,
+        rootfs: str,
+    ) -> None:
+        """Create (not start) a container whose root filesystem is mounted at `rootfs`.
+
+        `rootfs` is "" when the container's image has no local root filesystem
+        yet (no storage driver configured); the plugin decides whether it can
+        run the container anyway. Required.
+        """
+
+    @hookspec(firstresult=True)
+    def runtime_container_start(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
+        """Start a created container. Required."""
+
+    @hookspec(firstresult=True)
+    def runtime_container_stop(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: int) -> None:
+        """Stop the container: its stop signal, then SIGKILL after `timeout` seconds. Idempotent. Required."""
+
+    @hookspec(firstresult=True)
+    def runtime_container_remove(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
+        """Remove a stopped container's runtime state. Idempotent. Required."""
+
+    @hookspec(firstresult=True)
+    def runtime_container_state(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerState:
+        """The container's live state. Called often: keep it cheap. Required."""
+
+    @hookspec(firstresult=True)
+    def runtime_container_update(
+        self, sandbox: SandboxRecord, container: ContainerRecord, resources: cri.LinuxContainerResources
+    ) -> None:
+        """Apply new resource limits to a container. Optional."""
+
+    @hookspec(firstresult=True)
+    def runtime_container_reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
+        """Reopen the container's log file after the kubelet rotated it. Optional."""
+
+    @hookspec(firstresult=True)
+    def runtime_container_stats(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
+        """The container's resource usage now. Optional."""
+
+    @hookspec(firstresult=True)
+    def runtime_exec_sync(
+        self, sandbox: SandboxRecord, container: ContainerRecord, cmd: list[str], timeout: float | None
+    ) -> ExecResult:
+        """Run `cmd` in the container and wait for it, killing it after `timeout` seconds. Optional."""
+
+
+class StorageSpec:
+    """Hooks of a storage driver. Each is called on the driver's own instance only."""
+
+    @hookspec(firstresult=True)
+    def storage_setup(self, root: str, options: Mapping[str, Any], context: PluginContext) -> Readiness:
+        """Validate `options`, prepare `root` and probe the kernel features the driver needs. Required."""
+
+    @hookspec(firstresult=True)
+    def storage_layer_apply(self, layer_id: str, parent_id: str, diff: IO[bytes]) -> FilesystemUsage:
+        """Create layer `layer_id` on top of `parent_id` ("" for a base layer) from an uncompressed tar. Required."""
+
+    @hookspec(firstresult=True)
+    def storage_layer_remove(self, layer_id: str) -> None:
+        """Remove a layer that no other layer or container uses. Idempotent. Required."""
+
+    @hookspec(firstresult=True)
+    def storage_rootfs_create(self, container_id: str, layer_id: str) -> None:
+        """Create a container's writable root filesystem on top of image layer `layer_id`. Required."""
+
+    @hookspec(firstresult=True)
+    def storage_rootfs_mount(self, container_id: str) -> str:
+        """Mount the container's root filesystem; return the mount point. Required."""
+
+    @hookspec(firstresult=True)
+    def storage_rootfs_unmount(self, container_id: str) -> None:
+        """Unmount the container's root filesystem. Idempotent. Required."""
+
+    @hookspec(firstresult=True)
+    def storage_rootfs_remove(self, container_id: str) -> None:
+        """Remove the container's root filesystem and writable layer. Idempotent. Required."""
+
+    @hookspec(firstresult=True)
+    def storage_usage(self, container_id: str) -> FilesystemUsage:
+        """Bytes and inodes of the container's writable layer. Required."""
+
+
+class NetworkSpec:
+    """Hooks of a network backend."""
+
+    @hookspec(firstresult=True)
+    def network_setup(self, options: Mapping[str, Any], context: PluginContext) -> Readiness:
+        """Validate `options` and probe the node. Required."""
+
+    @hookspec(firstresult=True)
+    def network_readiness(self) -> Readiness:
+        """Whether pods can get a network now (Status's NetworkReady). Optional (default: as at setup)."""
+
+    @hookspec(firstresult=True)
+    def network_pod_setup(self, sandbox: SandboxRecord, config: cri.PodSandboxConfig) -> PodNetwork:
+        """Create the pod's network namespace and network. Required."""
+
+    @hookspec(firstresult=True)
+    def network_pod_teardown(self, sandbox: SandboxRecord, network: PodNetwork) -> None:
+        """Release the pod's network and namespace. Idempotent, also after a restart. Required."""
+
+    @hookspec(firstresult=True)
+    def network_pod_check(self, sandbox: SandboxRecord, network: PodNetwork) -> None:
+        """Raise if the pod's network is not as set up. Optional."""
+
+
+class ExtensionSpec:
+    """Hooks any extension may implement; every implementation is called."""
+
+    @hookspec
+    def shimhub_adjust_oci_spec(self, sandbox: SandboxRecord, container: ContainerRecord, spec: dict[str, Any]) -> None:
+        """Change a container's OCI runtime spec in place before the runtime creates it."""
+
+    @hookspec
+    def shimhub_lifecycle_event(self, event: str, sandbox: SandboxRecord, container: ContainerRecord | None) -> None:
+        """Observe a change: "sandbox_ready", "sandbox_stopped", "sandbox_removed",
+        "container_created", "container_started", "container_stopped", "container_removed".
+
+        Called after the change is recorded; must not block for long.
+        """
+
+
+#: Entry point group, hook specification class and required hooks of each plugin kind.
+KINDS: dict[str, tuple[str, type, tuple[str, ...]]] = {
+    "runtime": (
+        "shimhub.runtime",
+        RuntimeSpec,
+        (
+            "runtime_setup",
+            "runtime_sandbox_run",
+            "runtime_sandbox_stop",
+            "runtime_sandbox_remove",
+            "runtime_container_create",
+            "runtime_container_start",
+            "runtime_container_stop",
+            "runtime_container_remove",
+            "runtime_container_state",
+        ),
+    ),
+    "storage": (
+        "shimhub.storage",
+        StorageSpec,
+        (
+            "storage_setup",
+            "storage_layer_apply",
+            "storage_layer_remove",
+            "storage_rootfs_create",
+            "storage_rootfs_mount",
+            "storage_rootfs_unmount",
+            "storage_rootfs_remove",
+            "storage_usage",
+        ),
+    ),
+    "network": ("shimhub.network", NetworkSpec, ("network_setup", "network_pod_setup", "network_pod_teardown")),
+    "extension": ("shimhub.extension", ExtensionSpec, ()),
+}

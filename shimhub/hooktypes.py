@@ -1,0 +1,123 @@
+"""Values that plugins receive from and return to shimhub's hooks.
+
+Plain attrs classes: a plugin builds them with keyword arguments and never
+needs to know how shimhub stores them.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from attrs import define, field
+
+
+@define
+class PluginContext:
+    """What shimhub gives a plugin when it sets it up."""
+
+    #: The name of the handler (runtime plugins), driver or backend being set up.
+    name: str
+    #: A directory that persists across restarts, owned by this plugin instance.
+    state_dir: Path
+    #: A directory on tmpfs for sockets and pid files, owned by this plugin instance.
+    run_dir: Path
+    #: The logger the plugin should log to.
+    log: logging.Logger
+    #: The node's cgroup driver: "cgroupfs" or "systemd".
+    cgroup_driver: str
+    #: The extension hooks (see ExtensionSpec), for a runtime to call, e.g.
+    #: ``context.extensions.shimhub_adjust_oci_spec(...)`` before creating a container.
+    extensions: Any
+
+
+@define
+class HandlerFeatures:
+    """Optional features of a runtime handler, reported to the kubelet in Status."""
+
+    recursive_read_only_mounts: bool = False
+    user_namespaces: bool = False
+
+
+@define
+class Readiness:
+    """Whether a plugin can serve requests now, and if not, why."""
+
+    ready: bool
+    #: Why the plugin is not ready, in words an operator can act on ("" when ready).
+    reason: str = ""
+    #: Runtime plugins: the handler's optional features.
+    features: HandlerFeatures = field(factory=HandlerFeatures)
+    #: Anything worth showing in verbose Status output (JSON-serialisable).
+    info: dict[str, Any] = field(factory=dict)
+
+
+class ContainerStatus(Enum):
+    """Where a container is in its life, as its runtime sees it."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    EXITED = "exited"
+    UNKNOWN = "unknown"
+
+
+@define
+class ContainerState:
+    """A runtime's live view of one container."""
+
+    status: ContainerStatus
+    pid: int = 0
+    #: Nanoseconds since the epoch; 0 when not known.
+    started_at: int = 0
+    finished_at: int = 0
+    exit_code: int = 0
+    #: CRI reason: "Completed", "Error", "OOMKilled" once exited.
+    reason: str = ""
+    message: str = ""
+
+
+@define
+class ExecResult:
+    """The outcome of a synchronous exec."""
+
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    timed_out: bool = False
+
+
+@define
+class PodNetwork:
+    """A pod's network as the network backend set it up."""
+
+    #: Path of the pod's network namespace ("" for host-network pods).
+    netns_path: str = ""
+    #: Pod IPs, the primary first.
+    ips: list[str] = field(factory=list)
+    #: Backend data that teardown needs after a restart (JSON-serialisable).
+    data: dict[str, Any] = field(factory=dict)
+
+
+@define
+class ContainerUsage:
+    """A container's resource usage at one moment (counters are cumulative)."""
+
+    timestamp: int
+    cpu_usage_core_nanoseconds: int | None = None
+    memory_working_set_bytes: int | None = None
+    memory_usage_bytes: int | None = None
+    memory_rss_bytes: int | None = None
+    memory_page_faults: int | None = None
+    memory_major_page_faults: int | None = None
+    memory_limit_bytes: int | None = None
+    process_count: int | None = None
+
+
+@define
+class FilesystemUsage:
+    """Bytes and inodes used by a layer or a container's writable layer."""
+
+    used_bytes: int
+    inodes_used: int

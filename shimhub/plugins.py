@@ -1,0 +1,190 @@
+"""Finding, loading and calling plugins.
+
+Plugins are Python entry points (see ``shimhub.hookspecs``), found and loaded
+by name with stevedore. Each loaded instance gets a pluggy plugin manager of
+its own kind, which checks its hook implementations against the hook
+specifications. Anything wrong with a plugin that is installed (it does not
+import, declares an incompatible API version, implements a hook wrongly,
+misses a required hook, or two distributions claim the same name) is a
+PluginLoadError naming the distribution and entry point; a plugin that is not
+installed at all is PluginMissing, which callers treat as "not available".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+import pluggy
+import stevedore
+from attrs import define
+
+from shimhub.errors import PluginFailed, PluginLoadError, ShimhubError, Unimplemented
+from shimhub.hookspecs import API_VERSION, KINDS, PROJECT
+
+log = logging.getLogger(__name__)
+
+
+class PluginMissing(Exception):
+    """No installed distribution provides the plugin."""
+
+
+@define
+class PluginInfo:
+    """What `shimhub plugins` shows of one entry point."""
+
+    kind: str
+    name: str
+    target: str
+    distribution: str
+    version: str
+    status: str
+
+
+def _describe(entry_point: EntryPoint) -> tuple[str, str]:
+    dist = getattr(entry_point, "dist", None)
+    if dist is None:
+        return "unknown distribution", ""
+    return dist.name, dist.version
+
+
+def _label(kind: str, entry_point: EntryPoint) -> str:
+    distribution, version = _describe(entry_point)
+    group = KINDS[kind][0]
+    return f"{kind} plugin {entry_point.name!r} ({group} = {entry_point.value}, distribution {distribution} {version})"
+
+
+def _entry_points(kind: str) -> list[EntryPoint]:
+    """The entry points of `kind`, without importing anything, each distribution once."""
+    unique: dict[tuple[str, str, str], EntryPoint] = {}
+    for entry_point in entry_points(group=KINDS[kind][0]):
+        unique.setdefault((entry_point.name, entry_point.value, _describe(entry_point)[0]), entry_point)
+    return sorted(unique.values(), key=lambda ep: ep.name)
+
+
+def load_class(kind: str, name: str) -> tuple[type, str]:
+    """Import the class behind plugin `name` of `kind`; return it with a label for messages."""
+    found = [ep for ep in _entry_points(kind) if ep.name == name]
+    if not found:
+        raise PluginMissing(f"no {kind} plugin named {name!r} is installed (entry point group {KINDS[kind][0]})")
+    if len(found) > 1:
+        claimants = "; ".join(_label(kind, ep) for ep in found)
+        raise PluginLoadError(f"{len(found)} distributions provide {kind} plugin {name!r}: {claimants}")
+    entry_point = found[0]
+    label = _label(kind, entry_point)
+    try:
+        driver = stevedore.DriverManager(
+            namespace=KINDS[kind][0],
+            name=name,
+            invoke_on_load=False,
+            on_load_failure_callback=_raise_load_failure,
+        )
+    except PluginLoadError as exc:
+        raise PluginLoadError(f"{label}: cannot be imported: {exc}") from exc
+    plugin_class = driver.driver
+    _check_api_version(plugin_class, label)
+    return plugin_class, label
+
+
+def _raise_load_failure(_manager: object, entry_point: EntryPoint, exc: BaseException) -> None:
+    raise PluginLoadError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _check_api_version(plugin_class: type, label: str) -> None:
+    declared = getattr(plugin_class, "shimhub_api", None)
+    if not isinstance(declared, str):
+        raise PluginLoadError(f'{label}: declares no shimhub_api = "MAJOR.MINOR" (this shimhub provides {API_VERSION})')
+    try:
+        major, minor = (int(part) for part in declared.split("."))
+    except ValueError:
+        raise PluginLoadError(f"{label}: shimhub_api {declared!r} is not of the form MAJOR.MINOR") from None
+    core_major, core_minor = (int(part) for part in API_VERSION.split("."))
+    if major != core_major or minor > core_minor:
+        raise PluginLoadError(f"{label}: written for plugin API {declared}, this shimhub provides {API_VERSION}")
+
+
+class LoadedPlugin:
+    """One plugin instance with its own hook relay; `call` runs one of its hooks."""
+
+    def __init__(self, kind: str, name: str, plugin_class: type, label: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.label = label
+        self.manager = pluggy.PluginManager(PROJECT)
+        self.manager.add_hookspecs(KINDS[kind][1])
+        self.instance = _register(self.manager, plugin_class, name, label)
+        missing = [hook for hook in KINDS[kind][2] if not self.implements(hook)]
+        if missing:
+            raise PluginLoadError(f"{label}: does not implement required hook(s) {', '.join(missing)}")
+
+    def implements(self, hook: str) -> bool:
+        """Whether the plugin implements `hook`."""
+        return bool(getattr(self.manager.hook, hook).get_hookimpls())
+
+    def call(self, hook: str, /, **kwargs: Any) -> Any:
+        """Call `hook`; errors that are not ShimhubErrors become PluginFailed naming the plugin.
+
+        A hook the plugin does not implement raises Unimplemented.
+        """
+        if not self.implements(hook):
+            raise Unimplemented(f"{self.kind} plugin {self.name!r} does not implement {hook}")
+        started = time.monotonic()
+        try:
+            return getattr(self.manager.hook, hook)(**kwargs)
+        except ShimhubError:
+            raise
+        except Exception as exc:
+            log.exception("%s failed in %s", self.label, hook)
+            raise PluginFailed(f"{self.kind} plugin {self.name!r} failed in {hook}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            log.debug("%s plugin %s: %s took %.1f ms", self.kind, self.name, hook, (time.monotonic() - started) * 1e3)
+
+
+def _register(manager: pluggy.PluginManager, plugin_class: type, name: str, label: str) -> object:
+    """Instantiate `plugin_class` and register it, refusing hooks that do not match the specs."""
+    try:
+        instance = plugin_class()
+        manager.register(instance, name=name)
+        manager.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginLoadError(f"{label}: {exc}") from None
+    except Exception as exc:
+        raise PluginLoadError(f"{label}: cannot be instantiated: {type(exc).__name__}: {exc}") from exc
+    return instance
+
+
+def load_extensions(names: list[str]) -> pluggy.HookRelay:
+    """Load the named extensions into one plugin manager; its hooks call every one of them."""
+    manager = pluggy.PluginManager(PROJECT)
+    manager.add_hookspecs(KINDS["extension"][1])
+    for name in names:
+        try:
+            plugin_class, label = load_class("extension", name)
+        except PluginMissing as exc:
+            raise PluginLoadError(f"extensions: {exc}") from None
+        _register(manager, plugin_class, name, label)
+    return manager.hook
+
+
+def load(kind: str, name: str) -> LoadedPlugin:
+    """Load plugin `name` of `kind` as a new instance."""
+    plugin_class, label = load_class(kind, name)
+    return LoadedPlugin(kind, name, plugin_class, label)
+
+
+def discover() -> list[PluginInfo]:
+    """Every installed plugin of every kind, each loaded once to report whether it loads."""
+    found: list[PluginInfo] = []
+    for kind in KINDS:
+        for entry_point in _entry_points(kind):
+            distribution, version = _describe(entry_point)
+            try:
+                load(kind, entry_point.name)
+            except (PluginLoadError, PluginMissing) as exc:
+                status = f"error: {exc}"
+            else:
+                status = "ok"
+            found.append(PluginInfo(kind, entry_point.name, entry_point.value, distribution, version, status))
+    return found

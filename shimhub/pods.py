@@ -1,0 +1,158 @@
+"""Pod sandbox lifecycle: run, stop, remove, with rollback on failure.
+
+Order of work for RunPodSandbox: the record is persisted first (so a crash
+can be cleaned up after a restart), then the network backend sets up the
+pod's network (not for host-network pods), then the runtime plugin starts the
+sandbox in it. Anything that fails undoes what was done before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from shimhub.errors import InvalidArgument, NotFound
+from shimhub.hooktypes import PodNetwork
+from shimhub.records import SANDBOX_NOTREADY, SANDBOX_READY, SandboxRecord, proto_to_dict
+from shimhub_proto.cri.v1 import api_pb2 as cri
+
+if TYPE_CHECKING:
+    from shimhub.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+
+def new_id() -> str:
+    """A fresh 64-hex-digit object id."""
+    return secrets.token_hex(32)
+
+
+def sandbox_name(metadata: cri.PodSandboxMetadata) -> str:
+    """The unique CRI name of a sandbox."""
+    return f"{metadata.name}_{metadata.namespace}_{metadata.uid}_{metadata.attempt}"
+
+
+class PodManager:
+    """Runs, stops and removes pod sandboxes."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def run(self, config: cri.PodSandboxConfig, runtime_handler: str, digest: str, wait: float | None) -> str:
+        """Create and start a sandbox; return its id (the in-flight or existing one for a retry)."""
+        metadata = config.metadata
+        for field_name in ("name", "namespace", "uid"):
+            if not getattr(metadata, field_name):
+                raise InvalidArgument(f"pod sandbox metadata.{field_name} is empty")
+        handler = self.daemon.handlers.select(runtime_handler, config.annotations)
+        handler.require()
+
+        def create() -> str:
+            return self._create(config, handler.name, digest)
+
+        def reusable(sandbox_id: str) -> bool:
+            try:
+                return self.daemon.store.sandbox(sandbox_id).state == SANDBOX_READY
+            except NotFound:
+                return False
+
+        return self.daemon.pod_names.create(sandbox_name(metadata), digest, create, reusable, wait)
+
+    def _create(self, config: cri.PodSandboxConfig, handler_name: str, digest: str) -> str:
+        daemon = self.daemon
+        handler = daemon.handlers.get(handler_name)
+        plugin = handler.require()
+        record = SandboxRecord(
+            id=new_id(),
+            name=sandbox_name(config.metadata),
+            handler=handler_name,
+            created_at=time.time_ns(),
+            config=proto_to_dict(config),
+            request_digest=digest,
+            network_released=True,
+        )
+        plugin_config = cri.PodSandboxConfig()
+        plugin_config.CopyFrom(config)
+        plugin_config.annotations.clear()
+        plugin_config.annotations.update(handler.allowed_annotations(config.annotations))
+        with daemon.locks.hold(record.id):
+            daemon.store.save_sandbox(record)
+            try:
+                if not record.host_network:
+                    network = daemon.network.require().call("network_pod_setup", sandbox=record, config=plugin_config)
+                    record.network = network
+                    record.network_released = False
+                    daemon.store.save_sandbox(record)
+                plugin.call("runtime_sandbox_run", sandbox=record, config=plugin_config, network=record.network)
+                record.state = SANDBOX_READY
+                daemon.store.save_sandbox(record)
+            except BaseException:
+                self._undo(record)
+                raise
+        log.info("pod sandbox %s (%s) ready on handler %s", record.id[:12], record.name, handler_name)
+        daemon.emit("sandbox_ready", record)
+        return record.id
+
+    def _undo(self, record: SandboxRecord) -> None:
+        """Best-effort removal of a sandbox whose creation failed."""
+        try:
+            self.daemon.handlers.get(record.handler).installed().call("runtime_sandbox_remove", sandbox=record)
+        except Exception:
+            log.exception("cleanup of failed sandbox %s: runtime removal failed", record.id[:12])
+        try:
+            self._release_network(record)
+        except Exception:
+            log.exception("cleanup of failed sandbox %s: network teardown failed", record.id[:12])
+        self.daemon.store.delete_sandbox(record.id)
+
+    def _release_network(self, record: SandboxRecord) -> None:
+        if record.network_released:
+            return
+        self.daemon.network.installed().call("network_pod_teardown", sandbox=record, network=record.network)
+        record.network_released = True
+        record.network = PodNetwork(netns_path=record.network.netns_path, data=record.network.data)
+
+    def stop(self, sandbox_id: str) -> None:
+        """Stop every container of the sandbox, the sandbox, and release its network. Idempotent."""
+        try:
+            record = self.daemon.store.sandbox(sandbox_id)
+        except NotFound:
+            return
+        with self.daemon.locks.hold(record.id):
+            for container in self.daemon.store.containers(record.id):
+                self.daemon.containers.stop(container.id, timeout=0)
+            self.daemon.handlers.get(record.handler).installed().call("runtime_sandbox_stop", sandbox=record)
+            self._release_network(record)
+            changed = record.state != SANDBOX_NOTREADY
+            record.state = SANDBOX_NOTREADY
+            self.daemon.store.save_sandbox(record)
+        if changed:
+            self.daemon.emit("sandbox_stopped", record)
+
+    def remove(self, sandbox_id: str) -> None:
+        """Remove the sandbox and its containers, stopping them first. Idempotent."""
+        try:
+            record = self.daemon.store.sandbox(sandbox_id)
+        except NotFound:
+            return
+        with self.daemon.locks.hold(record.id):
+            for container in self.daemon.store.containers(record.id):
+                self.daemon.containers.remove(container.id)
+            if record.state == SANDBOX_READY:
+                self.stop(record.id)
+            self.daemon.handlers.get(record.handler).installed().call("runtime_sandbox_remove", sandbox=record)
+            self._release_network(record)
+            self.daemon.store.delete_sandbox(record.id)
+            self.daemon.pod_names.release(record.name, record.id)
+        self.daemon.locks.forget(record.id)
+        log.info("pod sandbox %s (%s) removed", record.id[:12], record.name)
+        self.daemon.emit("sandbox_removed", record)
+
+    def update_resources(self, sandbox_id: str, resources: cri.LinuxContainerResources) -> None:
+        """Hand new pod-level resources to the runtime."""
+        record = self.daemon.store.sandbox(sandbox_id)
+        with self.daemon.locks.hold(record.id):
+            plugin = self.daemon.handlers.get(record.handler).require()
+            plugin.call("runtime_sandbox_update", sandbox=record, resources=resources)

@@ -1,0 +1,80 @@
+"""The records shimhub keeps of every pod sandbox and container.
+
+A record is what survives a restart: it is persisted as JSON by the state
+store each time it changes. CRI configs are kept as protobuf JSON so that
+status calls and plugins after a restart see exactly what the kubelet sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define, field
+from google.protobuf import json_format
+
+from shimhub.hooktypes import ContainerState, ContainerStatus, PodNetwork
+from shimhub_proto.cri.v1 import api_pb2 as cri
+
+SANDBOX_READY = "ready"
+SANDBOX_NOTREADY = "notready"
+
+
+def proto_to_dict(message: Any) -> dict[str, Any]:
+    """A protobuf message as JSON-ready data with the schema's field names."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+@define
+class SandboxRecord:
+    """One pod sandbox."""
+
+    id: str
+    #: The unique CRI name: <pod>_<namespace>_<uid>_<attempt>.
+    name: str
+    handler: str
+    created_at: int
+    #: The PodSandboxConfig the kubelet sent, as protobuf JSON.
+    config: dict[str, Any]
+    #: Digest of the RunPodSandbox request, to recognise a kubelet's retry.
+    request_digest: str = ""
+    state: str = SANDBOX_NOTREADY
+    network: PodNetwork = field(factory=PodNetwork)
+    #: Whether the network backend's teardown has run since the last setup.
+    network_released: bool = False
+    #: Whatever the runtime plugin chose to keep (JSON-serialisable).
+    runtime_data: dict[str, Any] = field(factory=dict)
+
+    def pod_config(self) -> cri.PodSandboxConfig:
+        """The sandbox's PodSandboxConfig."""
+        return json_format.ParseDict(self.config, cri.PodSandboxConfig())
+
+    @property
+    def host_network(self) -> bool:
+        """Whether the pod uses the node's network namespace."""
+        options = self.config.get("linux", {}).get("security_context", {}).get("namespace_options", {})
+        return options.get("network") == "NODE"
+
+
+@define
+class ContainerRecord:
+    """One container."""
+
+    id: str
+    sandbox_id: str
+    #: The unique CRI name: <container>_<pod>_<namespace>_<uid>_<attempt>.
+    name: str
+    created_at: int
+    #: The ContainerConfig the kubelet sent, as protobuf JSON.
+    config: dict[str, Any]
+    #: Absolute path of the container's CRI log ("" when the kubelet asked for none).
+    log_path: str = ""
+    request_digest: str = ""
+    image_ref: str = ""
+    #: Mount point of the root filesystem while mounted ("" without a storage driver).
+    rootfs: str = ""
+    state: ContainerState = field(factory=lambda: ContainerState(status=ContainerStatus.CREATED))
+    runtime_data: dict[str, Any] = field(factory=dict)
+
+    def container_config(self) -> cri.ContainerConfig:
+        """The container's ContainerConfig."""
+        return json_format.ParseDict(self.config, cri.ContainerConfig())

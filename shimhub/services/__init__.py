@@ -1,0 +1,1 @@
+"""The CRI gRPC services: protobuf in, lifecycle managers, protobuf out."""

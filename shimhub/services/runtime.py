@@ -1,0 +1,339 @@
+"""The CRI RuntimeService: pod sandboxes, containers, exec and runtime status."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, TypeVar
+
+import grpc
+
+from shimhub import __version__
+from shimhub.config import converter
+from shimhub.hooktypes import ContainerState, ContainerStatus
+from shimhub.records import SANDBOX_READY, ContainerRecord, SandboxRecord
+from shimhub_proto.cri.v1 import api_pb2 as cri
+
+if TYPE_CHECKING:
+    from shimhub.daemon import Daemon
+
+#: CRI API version reported by Version.
+CRI_VERSION = "v1"
+#: Items per message of the Stream* list RPCs.
+STREAM_CHUNK = 500
+
+T = TypeVar("T")
+
+_CONTAINER_STATES = {
+    ContainerStatus.CREATED: cri.CONTAINER_CREATED,
+    ContainerStatus.RUNNING: cri.CONTAINER_RUNNING,
+    ContainerStatus.EXITED: cri.CONTAINER_EXITED,
+    ContainerStatus.UNKNOWN: cri.CONTAINER_UNKNOWN,
+}
+
+
+def request_digest(request: object, *extra: str) -> str:
+    """A digest identifying a creation request, to recognise the kubelet's retries."""
+    digest = hashlib.sha256(request.SerializeToString(deterministic=True))  # type: ignore[attr-defined]
+    for part in extra:
+        digest.update(part.encode())
+    return digest.hexdigest()
+
+
+def labels_match(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
+    """Whether every key of `selector` is in `labels` with the same value."""
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def chunks(items: list[T], size: int = STREAM_CHUNK) -> Iterator[list[T]]:
+    """`items` in lists of at most `size`; one empty list when there are none."""
+    if not items:
+        yield []
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _sandbox_state(record: SandboxRecord) -> int:
+    return cri.SANDBOX_READY if record.state == SANDBOX_READY else cri.SANDBOX_NOTREADY
+
+
+def sandbox_summary(record: SandboxRecord) -> cri.PodSandbox:
+    """The PodSandbox list entry of a sandbox."""
+    config = record.pod_config()
+    return cri.PodSandbox(
+        id=record.id,
+        metadata=config.metadata,
+        state=_sandbox_state(record),
+        created_at=record.created_at,
+        labels=config.labels,
+        annotations=config.annotations,
+        runtime_handler=record.handler,
+    )
+
+
+def sandbox_status(record: SandboxRecord) -> cri.PodSandboxStatus:
+    """The PodSandboxStatus of a sandbox."""
+    config = record.pod_config()
+    ips = record.network.ips if not record.network_released else []
+    return cri.PodSandboxStatus(
+        id=record.id,
+        metadata=config.metadata,
+        state=_sandbox_state(record),
+        created_at=record.created_at,
+        network=cri.PodSandboxNetworkStatus(
+            ip=ips[0] if ips else "", additional_ips=[cri.PodIP(ip=ip) for ip in ips[1:]]
+        ),
+        linux=cri.LinuxPodSandboxStatus(
+            namespaces=cri.Namespace(options=config.linux.security_context.namespace_options)
+        ),
+        labels=config.labels,
+        annotations=config.annotations,
+        runtime_handler=record.handler,
+    )
+
+
+def container_summary(record: ContainerRecord, state: ContainerState) -> cri.Container:
+    """The Container list entry of a container."""
+    config = record.container_config()
+    return cri.Container(
+        id=record.id,
+        pod_sandbox_id=record.sandbox_id,
+        metadata=config.metadata,
+        image=config.image,
+        image_ref=record.image_ref,
+        image_id=record.image_ref,
+        state=_CONTAINER_STATES[state.status],
+        created_at=record.created_at,
+        labels=config.labels,
+        annotations=config.annotations,
+    )
+
+
+def container_status(record: ContainerRecord, state: ContainerState) -> cri.ContainerStatus:
+    """The ContainerStatus of a container."""
+    config = record.container_config()
+    return cri.ContainerStatus(
+        id=record.id,
+        metadata=config.metadata,
+        state=_CONTAINER_STATES[state.status],
+        created_at=record.created_at,
+        started_at=state.started_at,
+        finished_at=state.finished_at,
+        exit_code=state.exit_code,
+        image=config.image,
+        image_ref=record.image_ref,
+        image_id=record.image_ref,
+        reason=state.reason,
+        message=state.message,
+        labels=config.labels,
+        annotations=config.annotations,
+        mounts=config.mounts,
+        log_path=record.log_path,
+        resources=cri.ContainerResources(linux=config.linux.resources),
+        stop_signal=config.stop_signal,
+    )
+
+
+def _json(value: object) -> str:
+    return json.dumps(converter.unstructure(value), sort_keys=True)
+
+
+class RuntimeService:
+    """Implements runtime.v1.RuntimeService on top of a Daemon."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    # -- runtime-wide ----------------------------------------------------
+
+    def Version(self, request: cri.VersionRequest, context: grpc.ServicerContext) -> cri.VersionResponse:  # noqa: N802
+        return cri.VersionResponse(
+            version="0.1.0", runtime_name="shimhub", runtime_version=__version__, runtime_api_version=CRI_VERSION
+        )
+
+    def Status(self, request: cri.StatusRequest, context: grpc.ServicerContext) -> cri.StatusResponse:  # noqa: N802
+        daemon = self.daemon
+        registry = daemon.handlers
+        default = registry.handlers[registry.config.default_runtime]
+        default_ready = default.backend.readiness()
+        network_ready = daemon.network.readiness()
+        conditions = [
+            cri.RuntimeCondition(
+                type="RuntimeReady",
+                status=default_ready.ready,
+                reason="" if default_ready.ready else "DefaultHandlerNotReady",
+                message="" if default_ready.ready else f"runtime handler {default.name!r}: {default_ready.reason}",
+            ),
+            cri.RuntimeCondition(
+                type="NetworkReady",
+                status=network_ready.ready,
+                reason="" if network_ready.ready else "NetworkPluginNotReady",
+                message="" if network_ready.ready else f"{daemon.network.role}: {network_ready.reason}",
+            ),
+        ]
+        handlers: list[cri.RuntimeHandler] = []
+        disabled: list[str] = []
+        for name, handler in sorted(registry.handlers.items()):
+            readiness = handler.backend.readiness()
+            if not readiness.ready:
+                disabled.append(f"{name}: {readiness.reason}")
+                continue
+            features = cri.RuntimeHandlerFeatures(
+                recursive_read_only_mounts=readiness.features.recursive_read_only_mounts,
+                user_namespaces=readiness.features.user_namespaces,
+            )
+            handlers.append(cri.RuntimeHandler(name=name, features=features))
+            if handler is default:
+                handlers.append(cri.RuntimeHandler(name="", features=features))
+        conditions.append(
+            cri.RuntimeCondition(
+                type="RuntimeHandlersReady",
+                status=not disabled,
+                reason="HandlersDisabled" if disabled else "",
+                message="; ".join(disabled),
+            )
+        )
+        info = {"status": json.dumps(daemon.status_info(), sort_keys=True)} if request.verbose else {}
+        return cri.StatusResponse(
+            status=cri.RuntimeStatus(conditions=conditions), runtime_handlers=handlers, info=info
+        )
+
+    def RuntimeConfig(self, request: cri.RuntimeConfigRequest, context: grpc.ServicerContext) -> cri.RuntimeConfigResponse:  # noqa: N802
+        driver = cri.SYSTEMD if self.daemon.config.cgroup_driver == "systemd" else cri.CGROUPFS
+        return cri.RuntimeConfigResponse(linux=cri.LinuxRuntimeConfiguration(cgroup_driver=driver))
+
+    def UpdateRuntimeConfig(  # noqa: N802
+        self, request: cri.UpdateRuntimeConfigRequest, context: grpc.ServicerContext
+    ) -> cri.UpdateRuntimeConfigResponse:
+        self.daemon.pod_cidr = request.runtime_config.network_config.pod_cidr
+        return cri.UpdateRuntimeConfigResponse()
+
+    # -- pod sandboxes ---------------------------------------------------
+
+    def RunPodSandbox(self, request: cri.RunPodSandboxRequest, context: grpc.ServicerContext) -> cri.RunPodSandboxResponse:  # noqa: N802
+        sandbox_id = self.daemon.pods.run(
+            request.config, request.runtime_handler, request_digest(request), context.time_remaining()
+        )
+        return cri.RunPodSandboxResponse(pod_sandbox_id=sandbox_id)
+
+    def StopPodSandbox(self, request: cri.StopPodSandboxRequest, context: grpc.ServicerContext) -> cri.StopPodSandboxResponse:  # noqa: N802
+        self.daemon.pods.stop(request.pod_sandbox_id)
+        return cri.StopPodSandboxResponse()
+
+    def RemovePodSandbox(  # noqa: N802
+        self, request: cri.RemovePodSandboxRequest, context: grpc.ServicerContext
+    ) -> cri.RemovePodSandboxResponse:
+        self.daemon.pods.remove(request.pod_sandbox_id)
+        return cri.RemovePodSandboxResponse()
+
+    def PodSandboxStatus(  # noqa: N802
+        self, request: cri.PodSandboxStatusRequest, context: grpc.ServicerContext
+    ) -> cri.PodSandboxStatusResponse:
+        record = self.daemon.store.sandbox(request.pod_sandbox_id)
+        statuses = [
+            container_status(*self.daemon.containers.state(container.id))
+            for container in self.daemon.store.containers(record.id)
+        ]
+        info = {"info": _json(record)} if request.verbose else {}
+        return cri.PodSandboxStatusResponse(
+            status=sandbox_status(record), containers_statuses=statuses, info=info, timestamp=time.time_ns()
+        )
+
+    def _sandboxes(self, query: cri.PodSandboxFilter) -> list[cri.PodSandbox]:
+        found = []
+        for record in self.daemon.store.sandboxes():
+            if query.id and not record.id.startswith(query.id):
+                continue
+            summary = sandbox_summary(record)
+            if query.HasField("state") and summary.state != query.state.state:
+                continue
+            if labels_match(summary.labels, query.label_selector):
+                found.append(summary)
+        return found
+
+    def ListPodSandbox(self, request: cri.ListPodSandboxRequest, context: grpc.ServicerContext) -> cri.ListPodSandboxResponse:  # noqa: N802
+        return cri.ListPodSandboxResponse(items=self._sandboxes(request.filter))
+
+    def StreamPodSandboxes(  # noqa: N802
+        self, request: cri.StreamPodSandboxesRequest, context: grpc.ServicerContext
+    ) -> Iterator[cri.StreamPodSandboxesResponse]:
+        for part in chunks(self._sandboxes(request.filter)):
+            yield cri.StreamPodSandboxesResponse(pod_sandboxes=part)
+
+    def UpdatePodSandboxResources(  # noqa: N802
+        self, request: cri.UpdatePodSandboxResourcesRequest, context: grpc.ServicerContext
+    ) -> cri.UpdatePodSandboxResourcesResponse:
+        self.daemon.pods.update_resources(request.pod_sandbox_id, request.resources)
+        return cri.UpdatePodSandboxResourcesResponse()
+
+    # -- containers ------------------------------------------------------
+
+    def CreateContainer(  # noqa: N802
+        self, request: cri.CreateContainerRequest, context: grpc.ServicerContext
+    ) -> cri.CreateContainerResponse:
+        container_id = self.daemon.containers.create(
+            request.pod_sandbox_id, request.config, request_digest(request), context.time_remaining()
+        )
+        return cri.CreateContainerResponse(container_id=container_id)
+
+    def StartContainer(self, request: cri.StartContainerRequest, context: grpc.ServicerContext) -> cri.StartContainerResponse:  # noqa: N802
+        self.daemon.containers.start(request.container_id)
+        return cri.StartContainerResponse()
+
+    def StopContainer(self, request: cri.StopContainerRequest, context: grpc.ServicerContext) -> cri.StopContainerResponse:  # noqa: N802
+        self.daemon.containers.stop(request.container_id, request.timeout)
+        return cri.StopContainerResponse()
+
+    def RemoveContainer(self, request: cri.RemoveContainerRequest, context: grpc.ServicerContext) -> cri.RemoveContainerResponse:  # noqa: N802
+        self.daemon.containers.remove(request.container_id)
+        return cri.RemoveContainerResponse()
+
+    def ContainerStatus(  # noqa: N802
+        self, request: cri.ContainerStatusRequest, context: grpc.ServicerContext
+    ) -> cri.ContainerStatusResponse:
+        record, state = self.daemon.containers.state(request.container_id)
+        info = {"info": _json(record)} if request.verbose else {}
+        return cri.ContainerStatusResponse(status=container_status(record, state), info=info)
+
+    def _containers(self, query: cri.ContainerFilter) -> list[cri.Container]:
+        self.daemon.containers.refresh_running()
+        found = []
+        records: Iterable[ContainerRecord] = self.daemon.store.containers()
+        for record in records:
+            if query.id and not record.id.startswith(query.id):
+                continue
+            if query.pod_sandbox_id and not record.sandbox_id.startswith(query.pod_sandbox_id):
+                continue
+            summary = container_summary(record, record.state)
+            if query.HasField("state") and summary.state != query.state.state:
+                continue
+            if labels_match(summary.labels, query.label_selector):
+                found.append(summary)
+        return found
+
+    def ListContainers(self, request: cri.ListContainersRequest, context: grpc.ServicerContext) -> cri.ListContainersResponse:  # noqa: N802
+        return cri.ListContainersResponse(containers=self._containers(request.filter))
+
+    def StreamContainers(  # noqa: N802
+        self, request: cri.StreamContainersRequest, context: grpc.ServicerContext
+    ) -> Iterator[cri.StreamContainersResponse]:
+        for part in chunks(self._containers(request.filter)):
+            yield cri.StreamContainersResponse(containers=part)
+
+    def UpdateContainerResources(  # noqa: N802
+        self, request: cri.UpdateContainerResourcesRequest, context: grpc.ServicerContext
+    ) -> cri.UpdateContainerResourcesResponse:
+        self.daemon.containers.update_resources(request.container_id, request.linux)
+        return cri.UpdateContainerResourcesResponse()
+
+    def ReopenContainerLog(  # noqa: N802
+        self, request: cri.ReopenContainerLogRequest, context: grpc.ServicerContext
+    ) -> cri.ReopenContainerLogResponse:
+        self.daemon.containers.reopen_log(request.container_id)
+        return cri.ReopenContainerLogResponse()
+
+    def ExecSync(self, request: cri.ExecSyncRequest, context: grpc.ServicerContext) -> cri.ExecSyncResponse:  # noqa: N802
+        result = self.daemon.containers.exec_sync(request.container_id, list(request.cmd), request.timeout)
+        return cri.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)

@@ -1,0 +1,149 @@
+"""Persistence and lookup of sandbox and container records.
+
+Each record is one JSON file under ``<state_dir>/sandboxes`` or
+``<state_dir>/containers``, replaced atomically (write to a temporary file,
+fsync, rename, fsync the directory) so that a crash leaves either the old or
+the new record, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import TypeVar
+
+from shimhub.config import converter
+from shimhub.errors import InvalidArgument, NotFound
+from shimhub.records import ContainerRecord, SandboxRecord
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", SandboxRecord, ContainerRecord)
+
+#: Shortest id prefix accepted for lookups, as crictl and docker do.
+MIN_PREFIX = 3
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old or the new content."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class _Table:
+    """The records of one kind, in memory and on disk."""
+
+    def __init__(self, directory: Path, kind: type[R], label: str) -> None:
+        self.directory = directory
+        self.kind = kind
+        self.label = label
+        self.records: dict[str, R] = {}
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def load(self) -> None:
+        for path in sorted(self.directory.iterdir()):
+            if path.name.startswith(".") and path.name.endswith(".tmp"):
+                path.unlink()  # a write that a crash interrupted; the record before it stands
+                continue
+            if path.suffix != ".json":
+                continue
+            try:
+                record = converter.structure(json.loads(path.read_bytes()), self.kind)
+            except Exception as exc:  # noqa: BLE001 - any unreadable record is set aside, not fatal
+                aside = path.with_suffix(".corrupt")
+                path.rename(aside)
+                log.error("%s record %s is unreadable (%s); moved to %s", self.label, path.stem, exc, aside)
+                continue
+            self.records[record.id] = record
+
+    def save(self, record: R) -> None:
+        data = json.dumps(converter.unstructure(record), sort_keys=True).encode()
+        write_atomically(self.directory / f"{record.id}.json", data)
+        self.records[record.id] = record
+
+    def delete(self, record_id: str) -> None:
+        (self.directory / f"{record_id}.json").unlink(missing_ok=True)
+        self.records.pop(record_id, None)
+
+    def find(self, id_or_prefix: str) -> R:
+        if not id_or_prefix:
+            raise InvalidArgument(f"no {self.label} id given")
+        found = self.records.get(id_or_prefix)
+        if found is not None:
+            return found
+        if len(id_or_prefix) >= MIN_PREFIX:
+            matches = [r for key, r in self.records.items() if key.startswith(id_or_prefix)]
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise InvalidArgument(f"{self.label} id prefix {id_or_prefix!r} matches {len(matches)} {self.label}s")
+        raise NotFound(f"{self.label} {id_or_prefix!r} not found")
+
+
+class StateStore:
+    """All sandbox and container records of one shimhub instance."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.lock = threading.Lock()
+        self._sandboxes = _Table(state_dir / "sandboxes", SandboxRecord, "pod sandbox")
+        self._containers = _Table(state_dir / "containers", ContainerRecord, "container")
+
+    def load(self) -> None:
+        """Read every record from disk (at startup)."""
+        self._sandboxes.load()
+        self._containers.load()
+        for container in list(self._containers.records.values()):
+            if container.sandbox_id not in self._sandboxes.records:
+                log.warning("container %s belongs to no known sandbox; forgetting it", container.id)
+                self._containers.delete(container.id)
+
+    def sandboxes(self) -> list[SandboxRecord]:
+        """A snapshot of all sandbox records."""
+        return list(self._sandboxes.records.values())
+
+    def containers(self, sandbox_id: str = "") -> list[ContainerRecord]:
+        """A snapshot of all container records, or of one sandbox's."""
+        records = list(self._containers.records.values())
+        return [c for c in records if c.sandbox_id == sandbox_id] if sandbox_id else records
+
+    def sandbox(self, id_or_prefix: str) -> SandboxRecord:
+        """The sandbox with this id or unique id prefix (NotFound / InvalidArgument otherwise)."""
+        return self._sandboxes.find(id_or_prefix)
+
+    def container(self, id_or_prefix: str) -> ContainerRecord:
+        """The container with this id or unique id prefix (NotFound / InvalidArgument otherwise)."""
+        return self._containers.find(id_or_prefix)
+
+    def save_sandbox(self, record: SandboxRecord) -> None:
+        """Persist a new or changed sandbox record."""
+        with self.lock:
+            self._sandboxes.save(record)
+
+    def save_container(self, record: ContainerRecord) -> None:
+        """Persist a new or changed container record."""
+        with self.lock:
+            self._containers.save(record)
+
+    def delete_sandbox(self, record_id: str) -> None:
+        """Forget a sandbox record."""
+        with self.lock:
+            self._sandboxes.delete(record_id)
+
+    def delete_container(self, record_id: str) -> None:
+        """Forget a container record."""
+        with self.lock:
+            self._containers.delete(record_id)
