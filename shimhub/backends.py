@@ -31,7 +31,9 @@ class Backend:
         self.setup_readiness = readiness
 
     @classmethod
-    def setup(cls, kind: str, role: str, plugin_name: str, config_key: str, context: PluginContext, **kwargs: Any) -> Backend:
+    def setup(
+        cls, kind: str, role: str, plugin_name: str, config_key: str, context: PluginContext, **kwargs: Any
+    ) -> Backend:
         """Load plugin `plugin_name` and run its setup hook with `kwargs` and `context`.
 
         PluginLoadError and ConfigError (naming `config_key`) propagate: they stop

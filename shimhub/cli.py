@@ -83,14 +83,18 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", help=f"main config file (default {config.DEFAULT_CONFIG_PATH}, drop-ins in its .d dir)")
+        p.add_argument(
+            "--config", help=f"main config file (default {config.DEFAULT_CONFIG_PATH}, drop-ins in its .d dir)"
+        )
         return p
 
     serve = with_config(sub.add_parser("serve", help=cmd_serve.__doc__))
     serve.add_argument("--socket", help="CRI socket path (overrides the config)")
     serve.add_argument("--state-dir", dest="state_dir", help="state directory (overrides the config)")
     serve.add_argument("--run-dir", dest="run_dir", help="runtime directory (overrides the config)")
-    serve.add_argument("--log-level", dest="log_level", choices=config.LOG_LEVELS, help="log level (overrides the config)")
+    serve.add_argument(
+        "--log-level", dest="log_level", choices=config.LOG_LEVELS, help="log level (overrides the config)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     show = with_config(sub.add_parser("config", help=cmd_config.__doc__))

@@ -105,6 +105,13 @@ def _strict_converter() -> cattrs.Converter:
     conv.register_structure_hook(int, exact(int, "an integer"))
     conv.register_structure_hook(float, exact(float, "a number"))
     conv.register_structure_hook(Any, lambda value, _type: value)
+
+    def string_list(value: object, _type: type) -> list[str]:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise TypeError(f"expected a list of strings, got {value!r}")
+        return list(value)
+
+    conv.register_structure_hook_func(lambda t: t == list[str], string_list)
     return conv
 
 
@@ -118,13 +125,13 @@ def _walk_errors(exc: BaseException, path: tuple[str, ...]) -> Iterator[tuple[tu
             step = path
             for note in getattr(sub, "__notes__", []):
                 if hasattr(note, "name"):
-                    step = path + (note.name,)
+                    step = (*path, note.name)
                 elif hasattr(note, "index"):
-                    step = path + (str(note.index),)
+                    step = (*path, str(note.index))
             yield from _walk_errors(sub, step)
     elif isinstance(exc, ForbiddenExtraKeysError):
         for key in sorted(exc.extra_fields):
-            yield path + (key,), "unknown key"
+            yield (*path, key), "unknown key"
     elif isinstance(exc, KeyError):
         yield path, "required key is missing"
     else:
@@ -143,7 +150,7 @@ class _Layers:
 
     def _merge(self, into: dict[str, Any], doc: Mapping[str, Any], path: tuple[str, ...], source: str) -> None:
         for key, value in doc.items():
-            here = path + (key,)
+            here = (*path, key)
             # `options` tables belong to one plugin: a later file replaces them whole.
             if isinstance(value, dict) and isinstance(into.get(key), dict) and key != "options":
                 self.origin.setdefault(here, source)

@@ -74,7 +74,9 @@ class ContainerManager:
 
         return daemon.container_names.create(name, digest, create, reusable, wait)
 
-    def _create(self, sandbox: SandboxRecord, config: cri.ContainerConfig, name: str, log_path: str, digest: str) -> str:
+    def _create(
+        self, sandbox: SandboxRecord, config: cri.ContainerConfig, name: str, log_path: str, digest: str
+    ) -> str:
         daemon = self.daemon
         handler = daemon.handlers.get(sandbox.handler)
         plugin = handler.require()
@@ -96,7 +98,9 @@ class ContainerManager:
                 raise FailedPrecondition(f"pod sandbox {sandbox.id} stopped while the container was being created")
             daemon.store.save_container(record)
             try:
-                plugin.call("runtime_container_create", sandbox=sandbox, container=record, config=plugin_config, rootfs="")
+                plugin.call(
+                    "runtime_container_create", sandbox=sandbox, container=record, config=plugin_config, rootfs=""
+                )
                 daemon.store.save_container(record)
             except BaseException:
                 try:
@@ -177,7 +181,7 @@ class ContainerManager:
             if record.state.status in (ContainerStatus.CREATED, ContainerStatus.RUNNING):
                 try:
                     self._refresh(self._sandbox_of(record), record)
-                except Exception:  # noqa: BLE001 - one broken container must not break the list
+                except Exception:
                     log.exception("cannot refresh the state of container %s", record.id[:12])
 
     def exec_sync(self, container_id: str, cmd: list[str], timeout: int) -> ExecResult:
@@ -190,7 +194,11 @@ class ContainerManager:
         sandbox = self._sandbox_of(record)
         plugin = self.daemon.handlers.get(sandbox.handler).require()
         result = plugin.call(
-            "runtime_exec_sync", sandbox=sandbox, container=record, cmd=list(cmd), timeout=float(timeout) if timeout > 0 else None
+            "runtime_exec_sync",
+            sandbox=sandbox,
+            container=record,
+            cmd=list(cmd),
+            timeout=float(timeout) if timeout > 0 else None,
         )
         if result.timed_out:
             raise DeadlineExceeded(f"command {cmd[0]!r} in container {record.id} timed out after {timeout} s")

@@ -122,6 +122,7 @@ class Daemon:
 
     def status_info(self) -> dict[str, Any]:
         """Readiness of every handler and backend, for verbose Status and `shimhub status`."""
+
         def describe(backend: Backend) -> dict[str, Any]:
             readiness = backend.readiness()
             return {"ready": readiness.ready, "reason": readiness.reason, "info": readiness.info}

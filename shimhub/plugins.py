@@ -21,7 +21,7 @@ import pluggy
 import stevedore
 from attrs import define
 
-from shimhub.errors import PluginFailed, PluginLoadError, ShimhubError, Unimplemented
+from shimhub.errors import ConfigError, PluginFailed, PluginLoadError, ShimhubError, Unimplemented
 from shimhub.hookspecs import API_VERSION, KINDS, PROJECT
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class LoadedPlugin:
         return bool(getattr(self.manager.hook, hook).get_hookimpls())
 
     def call(self, hook: str, /, **kwargs: Any) -> Any:
-        """Call `hook`; errors that are not ShimhubErrors become PluginFailed naming the plugin.
+        """Call `hook`; errors other than ShimhubError and ConfigError become PluginFailed naming the plugin.
 
         A hook the plugin does not implement raises Unimplemented.
         """
@@ -133,11 +133,13 @@ class LoadedPlugin:
         started = time.monotonic()
         try:
             return getattr(self.manager.hook, hook)(**kwargs)
-        except ShimhubError:
+        except (ShimhubError, ConfigError):
             raise
         except Exception as exc:
             log.exception("%s failed in %s", self.label, hook)
-            raise PluginFailed(f"{self.kind} plugin {self.name!r} failed in {hook}: {type(exc).__name__}: {exc}") from exc
+            raise PluginFailed(
+                f"{self.kind} plugin {self.name!r} failed in {hook}: {type(exc).__name__}: {exc}"
+            ) from exc
         finally:
             log.debug("%s plugin %s: %s took %.1f ms", self.kind, self.name, hook, (time.monotonic() - started) * 1e3)
 

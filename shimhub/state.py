@@ -90,7 +90,9 @@ class _Table:
             if len(matches) == 1:
                 return matches[0]
             if len(matches) > 1:
-                raise InvalidArgument(f"{self.label} id prefix {id_or_prefix!r} matches {len(matches)} {self.label}s")
+                raise InvalidArgument(
+                    f"{self.label} id prefix {id_or_prefix!r} is ambiguous: it matches {len(matches)} ids"
+                )
         raise NotFound(f"{self.label} {id_or_prefix!r} not found")
 
 

@@ -29,8 +29,19 @@ def plugin_python(tmp_path_factory: pytest.TempPathFactory) -> str:
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
     python = str(venv / "bin" / "python")
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps",
-         "--no-build-isolation", "--no-index", str(source)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            python,
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            str(source),
+        ],
         check=True,
     )
     return python
@@ -64,6 +75,6 @@ backend = "host"
 
 
 @pytest.fixture
-def daemon(daemon_factory) -> Daemon:  # noqa: ANN001
+def daemon(daemon_factory) -> Daemon:
     """A running daemon whose default handler is the test plugin's `proc` runtime."""
     return daemon_factory(PROC_CONFIG).start()

@@ -20,7 +20,9 @@ START_TIMEOUT = 20.0
 class Daemon:
     """One `shimhub serve` process with its own config, socket and state under `root`."""
 
-    def __init__(self, root: Path, config: str, python: str = sys.executable, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, config: str, python: str = sys.executable, env: dict[str, str] | None = None
+    ) -> None:
         self.root = root
         self.python = python
         self.env = {**os.environ, **(env or {})}
@@ -47,7 +49,7 @@ class Daemon:
     def command(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run a `shimhub` sub-command with this daemon's config."""
         return subprocess.run(
-            [self.python, "-m", "shimhub", *args], capture_output=True, text=True, env=self.env, timeout=60, check=False
+            [self.python, "-m", "shimhub", *args], capture_output=True, text=True, env=self.env, timeout=30, check=False
         )
 
     def start(self) -> Daemon:
@@ -55,7 +57,9 @@ class Daemon:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [self.python, "-m", "shimhub", "serve", "--config", str(self.config_path)],
-            stdout=log, stderr=log, env=self.env,
+            stdout=log,
+            stderr=log,
+            env=self.env,
         )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -118,7 +122,7 @@ def host_network() -> cri.LinuxPodSandboxConfig:
     )
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):  # noqa: ANN001, ANN201
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
     """Poll `predicate` until it returns something truthy; return that, or fail after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:

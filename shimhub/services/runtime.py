@@ -148,12 +148,12 @@ class RuntimeService:
 
     # -- runtime-wide ----------------------------------------------------
 
-    def Version(self, request: cri.VersionRequest, context: grpc.ServicerContext) -> cri.VersionResponse:  # noqa: N802
+    def Version(self, request: cri.VersionRequest, context: grpc.ServicerContext) -> cri.VersionResponse:
         return cri.VersionResponse(
             version="0.1.0", runtime_name="shimhub", runtime_version=__version__, runtime_api_version=CRI_VERSION
         )
 
-    def Status(self, request: cri.StatusRequest, context: grpc.ServicerContext) -> cri.StatusResponse:  # noqa: N802
+    def Status(self, request: cri.StatusRequest, context: grpc.ServicerContext) -> cri.StatusResponse:
         daemon = self.daemon
         registry = daemon.handlers
         default = registry.handlers[registry.config.default_runtime]
@@ -196,15 +196,15 @@ class RuntimeService:
             )
         )
         info = {"status": json.dumps(daemon.status_info(), sort_keys=True)} if request.verbose else {}
-        return cri.StatusResponse(
-            status=cri.RuntimeStatus(conditions=conditions), runtime_handlers=handlers, info=info
-        )
+        return cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions), runtime_handlers=handlers, info=info)
 
-    def RuntimeConfig(self, request: cri.RuntimeConfigRequest, context: grpc.ServicerContext) -> cri.RuntimeConfigResponse:  # noqa: N802
+    def RuntimeConfig(
+        self, request: cri.RuntimeConfigRequest, context: grpc.ServicerContext
+    ) -> cri.RuntimeConfigResponse:
         driver = cri.SYSTEMD if self.daemon.config.cgroup_driver == "systemd" else cri.CGROUPFS
         return cri.RuntimeConfigResponse(linux=cri.LinuxRuntimeConfiguration(cgroup_driver=driver))
 
-    def UpdateRuntimeConfig(  # noqa: N802
+    def UpdateRuntimeConfig(
         self, request: cri.UpdateRuntimeConfigRequest, context: grpc.ServicerContext
     ) -> cri.UpdateRuntimeConfigResponse:
         self.daemon.pod_cidr = request.runtime_config.network_config.pod_cidr
@@ -212,23 +212,27 @@ class RuntimeService:
 
     # -- pod sandboxes ---------------------------------------------------
 
-    def RunPodSandbox(self, request: cri.RunPodSandboxRequest, context: grpc.ServicerContext) -> cri.RunPodSandboxResponse:  # noqa: N802
+    def RunPodSandbox(
+        self, request: cri.RunPodSandboxRequest, context: grpc.ServicerContext
+    ) -> cri.RunPodSandboxResponse:
         sandbox_id = self.daemon.pods.run(
             request.config, request.runtime_handler, request_digest(request), context.time_remaining()
         )
         return cri.RunPodSandboxResponse(pod_sandbox_id=sandbox_id)
 
-    def StopPodSandbox(self, request: cri.StopPodSandboxRequest, context: grpc.ServicerContext) -> cri.StopPodSandboxResponse:  # noqa: N802
+    def StopPodSandbox(
+        self, request: cri.StopPodSandboxRequest, context: grpc.ServicerContext
+    ) -> cri.StopPodSandboxResponse:
         self.daemon.pods.stop(request.pod_sandbox_id)
         return cri.StopPodSandboxResponse()
 
-    def RemovePodSandbox(  # noqa: N802
+    def RemovePodSandbox(
         self, request: cri.RemovePodSandboxRequest, context: grpc.ServicerContext
     ) -> cri.RemovePodSandboxResponse:
         self.daemon.pods.remove(request.pod_sandbox_id)
         return cri.RemovePodSandboxResponse()
 
-    def PodSandboxStatus(  # noqa: N802
+    def PodSandboxStatus(
         self, request: cri.PodSandboxStatusRequest, context: grpc.ServicerContext
     ) -> cri.PodSandboxStatusResponse:
         record = self.daemon.store.sandbox(request.pod_sandbox_id)
@@ -253,16 +257,18 @@ class RuntimeService:
                 found.append(summary)
         return found
 
-    def ListPodSandbox(self, request: cri.ListPodSandboxRequest, context: grpc.ServicerContext) -> cri.ListPodSandboxResponse:  # noqa: N802
+    def ListPodSandbox(
+        self, request: cri.ListPodSandboxRequest, context: grpc.ServicerContext
+    ) -> cri.ListPodSandboxResponse:
         return cri.ListPodSandboxResponse(items=self._sandboxes(request.filter))
 
-    def StreamPodSandboxes(  # noqa: N802
+    def StreamPodSandboxes(
         self, request: cri.StreamPodSandboxesRequest, context: grpc.ServicerContext
     ) -> Iterator[cri.StreamPodSandboxesResponse]:
         for part in chunks(self._sandboxes(request.filter)):
             yield cri.StreamPodSandboxesResponse(pod_sandboxes=part)
 
-    def UpdatePodSandboxResources(  # noqa: N802
+    def UpdatePodSandboxResources(
         self, request: cri.UpdatePodSandboxResourcesRequest, context: grpc.ServicerContext
     ) -> cri.UpdatePodSandboxResourcesResponse:
         self.daemon.pods.update_resources(request.pod_sandbox_id, request.resources)
@@ -270,7 +276,7 @@ class RuntimeService:
 
     # -- containers ------------------------------------------------------
 
-    def CreateContainer(  # noqa: N802
+    def CreateContainer(
         self, request: cri.CreateContainerRequest, context: grpc.ServicerContext
     ) -> cri.CreateContainerResponse:
         container_id = self.daemon.containers.create(
@@ -278,19 +284,25 @@ class RuntimeService:
         )
         return cri.CreateContainerResponse(container_id=container_id)
 
-    def StartContainer(self, request: cri.StartContainerRequest, context: grpc.ServicerContext) -> cri.StartContainerResponse:  # noqa: N802
+    def StartContainer(
+        self, request: cri.StartContainerRequest, context: grpc.ServicerContext
+    ) -> cri.StartContainerResponse:
         self.daemon.containers.start(request.container_id)
         return cri.StartContainerResponse()
 
-    def StopContainer(self, request: cri.StopContainerRequest, context: grpc.ServicerContext) -> cri.StopContainerResponse:  # noqa: N802
+    def StopContainer(
+        self, request: cri.StopContainerRequest, context: grpc.ServicerContext
+    ) -> cri.StopContainerResponse:
         self.daemon.containers.stop(request.container_id, request.timeout)
         return cri.StopContainerResponse()
 
-    def RemoveContainer(self, request: cri.RemoveContainerRequest, context: grpc.ServicerContext) -> cri.RemoveContainerResponse:  # noqa: N802
+    def RemoveContainer(
+        self, request: cri.RemoveContainerRequest, context: grpc.ServicerContext
+    ) -> cri.RemoveContainerResponse:
         self.daemon.containers.remove(request.container_id)
         return cri.RemoveContainerResponse()
 
-    def ContainerStatus(  # noqa: N802
+    def ContainerStatus(
         self, request: cri.ContainerStatusRequest, context: grpc.ServicerContext
     ) -> cri.ContainerStatusResponse:
         record, state = self.daemon.containers.state(request.container_id)
@@ -313,27 +325,29 @@ class RuntimeService:
                 found.append(summary)
         return found
 
-    def ListContainers(self, request: cri.ListContainersRequest, context: grpc.ServicerContext) -> cri.ListContainersResponse:  # noqa: N802
+    def ListContainers(
+        self, request: cri.ListContainersRequest, context: grpc.ServicerContext
+    ) -> cri.ListContainersResponse:
         return cri.ListContainersResponse(containers=self._containers(request.filter))
 
-    def StreamContainers(  # noqa: N802
+    def StreamContainers(
         self, request: cri.StreamContainersRequest, context: grpc.ServicerContext
     ) -> Iterator[cri.StreamContainersResponse]:
         for part in chunks(self._containers(request.filter)):
             yield cri.StreamContainersResponse(containers=part)
 
-    def UpdateContainerResources(  # noqa: N802
+    def UpdateContainerResources(
         self, request: cri.UpdateContainerResourcesRequest, context: grpc.ServicerContext
     ) -> cri.UpdateContainerResourcesResponse:
         self.daemon.containers.update_resources(request.container_id, request.linux)
         return cri.UpdateContainerResourcesResponse()
 
-    def ReopenContainerLog(  # noqa: N802
+    def ReopenContainerLog(
         self, request: cri.ReopenContainerLogRequest, context: grpc.ServicerContext
     ) -> cri.ReopenContainerLogResponse:
         self.daemon.containers.reopen_log(request.container_id)
         return cri.ReopenContainerLogResponse()
 
-    def ExecSync(self, request: cri.ExecSyncRequest, context: grpc.ServicerContext) -> cri.ExecSyncResponse:  # noqa: N802
+    def ExecSync(self, request: cri.ExecSyncRequest, context: grpc.ServicerContext) -> cri.ExecSyncResponse:
         result = self.daemon.containers.exec_sync(request.container_id, list(request.cmd), request.timeout)
         return cri.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)

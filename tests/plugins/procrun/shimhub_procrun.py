@@ -7,6 +7,7 @@ path. Exit codes are kept in the plugin's state directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -22,12 +23,21 @@ from shimhub.hookspecs import hookimpl
 from shimhub.hooktypes import ContainerState, ContainerStatus, ExecResult, PluginContext, PodNetwork, Readiness
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 class ProcRuntime:
     shimhub_api = "1.0"
 
     def __init__(self) -> None:
         self.context: PluginContext | None = None
         self.nsenter = ""
+        self.reapers: dict[str, threading.Thread] = {}
 
     @hookimpl
     def runtime_setup(self, options: Mapping[str, Any], context: PluginContext) -> Readiness:
@@ -77,7 +87,10 @@ class ProcRuntime:
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 self._enter(sandbox, container.runtime_data["argv"]),
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         container.runtime_data["pid"] = proc.pid
         container.runtime_data["started_at"] = time.time_ns()
@@ -87,20 +100,37 @@ class ProcRuntime:
             code = proc.wait()
             exit_file.write_text(f"{code if code >= 0 else 128 - code} {time.time_ns()}")
 
-        threading.Thread(target=reap, daemon=True).start()
+        self.reapers[container.id] = threading.Thread(target=reap, daemon=True)
+        self.reapers[container.id].start()
 
     @hookimpl
     def runtime_container_state(self, sandbox, container) -> ContainerState:
         data = container.runtime_data
         exit_file = self._dir(container.id) / "exit"
+        reaper = self.reapers.get(container.id)
+        if reaper is not None and "pid" in data and not _alive(data["pid"]):
+            reaper.join(5)  # it exited: let our reaper record the exit code first
         if exit_file.exists():
             code, finished = (int(x) for x in exit_file.read_text().split())
             return ContainerState(
-                status=ContainerStatus.EXITED, pid=0, started_at=data["started_at"], finished_at=finished,
-                exit_code=code, reason="Completed" if code == 0 else "Error",
+                status=ContainerStatus.EXITED,
+                pid=0,
+                started_at=data["started_at"],
+                finished_at=finished,
+                exit_code=code,
+                reason="Completed" if code == 0 else "Error",
             )
-        if "pid" in data:
+        if "pid" in data and _alive(data["pid"]):
             return ContainerState(status=ContainerStatus.RUNNING, pid=data["pid"], started_at=data["started_at"])
+        if "pid" in data:  # it ended while shimhub was down: no one could collect its exit code
+            return ContainerState(
+                status=ContainerStatus.EXITED,
+                started_at=data["started_at"],
+                finished_at=time.time_ns(),
+                exit_code=255,
+                reason="Error",
+                message="exit code lost: the process ended while shimhub was down",
+            )
         return ContainerState(status=ContainerStatus.CREATED)
 
     @hookimpl
@@ -110,18 +140,17 @@ class ProcRuntime:
             return
         exit_file = self._dir(container.id) / "exit"
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, sig)
-            except ProcessLookupError:
-                pass
             deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and not exit_file.exists():
+            while time.monotonic() < deadline and not exit_file.exists() and _alive(pid):
                 time.sleep(0.02)
-            if exit_file.exists():
+            if exit_file.exists() or not _alive(pid):
                 return
 
     @hookimpl
     def runtime_container_remove(self, sandbox, container) -> None:
+        self.reapers.pop(container.id, None)
         shutil.rmtree(self._dir(container.id), ignore_errors=True)
 
     @hookimpl

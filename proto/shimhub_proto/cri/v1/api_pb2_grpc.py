@@ -26,8 +26,7 @@ if _version_not_supported:
 
 
 class RuntimeServiceStub:
-    """---------------------------------------------------------------- services
-
+    """Pods, containers, exec and stats: the kubelet's runtime endpoint.
     """
 
     def __init__(self, channel):
@@ -214,8 +213,7 @@ class RuntimeServiceStub:
 
 
 class RuntimeServiceServicer:
-    """---------------------------------------------------------------- services
-
+    """Pods, containers, exec and stats: the kubelet's runtime endpoint.
     """
 
     def Version(self, request, context):
@@ -615,8 +613,7 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RuntimeService:
-    """---------------------------------------------------------------- services
-
+    """Pods, containers, exec and stats: the kubelet's runtime endpoint.
     """
 
     @staticmethod
@@ -1566,7 +1563,8 @@ class RuntimeService:
 
 
 class ImageServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Image pulls and the local image store: the kubelet's image endpoint.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -1607,7 +1605,8 @@ class ImageServiceStub:
 
 
 class ImageServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Image pulls and the local image store: the kubelet's image endpoint.
+    """
 
     def ListImages(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -1687,7 +1686,8 @@ def add_ImageServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ImageService:
-    """Missing associated documentation comment in .proto file."""
+    """Image pulls and the local image store: the kubelet's image endpoint.
+    """
 
     @staticmethod
     def ListImages(request,

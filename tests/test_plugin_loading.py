@@ -1,0 +1,182 @@
+"""Plugins that are broken stop the daemon with a message naming them; missing ones only disable a handler."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shimhub_proto.cri.v1 import api_pb2 as cri
+from tests.conftest import NEEDS_ROOT
+from tests.shimhubd import host_network, pod_config
+
+pytestmark = NEEDS_ROOT
+
+GOOD_HOOKS = """
+from shimhub.hookspecs import hookimpl
+from shimhub.hooktypes import ContainerState, ContainerStatus, Readiness
+
+class Base:
+    shimhub_api = "1.0"
+    @hookimpl
+    def runtime_setup(self, options, context): return Readiness(ready=True)
+    @hookimpl
+    def runtime_sandbox_run(self, sandbox, config, network): pass
+    @hookimpl
+    def runtime_sandbox_stop(self, sandbox): pass
+    @hookimpl
+    def runtime_sandbox_remove(self, sandbox): pass
+    @hookimpl
+    def runtime_container_create(self, sandbox, container, config, rootfs): pass
+    @hookimpl
+    def runtime_container_start(self, sandbox, container): pass
+    @hookimpl
+    def runtime_container_stop(self, sandbox, container, timeout): pass
+    @hookimpl
+    def runtime_container_remove(self, sandbox, container): pass
+    @hookimpl
+    def runtime_container_state(self, sandbox, container): return ContainerState(status=ContainerStatus.CREATED)
+"""
+
+BROKEN = {
+    "import-error": (
+        "import nonexistent_module_xyz\n",
+        "cannot be imported: ModuleNotFoundError: No module named 'nonexistent_module_xyz'",
+    ),
+    "no-api": (
+        GOOD_HOOKS + "class Plugin(Base):\n    shimhub_api = None\n",
+        'declares no shimhub_api = "MAJOR.MINOR" (this shimhub provides 1.0)',
+    ),
+    "future-api": (
+        GOOD_HOOKS + "class Plugin(Base):\n    shimhub_api = '1.7'\n",
+        "written for plugin API 1.7, this shimhub provides 1.0",
+    ),
+    "old-major": (
+        GOOD_HOOKS + "class Plugin(Base):\n    shimhub_api = '0.9'\n",
+        "written for plugin API 0.9, this shimhub provides 1.0",
+    ),
+    "wrong-args": (
+        GOOD_HOOKS + "class Plugin(Base):\n    @hookimpl\n    def runtime_sandbox_stop(self, sandbox, force): pass\n",
+        "hook 'runtime_sandbox_stop'",
+    ),
+    "unknown-hook": (
+        GOOD_HOOKS + "class Plugin(Base):\n    @hookimpl\n    def runtime_sandbox_explode(self, sandbox): pass\n",
+        "unknown hook 'runtime_sandbox_explode'",
+    ),
+    "missing-hook": (
+        GOOD_HOOKS + "class Plugin(Base):\n    runtime_container_state = None\n",
+        "does not implement required hook(s) runtime_container_state",
+    ),
+    "failing-init": (
+        GOOD_HOOKS + "class Plugin(Base):\n    def __init__(self):\n        raise OSError('no /dev/kvm')\n",
+        "cannot be instantiated: OSError: no /dev/kvm",
+    ),
+}
+
+
+def install_fake_distribution(site: Path, dist: str, module: str, source: str, entry_points: str) -> None:
+    """Lay out a module and its .dist-info where importlib.metadata finds it (as pip would)."""
+    site.mkdir(parents=True, exist_ok=True)
+    (site / f"{module}.py").write_text(source)
+    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_plugin_stops_startup_naming_it(daemon_factory, tmp_path: Path, case: str) -> None:
+    source, expected = BROKEN[case]
+    site = tmp_path / "site"
+    module = f"broken_{case.replace('-', '_')}"
+    install_fake_distribution(site, f"shimhub-{case}", module, source, f"[shimhub.runtime]\nbroken = {module}:Plugin\n")
+    daemon = daemon_factory(
+        '[runtimes.x]\nplugin = "broken"\n[network]\nbackend = "host"\n', env={"PYTHONPATH": str(site)}
+    )
+    served = daemon.command("serve", "--config", str(daemon.config_path))
+    assert served.returncode == 2
+    label = f"runtime plugin 'broken' (shimhub.runtime = {module}:Plugin, distribution shimhub-{case} 0.1)"
+    assert label in served.stderr
+    assert expected in served.stderr
+    assert "Traceback" not in served.stderr
+    assert not daemon.socket.exists()
+    listing = daemon.command("plugins")
+    assert listing.returncode == 1
+    assert f"error: {label}" in listing.stdout
+
+
+def test_two_distributions_claiming_one_name(daemon_factory, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    install_fake_distribution(
+        site,
+        "shimhub-impostor",
+        "impostor",
+        GOOD_HOOKS + "class Plugin(Base): pass\n",
+        "[shimhub.runtime]\nproc = impostor:Plugin\n",
+    )
+    daemon = daemon_factory(
+        'default_runtime = "proc"\n[runtimes.proc]\nplugin = "proc"\n', env={"PYTHONPATH": str(site)}
+    )
+    served = daemon.command("serve", "--config", str(daemon.config_path))
+    assert served.returncode == 2
+    assert "2 distributions provide runtime plugin 'proc'" in served.stderr
+    assert "distribution shimhub-impostor 0.1" in served.stderr
+    assert "distribution shimhub-procrun 1.0.0" in served.stderr
+
+
+def test_invalid_plugin_options_stop_startup(daemon_factory) -> None:
+    daemon = daemon_factory('[runtimes.p]\nplugin = "proc"\n[runtimes.p.options]\ncolour = "red"\n')
+    served = daemon.command("serve", "--config", str(daemon.config_path))
+    assert served.returncode == 2
+    assert "[runtimes.p.options]: unknown option(s) colour; known: nsenter" in served.stderr
+
+
+def test_missing_plugin_and_missing_binary_only_disable_their_handlers(daemon_factory) -> None:
+    daemon = daemon_factory(
+        """
+        default_runtime = "ok"
+        [runtimes.ok]
+        plugin = "proc"
+        [runtimes.ghost]
+        plugin = "ghost"
+        [runtimes.nobinary]
+        plugin = "proc"
+        [runtimes.nobinary.options]
+        nsenter = "/nonexistent/nsenter"
+        [network]
+        backend = "host"
+        """.replace("        ", "")
+    ).start()
+    rt = daemon.runtime
+    status = rt.Status(cri.StatusRequest(verbose=True))
+    conditions = {c.type: c for c in status.status.conditions}
+    assert conditions["RuntimeReady"].status
+    assert conditions["NetworkReady"].status
+    handlers_ready = conditions["RuntimeHandlersReady"]
+    assert not handlers_ready.status
+    assert handlers_ready.reason == "HandlersDisabled"
+    assert (
+        "ghost: no runtime plugin named 'ghost' is installed (entry point group shimhub.runtime)"
+        in handlers_ready.message
+    )
+    assert "nobinary: /nonexistent/nsenter not found" in handlers_ready.message
+    assert sorted(h.name for h in status.runtime_handlers) == ["", "ok"]
+
+    config = pod_config(linux=host_network())
+    with pytest.raises(grpc.RpcError) as refused:
+        rt.RunPodSandbox(cri.RunPodSandboxRequest(config=config, runtime_handler="nobinary"))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert refused.value.details() == "runtime handler 'nobinary' is not ready: /nonexistent/nsenter not found"
+    pod_id = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=config, runtime_handler="ok")).pod_sandbox_id
+    assert rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status.state == cri.SANDBOX_READY
+    assert "runtime handler 'ghost' is disabled" in daemon.log()
+
+
+def test_default_handler_missing_makes_runtime_not_ready(daemon_factory) -> None:
+    rt = daemon_factory('[network]\nbackend = "host"\n').start().runtime  # default: runc, not installed here
+    conditions = {c.type: c for c in rt.Status(cri.StatusRequest()).status.conditions}
+    assert not conditions["RuntimeReady"].status
+    assert conditions["RuntimeReady"].reason == "DefaultHandlerNotReady"
+    assert "runtime handler 'runc': no runtime plugin named 'runc' is installed" in conditions["RuntimeReady"].message
