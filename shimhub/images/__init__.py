@@ -1,0 +1,1 @@
+"""Images: references, the OCI distribution client, the content store and the image store."""

@@ -1,0 +1,1 @@
+"""Storage drivers: image layers and container root filesystems, one module per driver."""

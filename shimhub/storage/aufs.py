@@ -1,0 +1,90 @@
+"""The aufs storage driver: a branch per layer with aufs's own whiteouts, a writable branch per container.
+
+No kernel on these machines has aufs (it was never merged upstream): the driver
+detects that and refuses, naming the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import IO, Any
+
+from shimhub.errors import InvalidArgument
+from shimhub.hookspecs import hookimpl
+from shimhub.hooktypes import FilesystemUsage, PluginContext, Readiness
+from shimhub.storage.common import DriverBase, kernel_has_filesystem, remove_tree, run, tree_usage
+from shimhub.storage.common import unmount as unmount_path
+from shimhub.storage.unpack import Whiteouts
+
+MOUNT_OPTIONS_LIMIT = 4096
+
+
+class AufsDriver(DriverBase):
+    """Layers as aufs read-only branches."""
+
+    whiteouts = Whiteouts.AUFS
+
+    @hookimpl
+    def storage_setup(self, root: str, options: Mapping[str, Any], context: PluginContext) -> Readiness:
+        self.configure(root, options, context)
+        if not kernel_has_filesystem("aufs"):
+            return self.ready("the kernel has no aufs filesystem (aufs is an out-of-tree module)")
+        return self.ready()
+
+    def _parents(self, layer_id: str) -> list[str]:
+        parent_file = self.layer_dir(layer_id) / "parents"
+        return parent_file.read_text().split() if parent_file.exists() else []
+
+    @hookimpl
+    def storage_layer_apply(self, layer_id: str, parent_id: str, diff: IO[bytes]) -> FilesystemUsage:
+        target = self.layer_dir(layer_id)
+        if not target.exists():
+            work = self.scratch()
+            (work / "diff").mkdir(mode=0o755)
+            self.unpack_into(diff, work / "diff")
+            chain = [parent_id, *self._parents(parent_id)] if parent_id else []
+            (work / "parents").write_text(" ".join(chain))
+            os.rename(work, target)
+        return tree_usage(str(target / "diff"))
+
+    @hookimpl
+    def storage_layer_remove(self, layer_id: str) -> None:
+        remove_tree(self.layer_dir(layer_id))
+
+    @hookimpl
+    def storage_rootfs_create(self, container_id: str, layer_id: str) -> None:
+        directory = self.container_dir(container_id)
+        for sub in ("rw", "mnt"):
+            (directory / sub).mkdir(parents=True, mode=0o755)
+        (directory / "layers").write_text(" ".join([layer_id, *self._parents(layer_id)]) if layer_id else "")
+
+    def branches(self, container_id: str) -> str:
+        """The aufs `br` option: the writable branch, then every layer top down, whiteouts honoured."""
+        directory = self.container_dir(container_id)
+        layers = (directory / "layers").read_text().split()
+        branches = [f"{directory / 'rw'}=rw"] + [f"{self.layer_dir(layer) / 'diff'}=ro+wh" for layer in layers]
+        option = "br=" + ":".join(branches)
+        if len(option) >= MOUNT_OPTIONS_LIMIT:
+            raise InvalidArgument(f"the image has too many layers for one aufs mount ({len(layers)})")
+        return option
+
+    @hookimpl
+    def storage_rootfs_mount(self, container_id: str) -> str:
+        mnt = self.container_dir(container_id) / "mnt"
+        if not os.path.ismount(mnt):
+            run("mount", "-t", "aufs", "-o", self.branches(container_id), "none", str(mnt))
+        return str(mnt)
+
+    @hookimpl
+    def storage_rootfs_unmount(self, container_id: str) -> None:
+        unmount_path(str(self.container_dir(container_id) / "mnt"))
+
+    @hookimpl
+    def storage_rootfs_remove(self, container_id: str) -> None:
+        self.storage_rootfs_unmount(container_id)
+        remove_tree(self.container_dir(container_id))
+
+    @hookimpl
+    def storage_usage(self, container_id: str) -> FilesystemUsage:
+        return tree_usage(str(self.container_dir(container_id) / "rw"))

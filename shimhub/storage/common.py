@@ -1,0 +1,134 @@
+"""What every storage driver shares: its directories, mounts, usage, and checks of the node."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from shimhub.errors import ConfigError, FailedPrecondition, NotFound, PluginFailed
+from shimhub.hooktypes import FilesystemUsage, PluginContext, Readiness
+from shimhub.storage.unpack import Whiteouts, unpack
+
+COMMAND_TIMEOUT = 120.0
+
+
+def run(*argv: str, cwd: str | None = None) -> str:
+    """Run a command; PluginFailed with its stderr when it fails."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, timeout=COMMAND_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise PluginFailed(f"{argv[0]}: {exc}") from exc
+    if done.returncode != 0:
+        raise PluginFailed(f"{' '.join(argv[:3])} failed: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout
+
+
+def is_mounted(path: str) -> bool:
+    """Whether something is mounted exactly at `path`."""
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as mountinfo:
+        return any(line.split()[4] == real for line in mountinfo)
+
+
+def unmount(path: str) -> None:
+    """Unmount `path` if mounted (lazily if busy)."""
+    if os.path.exists(path) and is_mounted(path):
+        run("umount", path)
+
+
+def kernel_has_filesystem(name: str) -> bool:
+    """Whether the running kernel knows filesystem type `name`."""
+    with open("/proc/filesystems") as filesystems:
+        return any(line.split()[-1] == name for line in filesystems if line.strip())
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem holding `path`, as `stat -f` names it."""
+    return run("stat", "-f", "--format=%T", path).strip()
+
+
+def tree_usage(path: str) -> FilesystemUsage:
+    """Bytes and inodes under `path`, each hardlinked inode counted once."""
+    seen: set[tuple[int, int]] = set()
+    used = inodes = 0
+    for directory, dirnames, filenames in os.walk(path):
+        for name in [*dirnames, *filenames]:
+            info = os.lstat(os.path.join(directory, name))
+            key = (info.st_dev, info.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+            inodes += 1
+            if stat.S_ISREG(info.st_mode):
+                used += info.st_blocks * 512
+    return FilesystemUsage(used_bytes=used, inodes_used=inodes)
+
+
+class DriverBase:
+    """Directories and bookkeeping shared by the drivers; subclasses implement the hooks."""
+
+    shimhub_api = "1.0"
+    #: Options this driver accepts, with their defaults.
+    option_defaults: Mapping[str, Any] = {}
+    whiteouts = Whiteouts.APPLY
+
+    def __init__(self) -> None:
+        self.root = Path()
+        self.options: dict[str, Any] = {}
+        self.context: PluginContext | None = None
+
+    def configure(self, root: str, options: Mapping[str, Any], context: PluginContext) -> None:
+        """Validate options and create the driver's directories under `root`."""
+        unknown = set(options) - set(self.option_defaults)
+        if unknown:
+            known = ", ".join(sorted(self.option_defaults)) or "none"
+            raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}; known: {known}")
+        for key, value in options.items():
+            if type(value) is not type(self.option_defaults[key]):
+                raise ConfigError(f"{key}: expected {type(self.option_defaults[key]).__name__}, got {value!r}")
+        self.options = {**self.option_defaults, **options}
+        self.root = Path(root) / context.name
+        self.context = context
+        for sub in ("layers", "containers", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def layer_dir(self, layer_id: str) -> Path:
+        """Where layer `layer_id` lives."""
+        return self.root / "layers" / layer_id
+
+    def container_dir(self, container_id: str) -> Path:
+        """Where a container's root filesystem and writable layer live."""
+        return self.root / "containers" / container_id
+
+    def require_layer(self, layer_id: str) -> Path:
+        """The directory of an existing layer; NotFound otherwise."""
+        path = self.layer_dir(layer_id)
+        if not path.exists():
+            raise NotFound(f"layer {layer_id} is not in the {self.context.name if self.context else ''} driver")
+        return path
+
+    def scratch(self) -> Path:
+        """A fresh temporary directory on the driver's filesystem."""
+        return Path(tempfile.mkdtemp(dir=self.root / "tmp"))
+
+    def unpack_into(self, diff: IO[bytes], target: Path) -> None:
+        """Unpack a layer tar into `target` with this driver's whiteout form."""
+        unpack(diff, str(target), self.whiteouts)
+
+    def ready(self, problem: str = "") -> Readiness:
+        """Readiness with the driver's root in its info."""
+        return Readiness(ready=not problem, reason=problem, info={"root": str(self.root), **self.options})
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory tree that holds no mounts."""
+    if path.exists():
+        if is_mounted(str(path)):
+            raise FailedPrecondition(f"{path} is still mounted")
+        shutil.rmtree(path)

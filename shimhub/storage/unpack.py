@@ -1,0 +1,257 @@
+"""Unpacking image layer tars safely, with whiteouts in a driver's own form.
+
+No entry may write outside the target directory: names with ``..`` or
+absolute paths are refused, and every path is resolved inside the target, so
+a symlink (from this layer or an earlier one) can never lead a write outside
+it. Hardlinks must point inside the target too. Ownership, modes, xattrs,
+times, hardlinks, symlinks, FIFOs and device nodes are kept.
+
+Whiteouts (OCI image layer spec) are handled in one of three ways:
+
+* ``APPLY`` — the target holds the parent's content; whiteouts delete from it
+  (vfs, btrfs, devicemapper);
+* ``OVERLAY`` — the target is one overlayfs layer; a whiteout becomes a 0/0
+  character device and an opaque marker the ``trusted.overlay.opaque`` xattr;
+* ``AUFS`` — the target is one aufs branch; ``.wh.`` files are kept as they
+  are, which is aufs's own whiteout format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import os
+import shutil
+import stat
+import tarfile
+from pathlib import PurePosixPath
+from typing import IO
+
+from attrs import define
+
+from shimhub.errors import InvalidArgument
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+MAX_SYMLINK_HOPS = 40
+
+
+class Whiteouts(enum.Enum):
+    """How a driver represents deletions of lower-layer content."""
+
+    APPLY = "apply"
+    OVERLAY = "overlay"
+    AUFS = "aufs"
+
+
+class UnsafeLayer(InvalidArgument):
+    """A layer tries to write outside its directory or is otherwise malformed."""
+
+
+@define
+class UnpackResult:
+    """What a layer unpacked to."""
+
+    bytes: int = 0
+    inodes: int = 0
+
+
+def _clean_name(name: str) -> str:
+    """The entry's path relative to the layer root; refuses `..` and empty names."""
+    parts = [p for p in PurePosixPath(name).parts if p not in ("/", ".", "")]
+    if any(p == ".." for p in parts):
+        raise UnsafeLayer(f"layer entry {name!r} points outside the layer")
+    return "/".join(parts)
+
+
+class _Root:
+    """Path resolution confined to one directory."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.realpath(root)
+
+    def resolve_parent(self, relative: str) -> str:
+        """The real path of `relative`'s parent directory, following symlinks inside the root only."""
+        parent = os.path.dirname(relative)
+        return self._resolve(parent) if parent else self.root
+
+    def _resolve(self, relative: str) -> str:
+        current: list[str] = []
+        pending = [p for p in relative.split("/") if p]
+        hops = 0
+        while pending:
+            part = pending.pop(0)
+            if part == ".":
+                continue
+            if part == "..":
+                if current:
+                    current.pop()
+                continue
+            candidate = os.path.join(self.root, *current, part)
+            try:
+                info = os.lstat(candidate)
+            except FileNotFoundError:
+                current.append(part)
+                continue
+            if stat.S_ISLNK(info.st_mode):
+                hops += 1
+                if hops > MAX_SYMLINK_HOPS:
+                    raise UnsafeLayer(f"too many symlinks resolving {relative!r}")
+                target = os.readlink(candidate)
+                if target.startswith("/"):
+                    current = []
+                pending = [p for p in target.split("/") if p] + pending
+                continue
+            current.append(part)
+        return os.path.join(self.root, *current)
+
+    def resolve(self, relative: str) -> str:
+        """The real path of `relative` inside the root; the last component is not followed."""
+        return os.path.join(self.resolve_parent(relative), os.path.basename(relative))
+
+
+def _remove(path: str) -> None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _makedirs(path: str) -> None:
+    """Create missing parent directories (root-owned, 0755), as tar does for implicit parents."""
+    os.makedirs(path, mode=0o755, exist_ok=True)
+
+
+def unpack(stream: IO[bytes], target: str, whiteouts: Whiteouts, max_bytes: int = 0) -> UnpackResult:
+    """Unpack the uncompressed layer tar in `stream` into `target`; refuse more than `max_bytes` (0: no limit)."""
+    unpacker = _Unpacker(_Root(target), whiteouts, max_bytes)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as archive:
+            for member in archive:
+                unpacker.add(archive, member)
+    except tarfile.TarError as exc:
+        raise UnsafeLayer(f"layer is not a valid tar archive: {exc}") from exc
+    unpacker.finish()
+    return unpacker.result
+
+
+class _Unpacker:
+    """The state of one layer being unpacked."""
+
+    def __init__(self, root: _Root, whiteouts: Whiteouts, max_bytes: int) -> None:
+        self.root = root
+        self.whiteouts = whiteouts
+        self.max_bytes = max_bytes
+        self.result = UnpackResult()
+        #: Entries this layer created (whiteouts never hide them).
+        self.created: set[str] = set()
+        self.directories: list[tuple[str, tarfile.TarInfo]] = []
+
+    def add(self, archive: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        name = _clean_name(member.name)
+        if not name:
+            return  # the layer root itself
+        if os.path.basename(name).startswith(WHITEOUT_PREFIX) and self.whiteouts is not Whiteouts.AUFS:
+            _whiteout(self.root, name, self.whiteouts, self.created)
+            return
+        path = self.root.resolve(name)
+        _makedirs(os.path.dirname(path))
+        _extract(archive, member, path, self.root)
+        self.created.add(name)
+        self.result.inodes += 1
+        self.result.bytes += member.size if member.isreg() else 0
+        if self.max_bytes and self.result.bytes > self.max_bytes:
+            raise UnsafeLayer(f"layer unpacks to more than {self.max_bytes} bytes")
+        if member.isdir():
+            self.directories.append((path, member))
+
+    def finish(self) -> None:
+        """Set directory times last: writing their children changed them."""
+        for path, member in reversed(self.directories):
+            os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+
+
+def _whiteout(root: _Root, name: str, mode: Whiteouts, created: set[str]) -> None:
+    parent_rel = os.path.dirname(name)
+    parent = root.resolve_parent(name)
+    base = os.path.basename(name)
+    if base == OPAQUE_MARKER:
+        _makedirs(parent)
+        if mode is Whiteouts.OVERLAY:
+            os.setxattr(parent, "trusted.overlay.opaque", b"y")
+            return
+        prefix = f"{parent_rel}/" if parent_rel else ""
+        for entry in os.listdir(parent):
+            if f"{prefix}{entry}" not in created:
+                _remove(os.path.join(parent, entry))
+        return
+    hidden = base[len(WHITEOUT_PREFIX) :]
+    if not hidden or hidden in (".", ".."):
+        raise UnsafeLayer(f"layer entry {name!r} is not a valid whiteout")
+    if f"{parent_rel}/{hidden}".lstrip("/") in created:
+        return  # whiteouts hide lower layers only, never this layer's own entries
+    path = os.path.join(parent, hidden)
+    if mode is Whiteouts.OVERLAY:
+        _makedirs(parent)
+        _remove(path)
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(0, 0))
+    else:
+        _remove(path)
+
+
+def _extract(archive: tarfile.TarFile, member: tarfile.TarInfo, path: str, root: _Root) -> None:
+    existing = None
+    with contextlib.suppress(FileNotFoundError):
+        existing = os.lstat(path)
+    if existing is not None and not (member.isdir() and stat.S_ISDIR(existing.st_mode)):
+        _remove(path)
+    if member.isdir():
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    elif member.isreg():
+        source = archive.extractfile(member)
+        assert source is not None
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+    elif member.issym():
+        os.symlink(member.linkname, path)
+    elif member.islnk():
+        link_name = _clean_name(member.linkname)
+        if not link_name:
+            raise UnsafeLayer(f"layer entry {member.name!r} is a hardlink to the layer root")
+        source_path = root.resolve(link_name)
+        if not os.path.lexists(source_path):
+            raise UnsafeLayer(f"layer entry {member.name!r} links to {member.linkname!r}, which is not in the layer")
+        os.link(source_path, path, follow_symlinks=False)
+        return  # a hardlink shares its target's metadata
+    elif member.ischr() or member.isblk():
+        kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+        os.mknod(path, 0o600 | kind, os.makedev(member.devmajor, member.devminor))
+    elif member.isfifo():
+        os.mkfifo(path, 0o600)
+    else:
+        raise UnsafeLayer(f"layer entry {member.name!r} has an unsupported type {member.type!r}")
+    _apply_metadata(member, path)
+
+
+def _apply_metadata(member: tarfile.TarInfo, path: str) -> None:
+    os.lchown(path, member.uid, member.gid)
+    for key, value in member.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            try:
+                os.setxattr(
+                    path, key[len("SCHILY.xattr.") :], value.encode("utf-8", "surrogateescape"), follow_symlinks=False
+                )
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+                    raise
+    if not member.issym():
+        os.chmod(path, member.mode & 0o7777)
+        os.utime(path, (member.mtime, member.mtime))
+    else:
+        os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
