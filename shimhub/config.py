@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,33 @@ class StorageConfig:
 
 
 @define(frozen=True)
+class RegistryConfig:
+    """How to reach one registry host."""
+
+    #: Plain http instead of https (only ever where configured).
+    insecure: bool = False
+    #: Hosts tried in order before this one, each reached per its own [images.registries.<host>] table.
+    mirrors: list[str] = field(factory=list)
+
+
+@define(frozen=True)
+class ImagesConfig:
+    """Image pulls and the image store."""
+
+    #: Registries that short names ("busybox") resolve through; more than one is refused as ambiguous.
+    search_registries: list[str] = field(factory=lambda: ["docker.io"])
+    #: A Docker-style credentials file ({"auths": {"host": {"auth": base64(user:password)}}}), "" for none.
+    credentials_file: str = ""
+    #: Layers downloaded at once per pull.
+    max_concurrent_downloads: int = 3
+    #: Platform to pick from multi-platform images ("" = this node's, e.g. linux/amd64).
+    platform: str = ""
+    #: Seconds to wait for a registry to answer (per request, not per whole download).
+    timeout: float = 30.0
+    registries: dict[str, RegistryConfig] = field(factory=dict)
+
+
+@define(frozen=True)
 class NetworkConfig:
     """The network backend that gives pods their network."""
 
@@ -78,6 +105,7 @@ class Config:
     runtimes: dict[str, HandlerConfig] = field(factory=dict)
     storage: StorageConfig = field(factory=StorageConfig)
     network: NetworkConfig = field(factory=NetworkConfig)
+    images: ImagesConfig = field(factory=ImagesConfig)
     #: Names of extension plugins (entry point group ``shimhub.extension``) to load.
     extensions: list[str] = field(factory=list)
     #: Seconds in-flight RPCs get to finish on SIGTERM.
@@ -236,6 +264,16 @@ def _check_values(config: Config, layers: _Layers) -> None:
     def bad(path: tuple[str, ...], message: str) -> None:
         problems.append(f"{layers.source_of(path)}: {'.'.join(path)}: {message}")
 
+    _check_settings(config, bad)
+    _check_handlers(config, bad)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+Complaint = Callable[[tuple[str, ...], str], None]
+
+
+def _check_settings(config: Config, bad: Complaint) -> None:
     for key in ("socket", "state_dir", "run_dir"):
         if not getattr(config, key).startswith("/"):
             bad((key,), f"expected an absolute path, got {getattr(config, key)!r}")
@@ -244,9 +282,19 @@ def _check_values(config: Config, layers: _Layers) -> None:
     for key, choices in (("log_level", LOG_LEVELS), ("cgroup_driver", CGROUP_DRIVERS)):
         if getattr(config, key) not in choices:
             bad((key,), f"expected one of {', '.join(choices)}, got {getattr(config, key)!r}")
+    if config.images.max_concurrent_downloads < 1:
+        bad(("images", "max_concurrent_downloads"), "expected at least 1")
+    if config.images.platform and config.images.platform.count("/") not in (1, 2):
+        bad(("images", "platform"), f"expected os/architecture[/variant], got {config.images.platform!r}")
+    for host, registry in config.images.registries.items():
+        for mirror in registry.mirrors:
+            if "/" in mirror or not mirror:
+                bad(("images", "registries", host, "mirrors"), f"expected host[:port], got {mirror!r}")
     if config.shutdown_grace < 0:
         bad(("shutdown_grace",), f"expected a number of seconds >= 0, got {config.shutdown_grace}")
 
+
+def _check_handlers(config: Config, bad: Complaint) -> None:
     for name, handler in config.runtimes.items():
         if not _NAME.match(name):
             bad(("runtimes", name), "a handler name must be lower-case letters, digits, '-' and '.'")
@@ -257,8 +305,6 @@ def _check_values(config: Config, layers: _Layers) -> None:
         bad(("default_runtime",), f"no [runtimes.{config.default_runtime}] table (handlers: {known})")
     if config.untrusted_runtime and config.untrusted_runtime not in config.runtimes:
         bad(("untrusted_runtime",), f"no [runtimes.{config.untrusted_runtime}] table (handlers: {known})")
-    if problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
 def dump(config: Config) -> dict[str, Any]:

@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 EXEC_OUTPUT_LIMIT = 16 * 1024 * 1024
 
 
+def _hex(digest: str) -> str:
+    return digest.removeprefix("sha256:")
+
+
 def container_name(metadata: cri.ContainerMetadata, pod: cri.PodSandboxMetadata) -> str:
     """The unique CRI name of a container."""
     return f"{metadata.name}_{pod.name}_{pod.namespace}_{pod.uid}_{metadata.attempt}"
@@ -80,6 +84,9 @@ class ContainerManager:
         daemon = self.daemon
         handler = daemon.handlers.get(sandbox.handler)
         plugin = handler.require()
+        image = daemon.images.images.find(config.image.image) if config.image.image else None
+        if config.image.image and image is None:
+            raise NotFound(f"image {config.image.image!r} is not present on the node; pull it first")
         record = ContainerRecord(
             id=new_id(),
             sandbox_id=sandbox.id,
@@ -88,6 +95,7 @@ class ContainerManager:
             config=proto_to_dict(config),
             log_path=log_path,
             request_digest=digest,
+            image_ref=image.id if image else "",
         )
         plugin_config = cri.ContainerConfig()
         plugin_config.CopyFrom(config)
@@ -98,19 +106,48 @@ class ContainerManager:
                 raise FailedPrecondition(f"pod sandbox {sandbox.id} stopped while the container was being created")
             daemon.store.save_container(record)
             try:
+                if image is not None:
+                    record.storage_driver, driver = daemon.storage_for(sandbox.handler)
+                    daemon.images.provide_layers(image, record.storage_driver, driver)
+                    storage = driver.require()
+                    storage.call("storage_rootfs_create", container_id=record.id, layer_id=_hex(image.top_layer))
+                    record.rootfs = storage.call("storage_rootfs_mount", container_id=record.id)
+                    daemon.store.save_container(record)
                 plugin.call(
-                    "runtime_container_create", sandbox=sandbox, container=record, config=plugin_config, rootfs=""
+                    "runtime_container_create",
+                    sandbox=sandbox,
+                    container=record,
+                    config=plugin_config,
+                    rootfs=record.rootfs,
+                    image=image.config if image else {},
                 )
                 daemon.store.save_container(record)
             except BaseException:
-                try:
-                    plugin.call("runtime_container_remove", sandbox=sandbox, container=record)
-                except Exception:
-                    log.exception("cleanup of failed container %s failed", record.id[:12])
-                daemon.store.delete_container(record.id)
+                self._undo(sandbox, record)
                 raise
         daemon.emit("container_created", sandbox, record)
         return record.id
+
+    def _undo(self, sandbox: SandboxRecord, record: ContainerRecord) -> None:
+        """Best-effort removal of a container whose creation failed."""
+        try:
+            self.daemon.handlers.get(sandbox.handler).installed().call(
+                "runtime_container_remove", sandbox=sandbox, container=record
+            )
+        except Exception:
+            log.exception("cleanup of failed container %s: runtime removal failed", record.id[:12])
+        try:
+            self._remove_rootfs(record)
+        except Exception:
+            log.exception("cleanup of failed container %s: root filesystem removal failed", record.id[:12])
+        self.daemon.store.delete_container(record.id)
+
+    def _remove_rootfs(self, record: ContainerRecord) -> None:
+        if not record.storage_driver:
+            return
+        storage = self.daemon.storage_drivers[record.storage_driver].installed()
+        storage.call("storage_rootfs_unmount", container_id=record.id)
+        storage.call("storage_rootfs_remove", container_id=record.id)
 
     def start(self, container_id: str) -> None:
         """Start a created container."""
@@ -152,9 +189,12 @@ class ContainerManager:
                 self.stop(record.id, timeout=0)
             plugin = self.daemon.handlers.get(sandbox.handler).installed()
             plugin.call("runtime_container_remove", sandbox=sandbox, container=record)
+            self._remove_rootfs(record)
             self.daemon.store.delete_container(record.id)
             self.daemon.container_names.release(record.name, record.id)
         self.daemon.locks.forget(record.id)
+        if record.image_ref:
+            self.daemon.collect_garbage()
         self.daemon.emit("container_removed", sandbox, record)
 
     def state(self, container_id: str) -> tuple[ContainerRecord, ContainerState]:

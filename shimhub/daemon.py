@@ -13,8 +13,12 @@ from shimhub import plugins
 from shimhub.backends import Backend
 from shimhub.config import Config
 from shimhub.containers import ContainerManager
+from shimhub.errors import FailedPrecondition
 from shimhub.handlers import HandlerRegistry
 from shimhub.hooktypes import PluginContext
+from shimhub.images.manager import ImageManager
+from shimhub.images.registry import Credentials
+from shimhub.images.store import ImageRecord
 from shimhub.locks import KeyedLocks
 from shimhub.names import NameRegistry
 from shimhub.pods import PodManager
@@ -24,7 +28,7 @@ from shimhub.state import StateStore
 log = logging.getLogger(__name__)
 
 #: Keys whose change needs a restart; a reload keeps the old value and says so.
-RESTART_KEYS = ("socket", "state_dir", "run_dir", "cgroup_driver", "storage", "network", "extensions")
+RESTART_KEYS = ("socket", "state_dir", "run_dir", "cgroup_driver", "storage", "network", "images", "extensions")
 
 
 class Daemon:
@@ -49,19 +53,66 @@ class Daemon:
             self.plugin_context("network", config.network.backend),
             options=dict(config.network.options),
         )
-        self.storage = Backend.setup(
-            "storage",
-            f"storage driver {config.storage.driver!r}",
-            config.storage.driver,
-            "[storage.options]",
-            self.plugin_context("storage", config.storage.driver),
-            root=config.storage.root,
-            options=dict(config.storage.options),
-        )
+        #: Every storage driver in use: the global one and those runtime handlers name.
+        self.storage_drivers = {
+            name: Backend.setup(
+                "storage",
+                f"storage driver {name!r}",
+                name,
+                "[storage.options]",
+                self.plugin_context("storage", name),
+                root=config.storage.root,
+                options=dict(config.storage.options) if name == config.storage.driver else {},
+            )
+            for name in sorted({config.storage.driver} | {h.storage_driver for h in config.runtimes.values()} - {""})
+        }
+        self.storage = self.storage_drivers[config.storage.driver]
+        self.images = ImageManager(config.images, Path(config.state_dir, "images"), config.storage.driver)
         self.pods = PodManager(self)
         self.containers = ContainerManager(self)
         #: The pod CIDR the kubelet last sent with UpdateRuntimeConfig.
         self.pod_cidr = ""
+
+    def storage_for(self, handler_name: str) -> tuple[str, Backend]:
+        """The storage driver (name and backend) that a handler's containers use."""
+        handler = self.handlers.get(handler_name)
+        name = handler.config.storage_driver or self.config.storage.driver
+        driver = self.storage_drivers.get(name)
+        if driver is None:
+            raise FailedPrecondition(f"storage driver {name!r} of runtime handler {handler_name!r} needs a restart")
+        return name, driver
+
+    def pull_image(self, image: str, creds: Credentials | None) -> ImageRecord:
+        """Pull an image and unpack it into the default storage driver."""
+        return self.images.pull(image, creds, self.storage_drivers)
+
+    def remove_image(self, image: str) -> None:
+        """Remove an image by id, tag or digest; layers containers use stay until they are removed. Idempotent."""
+        record = self.images.images.find(image)
+        if record is not None:
+            self.images.remove(record)
+            self.collect_garbage()
+
+    def collect_garbage(self) -> None:
+        """Remove image layers and blobs nothing uses any more."""
+        self.images.collect_garbage(self.storage_drivers, {c.image_ref for c in self.store.containers()})
+
+    def filesystem_usage(self) -> tuple[tuple[str, int, int], tuple[str, int, int]]:
+        """(mountpoint, bytes, inodes) of image content and of container writable layers."""
+        content = self.images.usage()
+        used = inodes = 0
+        for container in self.store.containers():
+            if container.storage_driver in self.storage_drivers:
+                usage = (
+                    self.storage_drivers[container.storage_driver]
+                    .installed()
+                    .call("storage_usage", container_id=container.id)
+                )
+                used, inodes = used + usage.used_bytes, inodes + usage.inodes_used
+        return (
+            (str(Path(self.config.state_dir, "images")), content.used_bytes, content.inodes_used),
+            (self.config.storage.root, used, inodes),
+        )
 
     def plugin_context(self, kind: str, name: str) -> PluginContext:
         """The context handed to plugin instance `name` of `kind` at setup."""
@@ -130,6 +181,6 @@ class Daemon:
         return {
             "handlers": {name: describe(h.backend) for name, h in sorted(self.handlers.handlers.items())},
             "network": describe(self.network),
-            "storage": describe(self.storage),
+            "storage": {name: describe(driver) for name, driver in self.storage_drivers.items()},
             "pod_cidr": self.pod_cidr,
         }

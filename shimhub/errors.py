@@ -50,6 +50,12 @@ class PermissionDenied(ShimhubError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Unauthenticated(ShimhubError):
+    """A registry refused the credentials (or asked for some and none were given)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class Unimplemented(ShimhubError):
     """The RPC, or the hook behind it, is not implemented for this object."""
 

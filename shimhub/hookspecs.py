@@ -104,12 +104,14 @@ class RuntimeSpec:
         container: ContainerRecord,
         config: cri.ContainerConfig,
         rootfs: str,
+        image: Mapping[str, Any],
     ) -> None:
         """Create (not start) a container whose root filesystem is mounted at `rootfs`.
 
-        `rootfs` is "" when the container's image has no local root filesystem
-        yet (no storage driver configured); the plugin decides whether it can
-        run the container anyway. Required.
+        `image` is the OCI image config document of the container's image
+        (entrypoint, cmd, env, user, working dir under its "config" key). A
+        container created without an image has `rootfs` "" and `image` {}; the
+        plugin decides whether it can run such a container. Required.
         """
 
     @hookspec(firstresult=True)

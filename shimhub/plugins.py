@@ -120,8 +120,9 @@ class LoadedPlugin:
             raise PluginLoadError(f"{label}: does not implement required hook(s) {', '.join(missing)}")
 
     def implements(self, hook: str) -> bool:
-        """Whether the plugin implements `hook`."""
-        return bool(getattr(self.manager.hook, hook).get_hookimpls())
+        """Whether the plugin implements `hook` (False for a hook its kind does not have)."""
+        caller = getattr(self.manager.hook, hook, None)
+        return caller is not None and bool(caller.get_hookimpls())
 
     def call(self, hook: str, /, **kwargs: Any) -> Any:
         """Call `hook`; errors other than ShimhubError and ConfigError become PluginFailed naming the plugin.

@@ -70,8 +70,10 @@ class ContainerRecord:
     log_path: str = ""
     request_digest: str = ""
     image_ref: str = ""
-    #: Mount point of the root filesystem while mounted ("" without a storage driver).
+    #: Mount point of the root filesystem ("" for a container without an image).
     rootfs: str = ""
+    #: The storage driver holding the root filesystem.
+    storage_driver: str = ""
     state: ContainerState = field(factory=lambda: ContainerState(status=ContainerStatus.CREATED))
     runtime_data: dict[str, Any] = field(factory=dict)
 

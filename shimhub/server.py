@@ -21,6 +21,7 @@ import grpc
 
 from shimhub.daemon import Daemon
 from shimhub.rpc import service_handler
+from shimhub.services.image import ImageService
 from shimhub.services.runtime import RuntimeService
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
@@ -73,7 +74,7 @@ class Server:
         self.grpc.add_generic_rpc_handlers(
             [
                 service_handler(cri.DESCRIPTOR.services_by_name["RuntimeService"], RuntimeService(daemon)),
-                service_handler(cri.DESCRIPTOR.services_by_name["ImageService"], object()),
+                service_handler(cri.DESCRIPTOR.services_by_name["ImageService"], ImageService(daemon)),
             ]
         )
 

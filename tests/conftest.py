@@ -78,3 +78,110 @@ backend = "host"
 def daemon(daemon_factory) -> Daemon:
     """A running daemon whose default handler is the test plugin's `proc` runtime."""
     return daemon_factory(PROC_CONFIG).start()
+
+
+class RegistryFixture:
+    """Registries on 127.0.0.1 sharing one storage: open, Basic auth, token auth; and the test images."""
+
+    USER, PASSWORD = "alice", "wonderland"
+
+    def __init__(self, root: Path) -> None:
+        from tests.registry import Pusher, Registry, TokenService, busybox_layer, tar
+
+        storage = root / "storage"
+        self.open = Registry(root, storage)
+        htpasswd = root / "htpasswd"
+        subprocess.run(["htpasswd", "-Bbc", str(htpasswd), self.USER, self.PASSWORD], check=True, capture_output=True)
+        self.basic = Registry(root, storage, {"htpasswd": {"realm": "shimhub-test", "path": str(htpasswd)}})
+        self.token_service = TokenService(root, self.USER, self.PASSWORD)
+        self.token = Registry(root, storage, self.token_service.registry_auth())
+        self.storage = storage
+        push = Pusher(self.open)
+        base = busybox_layer()
+        app = tar(
+            ("etc/.wh.group", "file", ""), ("srv", "dir", None), ("srv/hello.txt", "file", "hello from the image\n")
+        )
+        config = {"Cmd": ["cat", "/srv/hello.txt"], "User": "1000", "Env": ["PATH=/bin"]}
+        self.busybox = push.image("test/busybox", "1", [base, app], config)
+        self.docker = push.image(
+            "test/docker",
+            "1",
+            [base],
+            {"User": "app"},
+            media_type="application/vnd.docker.distribution.manifest.v2+json",
+        )
+        self.plain = push.image("test/plain", "1", [tar(("only.txt", "file", "plain layer\n"))], compress=False)
+        arm = push.image("test/armonly", "arm64", [tar(("arch", "file", "arm64\n"))], architecture="arm64")
+        s390 = push.image("test/armonly", "s390x", [tar(("arch", "file", "s390x\n"))], architecture="s390x")
+        amd = push.image("test/multi", "amd64", [tar(("arch", "file", "amd64\n"))])
+        arm_multi = push.image("test/multi", "arm64", [tar(("arch", "file", "arm64\n"))], architecture="arm64")
+        self.multi_amd64 = amd
+        push.index(
+            "test/multi",
+            "1",
+            [
+                ("linux/arm64", arm_multi["manifest"], int(arm_multi["size"])),
+                ("linux/amd64", amd["manifest"], int(amd["size"])),
+            ],
+        )
+        push.index(
+            "test/armonly",
+            "1",
+            [("linux/arm64", arm["manifest"], int(arm["size"])), ("linux/s390x", s390["manifest"], int(s390["size"]))],
+        )
+        push.image("test/escape", "1", [tar(("../../escaped-from-layer", "file", "x"))])
+        self.corrupt = push.image("test/corrupt", "1", [tar(("data", "file", "good content\n"))])
+        layer_digest = self._layer_digests("test/corrupt", self.corrupt["manifest"])[0]
+        data = storage / "docker/registry/v2/blobs/sha256" / layer_digest[7:9] / layer_digest[7:] / "data"
+        tampered = bytearray(data.read_bytes())
+        tampered[-5] ^= 0xFF
+        data.write_bytes(bytes(tampered))
+        self.corrupt_layer = layer_digest
+
+    def _layer_digests(self, repository: str, manifest_digest: str) -> list[str]:
+        import json
+
+        hexd = manifest_digest[7:]
+        blob = self.storage / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
+        return [layer["digest"] for layer in json.loads(blob.read_bytes())["layers"]]
+
+    def stop(self) -> None:
+        for registry in (self.open, self.basic, self.token):
+            registry.stop()
+        self.token_service.stop()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryFixture]:
+    """Test registries on 127.0.0.1 holding the test images."""
+    if shutil.which("docker-registry") is None:
+        pytest.skip("docker-registry is not installed (./install --dev installs it)")
+    fixture = RegistryFixture(tmp_path_factory.mktemp("registry"))
+    yield fixture
+    fixture.stop()
+
+
+def image_config(registry: RegistryFixture, driver: str = "vfs", extra: str = "") -> str:
+    """Daemon config pulling from the test registries (plain http) with the `proc` runtime."""
+    hosts = "".join(
+        f'[images.registries."{host}"]\ninsecure = true\n'
+        for host in (registry.open.host, registry.basic.host, registry.token.host)
+    )
+    return (
+        f'default_runtime = "proc"\n[runtimes.proc]\nplugin = "proc"\n[network]\nbackend = "host"\n'
+        f'[storage]\ndriver = "{driver}"\n[images]\nsearch_registries = ["{registry.open.host}"]\n{extra}\n{hosts}'
+    )
+
+
+@pytest.fixture(scope="session")
+def btrfs_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A btrfs filesystem on a loop file, mounted for the session."""
+    base = tmp_path_factory.mktemp("btrfs")
+    image, mountpoint = base / "fs.img", base / "mnt"
+    mountpoint.mkdir()
+    with image.open("wb") as sparse:
+        sparse.truncate(300 << 20)
+    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], check=True)
+    yield mountpoint
+    subprocess.run(["umount", str(mountpoint)], check=True)

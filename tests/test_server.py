@@ -33,9 +33,9 @@ def test_version_and_runtime_config(daemon) -> None:
 
 def test_unimplemented_rpcs_say_so(daemon) -> None:
     with pytest.raises(grpc.RpcError) as unary:
-        daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="busybox")))
+        daemon.runtime.CheckpointContainer(cri.CheckpointContainerRequest(container_id="x"))
     assert unary.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert unary.value.details() == "shimhub does not implement runtime.v1.ImageService/PullImage"
+    assert unary.value.details() == "shimhub does not implement runtime.v1.RuntimeService/CheckpointContainer"
     with pytest.raises(grpc.RpcError) as streaming:
         list(daemon.runtime.GetContainerEvents(cri.GetEventsRequest()))
     assert streaming.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,20 +39,6 @@ TOP = tar(
     ("data/new", "file", "fresh"),
     ("etc/hostname", "file", "top\n"),
 )
-
-
-@pytest.fixture(scope="module")
-def btrfs_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A btrfs filesystem on a loop file, mounted for the module."""
-    base = tmp_path_factory.mktemp("btrfs")
-    image, mountpoint = base / "fs.img", base / "mnt"
-    mountpoint.mkdir()
-    with image.open("wb") as sparse:
-        sparse.truncate(300 << 20)
-    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], check=True)
-    yield mountpoint
-    subprocess.run(["umount", str(mountpoint)], check=True)
 
 
 def skip_reason(driver: str) -> str:

@@ -1,8 +1,9 @@
 """A third-party runtime plugin for shimhub's tests, written only against the plugin contract.
 
-A "container" is its command run as a host process (no filesystem isolation)
-inside the pod's network namespace, its output appended to the container's log
-path. Exit codes are kept in the plugin's state directory.
+A "container" is its command run as a host process inside the pod's network
+namespace, chrooted into the container's root filesystem when it has an image
+(no other isolation), its output appended to the container's log path. Exit
+codes are kept in the plugin's state directory.
 """
 
 from __future__ import annotations
@@ -68,12 +69,16 @@ class ProcRuntime:
         sandbox.runtime_data.clear()
 
     @hookimpl
-    def runtime_container_create(self, sandbox, container, config, rootfs: str) -> None:
-        argv = list(config.command) + list(config.args)
+    def runtime_container_create(self, sandbox, container, config, rootfs: str, image) -> None:
+        image_config = image.get("config", {})
+        argv = list(config.command or image_config.get("Entrypoint") or []) + list(
+            config.args or (image_config.get("Cmd") or [] if not config.command else [])
+        )
         if not argv:
             raise InvalidArgument("the proc runtime needs a command")
         self._dir(container.id).mkdir(parents=True)
-        container.runtime_data["argv"] = argv
+        # With an image, the command runs chrooted into the container's root filesystem.
+        container.runtime_data["argv"] = ["chroot", rootfs, *argv] if rootfs else argv
 
     def _enter(self, sandbox, argv: list[str]) -> list[str]:
         netns = sandbox.runtime_data.get("netns", "")

@@ -1,0 +1,255 @@
+"""Pulling images, providing their layers to storage drivers, and collecting garbage.
+
+A pull fetches the manifest (picking the node's platform from an index), the
+config and the layer blobs (several at once) into the content store, then
+unpacks the layers into the default storage driver. Another driver (a runtime
+handler may use its own) gets an image's layers when a container first needs
+them. Each layer's uncompressed digest is checked against the image config as
+it is unpacked. Layers and blobs that no image and no container use any more
+are removed by `collect_garbage`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any
+
+from shimhub.backends import Backend
+from shimhub.config import ImagesConfig
+from shimhub.errors import FailedPrecondition, InvalidArgument
+from shimhub.hooktypes import FilesystemUsage
+from shimhub.images import manifest, reference
+from shimhub.images.content import BlobMismatch, ContentStore
+from shimhub.images.registry import Credentials, RegistryClient
+from shimhub.images.store import ImageRecord, ImageStore, Layer
+from shimhub.locks import KeyedLocks
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1 << 20
+
+
+class _HashingReader:
+    """A read-only stream that hashes what passes through it."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.hasher = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.hasher.update(data)
+        return data
+
+    def drain(self) -> str:
+        """Read what is left (a tar's trailing padding) and return the digest of everything."""
+        while self.read(READ_CHUNK):
+            pass
+        return f"sha256:{self.hasher.hexdigest()}"
+
+
+def check_layer_type(media_type: str, where: str) -> None:
+    """Refuse a layer this node cannot unpack, before anything is downloaded."""
+    if manifest.NONDISTRIBUTABLE in media_type:
+        raise InvalidArgument(f"{where}: non-distributable layers are not pulled")
+    if media_type not in (*manifest.LAYER_GZIP, *manifest.LAYER_ZSTD, *manifest.LAYER_PLAIN):
+        raise InvalidArgument(f"{where}: unsupported layer media type {media_type!r}")
+
+
+def _decompressed(path: Path, media_type: str) -> IO[bytes]:
+    raw = path.open("rb")
+    if media_type in manifest.LAYER_GZIP:
+        return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
+    if media_type in manifest.LAYER_ZSTD:
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(raw)
+    return raw
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """The OCI chain ids of a stack of layers, bottom first."""
+    chain: list[str] = []
+    for diff_id in diff_ids:
+        chain.append(
+            diff_id if not chain else "sha256:" + hashlib.sha256(f"{chain[-1]} {diff_id}".encode()).hexdigest()
+        )
+    return chain
+
+
+def _depth(mark: Path) -> int:
+    """How many layers lie below the layer of `mark` (marks hold their parent's chain id)."""
+    depth, parent = 0, mark.read_text()
+    while parent:
+        depth += 1
+        above = mark.parent / parent
+        parent = above.read_text() if above.exists() else ""
+    return depth
+
+
+def _hex(digest: str) -> str:
+    return digest.removeprefix("sha256:")
+
+
+class ImageManager:
+    """The node's images: pull, look up, provide layers, remove."""
+
+    def __init__(self, config: ImagesConfig, state_dir: Path, default_driver: str) -> None:
+        self.config = config
+        self.registry = RegistryClient(config)
+        self.content = ContentStore(state_dir / "content")
+        self.images = ImageStore(state_dir / "images", config.search_registries)
+        self.layer_marks = state_dir / "layers"
+        self.default_driver = default_driver
+        self.platform = manifest.node_platform(config.platform)
+        self._layer_locks = KeyedLocks()
+        self._gc_lock = threading.Lock()
+
+    def pull(self, image: str, creds: Credentials | None, drivers: dict[str, Backend]) -> ImageRecord:
+        """Pull `image` and unpack it into the default storage driver (when that driver is ready)."""
+        ref = reference.parse(image, self.config.search_registries)
+        where = str(ref)
+        body, content_type, header_digest = self.registry.manifest(ref, ref.selector, creds)
+        top_digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        if ref.digest and top_digest != ref.digest:
+            raise BlobMismatch(f"{where}: the registry sent a manifest with digest {top_digest}")
+        if header_digest and header_digest != top_digest and header_digest.startswith("sha256:"):
+            raise BlobMismatch(f"{where}: manifest digest {top_digest} differs from the registry's {header_digest}")
+        parsed = manifest.parse(body, content_type, where)
+        if isinstance(parsed, list):
+            chosen = manifest.pick_platform(parsed, self.platform, where)
+            body, content_type, _ = self.registry.manifest(ref, chosen.digest, creds)
+            if "sha256:" + hashlib.sha256(body).hexdigest() != chosen.digest:
+                raise BlobMismatch(f"{where}: the manifest for {chosen.platform} does not match digest {chosen.digest}")
+            parsed = manifest.parse(body, content_type, where)
+            if isinstance(parsed, list):
+                raise InvalidArgument(f"{where}: an index entry for {chosen.platform} is itself an index")
+        record = self._fetch(ref, parsed, creds, where)
+        if ref.tag:
+            record.repo_tags = sorted({*record.repo_tags, ref.tagged()})
+        record.repo_digests = sorted({*record.repo_digests, ref.with_digest(top_digest)})
+        record.pulled_at = time.time_ns()
+        self.images.put(record)
+        driver = drivers.get(self.default_driver)
+        if driver is not None and driver.readiness().ready:
+            self.provide_layers(record, self.default_driver, driver)
+        log.info("pulled %s as %s", where, record.id)
+        return record
+
+    def _fetch(
+        self, ref: reference.Reference, parsed: manifest.Manifest, creds: Credentials | None, where: str
+    ) -> ImageRecord:
+        config_path = self.content.fetch(
+            parsed.config.digest,
+            parsed.config.size,
+            lambda: self.registry.blob(ref, parsed.config.digest, creds),
+            "image config",
+        )
+        try:
+            config: dict[str, Any] = json.loads(config_path.read_bytes())
+            diff_ids = list(config["rootfs"]["diff_ids"])
+        except (ValueError, KeyError, TypeError):
+            raise InvalidArgument(
+                f"{where}: the image config {parsed.config.digest} is not a valid OCI config"
+            ) from None
+        if len(diff_ids) != len(parsed.layers):
+            raise InvalidArgument(f"{where}: the manifest has {len(parsed.layers)} layers, the config {len(diff_ids)}")
+        for layer in parsed.layers:
+            check_layer_type(layer.media_type, f"{where}: layer {layer.digest}")
+
+        def download(layer: manifest.Descriptor) -> None:
+            self.content.fetch(layer.digest, layer.size, lambda: self.registry.blob(ref, layer.digest, creds), "layer")
+
+        with ThreadPoolExecutor(self.config.max_concurrent_downloads, thread_name_prefix="pull") as pool:
+            for future in [pool.submit(download, layer) for layer in parsed.layers]:
+                future.result()
+        layers = [
+            Layer(blob_digest=d.digest, media_type=d.media_type, size=d.size, diff_id=diff_id, chain_id=chain_id)
+            for d, diff_id, chain_id in zip(parsed.layers, diff_ids, chain_ids(diff_ids), strict=True)
+        ]
+        existing = self.images.get(parsed.config.digest)
+        if existing is not None and existing.removed:
+            existing = None
+        return ImageRecord(
+            id=parsed.config.digest,
+            repo_tags=list(existing.repo_tags) if existing else [],
+            repo_digests=list(existing.repo_digests) if existing else [],
+            size=parsed.config.size + sum(d.size for d in parsed.layers),
+            config=config,
+            layers=layers,
+        )
+
+    def _mark(self, driver_name: str, chain_id: str) -> Path:
+        return self.layer_marks / driver_name / _hex(chain_id)
+
+    def provide_layers(self, record: ImageRecord, driver_name: str, driver: Backend) -> None:
+        """Make sure storage driver `driver_name` holds every layer of `record`."""
+        plugin = driver.require()
+        (self.layer_marks / driver_name).mkdir(parents=True, exist_ok=True, mode=0o700)
+        parent = ""
+        for layer in record.layers:
+            mark = self._mark(driver_name, layer.chain_id)
+            with self._layer_locks.hold(f"{driver_name}/{layer.chain_id}"):
+                if not mark.exists():
+                    self._apply(plugin, layer, parent)
+                    mark.write_text(parent)  # the parent's chain id: garbage collection removes children first
+            parent = _hex(layer.chain_id)
+
+    def _apply(self, plugin: Any, layer: Layer, parent: str) -> None:
+        if not self.content.has(layer.blob_digest):
+            raise FailedPrecondition(f"layer blob {layer.blob_digest} is missing from the content store; pull again")
+        with _decompressed(self.content.path(layer.blob_digest), layer.media_type) as stream:
+            reader = _HashingReader(stream)
+            plugin.call("storage_layer_apply", layer_id=_hex(layer.chain_id), parent_id=parent, diff=reader)
+            try:
+                actual = reader.drain()
+            except (OSError, EOFError) as exc:
+                actual = f"unreadable ({exc})"
+        if actual != layer.diff_id:
+            plugin.call("storage_layer_remove", layer_id=_hex(layer.chain_id))
+            raise BlobMismatch(
+                f"layer {layer.blob_digest}: uncompressed content {actual} does not match the "
+                f"image config's diff_id {layer.diff_id}"
+            )
+
+    def collect_garbage(self, drivers: dict[str, Backend], images_in_use: Iterable[str]) -> None:
+        """Remove layers and blobs that no image and no container (of `images_in_use`) needs."""
+        in_use = set(images_in_use)
+        with self._gc_lock:
+            kept: list[ImageRecord] = []
+            for record in self.images.all(include_removed=True):
+                if record.removed and record.id not in in_use:
+                    self.images.delete(record.id)
+                else:
+                    kept.append(record)
+            kept_chains = {layer.chain_id for record in kept for layer in record.layers}
+            kept_blobs = {layer.blob_digest for record in kept for layer in record.layers} | {r.id for r in kept}
+            for driver_dir in self.layer_marks.glob("*"):
+                driver = drivers.get(driver_dir.name)
+                unused = [m for m in driver_dir.iterdir() if f"sha256:{m.name}" not in kept_chains]
+                # Children before parents: a driver may refuse to remove a layer another builds on.
+                for mark in sorted(unused, key=_depth, reverse=True):
+                    if driver is not None and driver.plugin is not None:
+                        driver.plugin.call("storage_layer_remove", layer_id=mark.name)
+                    mark.unlink()
+            for digest in self.content.digests() - kept_blobs:
+                self.content.remove(digest)
+
+    def remove(self, record: ImageRecord) -> None:
+        """Remove an image from the list; its layers stay while containers use them (see collect_garbage)."""
+        record.removed = True
+        record.repo_tags = []
+        record.repo_digests = []
+        self.images.put(record)
+
+    def usage(self) -> FilesystemUsage:
+        """Bytes and inodes of the content store."""
+        return self.content.usage()
