@@ -1,0 +1,119 @@
+"""Pull and unpack benchmark: a ~100 MB four-layer image from a registry on 127.0.0.1.
+
+Prints, per storage driver, the PullImage time through a running shimhub
+(download, verify, unpack) and the unpack throughput of the driver alone.
+Run as root from a checkout: python3 -m bench.pull [--runs N] [--drivers vfs,overlay]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import statistics
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from shimhub import plugins
+from shimhub.hooktypes import PluginContext
+from shimhub_proto.cri.v1 import api_pb2 as cri
+from tests.registry import Pusher, Registry
+from tests.shimhubd import Daemon
+
+LAYERS = 4
+LAYER_BYTES = 25 << 20
+FILES_PER_LAYER = 50
+
+
+def make_layer(index: int) -> bytes:
+    """An uncompressed layer of FILES_PER_LAYER files, half random (incompressible), half text."""
+    out = io.BytesIO()
+    size = LAYER_BYTES // FILES_PER_LAYER
+    with tarfile.open(fileobj=out, mode="w") as archive:
+        for number in range(FILES_PER_LAYER):
+            data = os.urandom(size // 2) + (b"shimhub benchmark line\n" * (size // 46))[: size - size // 2]
+            info = tarfile.TarInfo(f"layer{index}/file{number}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def summary(samples: list[float]) -> str:
+    ordered = sorted(samples)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return f"min {ordered[0]:7.2f}  median {statistics.median(ordered):7.2f}  p95 {p95:7.2f}"
+
+
+def bench_pull(root: Path, registry: Registry, driver: str, runs: int) -> list[float]:
+    config = (
+        f'[network]\nbackend = "host"\n[storage]\ndriver = "{driver}"\n'
+        f'[images]\nsearch_registries = ["{registry.host}"]\n[images.registries."{registry.host}"]\ninsecure = true\n'
+    )
+    (root / f"daemon-{driver}").mkdir()
+    daemon = Daemon(root / f"daemon-{driver}", config).start()
+    samples = []
+    try:
+        for _ in range(runs):
+            started = time.perf_counter()
+            ref = daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="bench/big:1"))).image_ref
+            samples.append(time.perf_counter() - started)
+            daemon.images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=ref)))
+    finally:
+        daemon.stop()
+    return samples
+
+
+def bench_unpack(root: Path, driver: str, layers: list[bytes], runs: int) -> list[float]:
+    loaded = plugins.load("storage", driver)
+    context = PluginContext(
+        name=driver,
+        state_dir=root,
+        run_dir=root,
+        log=logging.getLogger("bench"),
+        cgroup_driver="cgroupfs",
+        extensions=None,
+    )
+    readiness = loaded.call("storage_setup", root=str(root / f"unpack-{driver}"), options={}, context=context)
+    if not readiness.ready:
+        raise SystemExit(f"{driver}: {readiness.reason}")
+    rates = []
+    for run in range(runs):
+        started = time.perf_counter()
+        parent = ""
+        for index, layer in enumerate(layers):
+            layer_id = f"r{run}l{index}"
+            loaded.call("storage_layer_apply", layer_id=layer_id, parent_id=parent, diff=io.BytesIO(layer))
+            parent = layer_id
+        rates.append(sum(map(len, layers)) / (1 << 20) / (time.perf_counter() - started))
+        for index in reversed(range(len(layers))):
+            loaded.call("storage_layer_remove", layer_id=f"r{run}l{index}")
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--drivers", default="vfs,overlay")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="shimhub-bench-") as tmp:
+        root = Path(tmp)
+        registry = Registry(root / "registry", root / "registry" / "storage")
+        try:
+            layers = [make_layer(i) for i in range(LAYERS)]
+            Pusher(registry).image("bench/big", "1", layers)
+            total = sum(map(len, layers)) / (1 << 20)
+            print(f"image: {LAYERS} gzip layers, {total:.0f} MiB uncompressed; {args.runs} runs each")
+            print(f"{'driver':<10} {'PullImage seconds':<48} unpack MiB/s")
+            for driver in args.drivers.split(","):
+                pulls = bench_pull(root, registry, driver, args.runs)
+                rates = bench_unpack(root, driver, layers, args.runs)
+                print(f"{driver:<10} {summary(pulls):<48} {summary(rates)}")
+        finally:
+            registry.stop()
+
+
+if __name__ == "__main__":
+    main()
