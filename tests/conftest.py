@@ -110,7 +110,8 @@ class RegistryFixture:
             {"User": "app"},
             media_type="application/vnd.docker.distribution.manifest.v2+json",
         )
-        self.plain = push.image("test/plain", "1", [tar(("only.txt", "file", "plain layer\n"))], compress=False)
+        self.plain = push.image("test/plain", "1", [tar(("only.txt", "file", "plain layer\n"))], compress="none")
+        self.zstd = push.image("test/zstd", "1", [tar(("z.txt", "file", "zstd layer\n"))], compress="zstd")
         arm = push.image("test/armonly", "arm64", [tar(("arch", "file", "arm64\n"))], architecture="arm64")
         s390 = push.image("test/armonly", "s390x", [tar(("arch", "file", "s390x\n"))], architecture="s390x")
         amd = push.image("test/multi", "amd64", [tar(("arch", "file", "amd64\n"))])

@@ -32,6 +32,7 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 PLAIN_LAYER = "application/vnd.oci.image.layer.v1.tar"
+ZSTD_LAYER = "application/vnd.oci.image.layer.v1.tar+zstd"
 
 
 def free_port() -> int:
@@ -116,15 +117,21 @@ class Pusher:
         layers: list[bytes],
         config: dict[str, Any] | None = None,
         media_type: str = OCI_MANIFEST,
-        compress: bool = True,
+        compress: str = "gzip",
         architecture: str = "amd64",
     ) -> dict[str, str]:
         """Push an image of uncompressed layer tars with `config` (Cmd, User, …) as its container config;
         return its manifest and config digests and the manifest's size."""
         descriptors = []
         for layer in layers:
-            blob = gzip.compress(layer, mtime=0) if compress else layer
-            layer_type = GZIP_LAYER if compress else PLAIN_LAYER
+            if compress == "gzip":
+                blob, layer_type = gzip.compress(layer, mtime=0), GZIP_LAYER
+            elif compress == "zstd":
+                import zstandard
+
+                blob, layer_type = zstandard.ZstdCompressor().compress(layer), ZSTD_LAYER
+            else:
+                blob, layer_type = layer, PLAIN_LAYER
             if media_type == DOCKER_MANIFEST:
                 layer_type = "application/vnd.docker.image.rootfs.diff.tar.gzip"
             descriptors.append({"mediaType": layer_type, "digest": self.blob(repository, blob), "size": len(blob)})

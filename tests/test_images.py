@@ -66,10 +66,13 @@ def test_pull_by_digest_and_tag_with_digest(daemon, registry) -> None:
     assert f"not found in registry {registry.open.host}" in details
 
 
-def test_docker_schema2_uncompressed_and_username(daemon, registry) -> None:
+def test_docker_schema2_uncompressed_zstd_and_username(daemon, registry) -> None:
     assert pull(daemon, "test/docker:1") == registry.docker["config"]
     assert status(daemon, "test/docker:1").image.username == "app"
     assert pull(daemon, "test/plain:1") == registry.plain["config"]
+    assert pull(daemon, "test/zstd:1") == registry.zstd["config"]
+    layers = list((daemon.root / "storage" / "vfs" / "layers").iterdir())
+    assert any((layer / "z.txt").read_text() == "zstd layer\n" for layer in layers)
 
 
 def test_platform_is_picked_from_an_index(daemon, registry) -> None:
