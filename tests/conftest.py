@@ -60,9 +60,31 @@ def daemon_factory(tmp_path: Path, plugin_python: str) -> Iterator:
         return daemon
 
     yield make
+    problems = {}
     for daemon in made:
+        problems.update(_remove_everything(daemon))
         daemon.stop()
         daemon.kill()
+    assert not problems, f"the test left things behind: {problems}"
+
+
+def _remove_everything(daemon: Daemon) -> dict[str, object]:
+    """Remove every pod through the CRI, as the kubelet would, then report anything left on the node."""
+    from shimhub_proto.cri.v1 import api_pb2 as cri
+    from tests.leaks import leftovers
+
+    stopped = daemon.proc is None or daemon.proc.poll() is not None or daemon.channel is None
+    if stopped:
+        if not list((daemon.root / "state" / "sandboxes").glob("*.json")):
+            return {}
+        daemon.start()  # the test stopped it with pods left: a restart must find them again
+    rt = daemon.runtime
+    sandboxes = {p.id for p in rt.ListPodSandbox(cri.ListPodSandboxRequest()).items}
+    containers = {c.id for c in rt.ListContainers(cri.ListContainersRequest()).containers}
+    for sandbox_id in sandboxes:
+        rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
+    found = leftovers(daemon.root, sandboxes, containers)
+    return {f"{daemon.root.name}: {kind}": items for kind, items in found.items()}
 
 
 PROC_CONFIG = """

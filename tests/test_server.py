@@ -102,14 +102,14 @@ def test_sigterm_lets_calls_in_flight_finish_and_removes_the_socket(daemon, tmp_
 def test_sighup_reloads_handlers_and_keeps_running_on_a_bad_file(daemon) -> None:
     rt = daemon.runtime
     names = lambda: sorted(h.name for h in rt.Status(cri.StatusRequest()).runtime_handlers)  # noqa: E731
-    assert names() == ["", "proc"]
+    assert "extra" not in names()
     daemon.write_config(PROC_CONFIG + '[runtimes.extra]\nplugin = "proc"\n')
     daemon.signal(signal.SIGHUP)
-    wait_for(lambda: names() == ["", "extra", "proc"])
+    wait_for(lambda: "extra" in names())
     daemon.write_config(PROC_CONFIG + "[runtimes.extra\n")
     daemon.signal(signal.SIGHUP)
     wait_for(lambda: "configuration not reloaded, the running one stays" in daemon.log())
-    assert names() == ["", "extra", "proc"]
+    assert "extra" in names()
     pod = pod_config(name="after-reload")
     pod_id = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=pod, runtime_handler="extra")).pod_sandbox_id
     assert rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status.runtime_handler == "extra"

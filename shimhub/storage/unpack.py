@@ -65,8 +65,8 @@ def _clean_name(name: str) -> str:
     return "/".join(parts)
 
 
-class _Root:
-    """Path resolution confined to one directory."""
+class ScopedRoot:
+    """Path resolution confined to one directory: symlinks are followed as if it were `/`."""
 
     def __init__(self, root: str) -> None:
         self.root = os.path.realpath(root)
@@ -129,7 +129,7 @@ def _makedirs(path: str) -> None:
 
 def unpack(stream: IO[bytes], target: str, whiteouts: Whiteouts, max_bytes: int = 0) -> UnpackResult:
     """Unpack the uncompressed layer tar in `stream` into `target`; refuse more than `max_bytes` (0: no limit)."""
-    unpacker = _Unpacker(_Root(target), whiteouts, max_bytes)
+    unpacker = _Unpacker(ScopedRoot(target), whiteouts, max_bytes)
     try:
         with tarfile.open(fileobj=stream, mode="r|") as archive:
             for member in archive:
@@ -143,7 +143,7 @@ def unpack(stream: IO[bytes], target: str, whiteouts: Whiteouts, max_bytes: int 
 class _Unpacker:
     """The state of one layer being unpacked."""
 
-    def __init__(self, root: _Root, whiteouts: Whiteouts, max_bytes: int) -> None:
+    def __init__(self, root: ScopedRoot, whiteouts: Whiteouts, max_bytes: int) -> None:
         self.root = root
         self.whiteouts = whiteouts
         self.max_bytes = max_bytes
@@ -176,7 +176,7 @@ class _Unpacker:
             os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
 
 
-def _whiteout(root: _Root, name: str, mode: Whiteouts, created: set[str]) -> None:
+def _whiteout(root: ScopedRoot, name: str, mode: Whiteouts, created: set[str]) -> None:
     parent_rel = os.path.dirname(name)
     parent = root.resolve_parent(name)
     base = os.path.basename(name)
@@ -204,7 +204,7 @@ def _whiteout(root: _Root, name: str, mode: Whiteouts, created: set[str]) -> Non
         _remove(path)
 
 
-def _extract(archive: tarfile.TarFile, member: tarfile.TarInfo, path: str, root: _Root) -> None:
+def _extract(archive: tarfile.TarFile, member: tarfile.TarInfo, path: str, root: ScopedRoot) -> None:
     existing = None
     with contextlib.suppress(FileNotFoundError):
         existing = os.lstat(path)

@@ -1,0 +1,368 @@
+"""RuncRuntime: shimhub's runtime plugin for OCI runtimes with a runc-compatible command line.
+
+One instance per runtime handler. Handler options (all optional):
+
+    binary = "runc"                      # the OCI runtime: runc, runsc, crun, or a path
+    conmon = "conmon"                    # the monitor
+    pause = "catatonit"                  # init of pods that share one PID namespace
+    runtime_args = []                    # global arguments for every runtime call, e.g. ["--platform=ptrace"]
+    host_network_runtime_args = []       # added for host-network pods, e.g. ["--network=host"] for runsc
+    restrict_oom_score_adj = true        # clamp oom_score_adj to what shimhub itself may set
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from shimhub.errors import ConfigError, FailedPrecondition, NotFound, PluginFailed
+from shimhub.hookspecs import hookimpl
+from shimhub.hooktypes import (
+    ContainerState,
+    ContainerStatus,
+    ExecResult,
+    HandlerFeatures,
+    PluginContext,
+    PodNetwork,
+    Readiness,
+)
+from shimhub.records import ContainerRecord, SandboxRecord
+from shimhub_proto.cri.v1 import api_pb2 as cri
+from shimhub_runc import conmon, pod, spec
+
+OPTIONS: dict[str, Any] = {
+    "binary": "runc",
+    "conmon": "conmon",
+    "pause": "catatonit",
+    "runtime_args": [],
+    "host_network_runtime_args": [],
+    "restrict_oom_score_adj": True,
+}
+TERMINATION_LOG = "/dev/termination-log"
+TERMINATION_LOG_LIMIT = 4096
+KILL_WAIT = 10.0
+COMMAND_TIMEOUT = 60.0
+
+
+def _wait_for(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _gone(error: PluginFailed) -> bool:
+    """Whether an OCI runtime's error says the container does not exist (runc and runsc phrasings)."""
+    text = error.message.lower()
+    return "does not exist" in text or "not found" in text or "no such" in text
+
+
+def _signal_name(config: cri.ContainerConfig, image: Mapping[str, Any]) -> str:
+    if config.stop_signal != cri.RUNTIME_DEFAULT:
+        return cri.Signal.Name(config.stop_signal)
+    configured = str((image.get("config") or {}).get("StopSignal") or "SIGTERM").upper()
+    return configured if configured.startswith("SIG") or configured.isdigit() else f"SIG{configured}"
+
+
+class RuncRuntime:
+    """Runs pods and containers with an OCI runtime binary under conmon."""
+
+    shimhub_api = "1.0"
+
+    def __init__(self) -> None:
+        self.options: dict[str, Any] = dict(OPTIONS)
+        self.binary = ""
+        self.conmon = ""
+        self.state_root = Path()
+        self.pods = Path()
+        self.bundles = Path()
+        self.exits = Path()
+        self.attach = Path()
+        self.oom_floor = 0
+        self.cgroup_driver = "cgroupfs"
+        self.context: PluginContext | None = None
+        self.log = logging.getLogger(__name__)
+
+    # -- setup --------------------------------------------------------------
+
+    @hookimpl
+    def runtime_setup(self, options: Mapping[str, Any], context: PluginContext) -> Readiness:
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(OPTIONS))}")
+        for key, value in options.items():
+            expected = type(OPTIONS[key])
+            if type(value) is not expected or (expected is list and not all(isinstance(v, str) for v in value)):
+                raise ConfigError(
+                    f"{key}: expected {'a list of strings' if expected is list else expected.__name__}, got {value!r}"
+                )
+        self.options.update(options)
+        self.context, self.log = context, context.log
+        self.cgroup_driver = context.cgroup_driver
+        self.state_root = context.run_dir / "runtime"
+        self.exits = context.run_dir / "exits"
+        self.attach = context.run_dir / "attach"
+        self.pods = context.state_dir / "pods"
+        self.bundles = context.state_dir / "containers"
+        for directory in (self.state_root, self.exits, self.attach, self.pods, self.bundles):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.binary = shutil.which(self.options["binary"]) or ""
+        self.conmon = shutil.which(self.options["conmon"]) or ""
+        if not self.binary:
+            return Readiness(ready=False, reason=f"OCI runtime {self.options['binary']!r} not found")
+        if not self.conmon:
+            return Readiness(
+                ready=False, reason=f"monitor {self.options['conmon']!r} not found (Debian package conmon)"
+            )
+        with open("/proc/self/oom_score_adj") as own:
+            self.oom_floor = int(own.read())
+        version = self._version()
+        return Readiness(ready=True, features=self._features(), info={"binary": self.binary, "version": version})
+
+    def _version(self) -> str:
+        try:
+            done = subprocess.run([self.binary, "--version"], capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return "unknown"
+        return done.stdout.splitlines()[0] if done.stdout else "unknown"
+
+    def _features(self) -> HandlerFeatures:
+        try:
+            done = subprocess.run([self.binary, "features"], capture_output=True, text=True, timeout=10, check=False)
+            mount_options = json.loads(done.stdout).get("mountOptions", []) if done.returncode == 0 else []
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            mount_options = []
+        kernel = tuple(int(part) for part in os.uname().release.split(".")[:2] if part.isdigit())
+        return HandlerFeatures(recursive_read_only_mounts="rro" in mount_options and kernel >= (5, 12))
+
+    def _run(self, *args: str, runtime_args: list[str] | None = None, stdin: bytes | None = None) -> str:
+        argv = [self.binary, f"--root={self.state_root}", *self.options["runtime_args"], *(runtime_args or []), *args]
+        try:
+            done = subprocess.run(argv, input=stdin, capture_output=True, timeout=COMMAND_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise PluginFailed(f"{os.path.basename(self.binary)} {args[0]}: {exc}") from exc
+        if done.returncode != 0:
+            message = done.stderr.decode(errors="replace").strip() or done.stdout.decode(errors="replace").strip()
+            raise PluginFailed(f"{os.path.basename(self.binary)} {args[0]} failed: {message}")
+        return done.stdout.decode(errors="replace")
+
+    # -- pod sandboxes ---------------------------------------------------------
+
+    @hookimpl
+    def runtime_sandbox_run(self, sandbox: SandboxRecord, config: cri.PodSandboxConfig, network: PodNetwork) -> None:
+        directory = self.pods / sandbox.id
+        try:
+            sandbox.runtime_data["pod"] = pod.create(
+                directory, config, network.netns_path, network.ips, self.options["pause"]
+            )
+        except BaseException:
+            pod.remove({"dir": str(directory)})
+            raise
+
+    @hookimpl
+    def runtime_sandbox_stop(self, sandbox: SandboxRecord) -> None:
+        pod.stop(sandbox.runtime_data.get("pod", {}))
+
+    @hookimpl
+    def runtime_sandbox_remove(self, sandbox: SandboxRecord) -> None:
+        pod.remove(sandbox.runtime_data.get("pod", {"dir": str(self.pods / sandbox.id)}))
+
+    # -- containers -------------------------------------------------------------
+
+    def _monitor(self, container: ContainerRecord) -> conmon.Monitor:
+        return conmon.Monitor(bundle=self.bundles / container.id, exit_dir=self.exits, socket_dir=self.attach)
+
+    def _oom_score(self, requested: int) -> int:
+        if self.options["restrict_oom_score_adj"] and requested < self.oom_floor:
+            self.log.info("oom_score_adj %d clamped to %d: shimhub itself may not go lower", requested, self.oom_floor)
+            return self.oom_floor
+        return requested
+
+    @hookimpl
+    def runtime_container_create(
+        self,
+        sandbox: SandboxRecord,
+        container: ContainerRecord,
+        config: cri.ContainerConfig,
+        rootfs: str,
+        image: Mapping[str, Any],
+    ) -> None:
+        if not rootfs:
+            raise FailedPrecondition("this runtime runs containers from images: the container has no root filesystem")
+        pod_config = sandbox.pod_config()
+        pod_data = sandbox.runtime_data.get("pod")
+        if pod_data is None:
+            raise FailedPrecondition(f"pod sandbox {sandbox.id} was not set up by this runtime")
+        context = pod.context(pod_data, pod_config)
+        cgroup = spec.cgroups_path(self.cgroup_driver, context.cgroup_parent, container.id)
+        oci = spec.build(
+            config,
+            image,
+            rootfs,
+            pod=context,
+            cgroup_path=cgroup,
+            oom_score_adj=self._oom_score(config.linux.resources.oom_score_adj),
+        )
+        if self.context is not None:
+            self.context.extensions.shimhub_adjust_oci_spec(sandbox=sandbox, container=container, spec=oci)
+        monitor = self._monitor(container)
+        monitor.bundle.mkdir(mode=0o700)
+        (monitor.bundle / "config.json").write_text(json.dumps(oci))
+        if container.log_path:
+            Path(container.log_path).parent.mkdir(parents=True, exist_ok=True)
+        extra = self.options["host_network_runtime_args"] if sandbox.host_network else []
+        container.runtime_data.update(
+            pid=conmon.launch(
+                self.conmon,
+                self.binary,
+                [f"--root={self.state_root}", *self.options["runtime_args"], *extra],
+                container.id,
+                monitor,
+                log_path=container.log_path,
+                cgroup_driver=self.cgroup_driver,
+                terminal=config.tty,
+                stdin=config.stdin,
+            ),
+            stop_signal=_signal_name(config, image),
+            termination_log=next((m.host_path for m in config.mounts if m.container_path == TERMINATION_LOG), ""),
+        )
+
+    @hookimpl
+    def runtime_container_start(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
+        self._run("start", container.id)
+        container.runtime_data["started_at"] = time.time_ns()
+
+    @hookimpl
+    def runtime_container_state(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerState:
+        data = container.runtime_data
+        started = data.get("started_at", 0)
+        monitor = self._monitor(container)
+        exited = monitor.exited()
+        if exited is not None:
+            code, finished = exited
+            reason = "OOMKilled" if monitor.oom_file.exists() else ("Completed" if code == 0 else "Error")
+            return ContainerState(
+                status=ContainerStatus.EXITED,
+                started_at=started,
+                finished_at=finished,
+                exit_code=code,
+                reason=reason,
+                message=self._termination_message(data),
+            )
+        pid = data.get("pid", 0)
+        if pid and _alive(pid):
+            return ContainerState(
+                status=ContainerStatus.RUNNING if started else ContainerStatus.CREATED, pid=pid, started_at=started
+            )
+        if not pid:
+            return ContainerState(status=ContainerStatus.CREATED)
+        return ContainerState(
+            status=ContainerStatus.UNKNOWN,
+            started_at=started,
+            message="the container's process is gone and its monitor recorded no exit",
+        )
+
+    @staticmethod
+    def _termination_message(data: Mapping[str, Any]) -> str:
+        path = data.get("termination_log", "")
+        if not path:
+            return ""
+        try:
+            with open(path, "rb") as log:
+                return log.read(TERMINATION_LOG_LIMIT).decode(errors="replace")
+        except OSError:
+            return ""
+
+    @hookimpl
+    def runtime_container_stop(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: int) -> None:
+        monitor = self._monitor(container)
+        if "pid" not in container.runtime_data or monitor.exited() is not None:
+            return
+        signals = [(container.runtime_data.get("stop_signal", "SIGTERM"), float(timeout)), ("SIGKILL", KILL_WAIT)]
+        if timeout <= 0:
+            signals = signals[1:]
+        for name, wait in signals:
+            try:
+                self._run("kill", container.id, name)
+            except PluginFailed as exc:
+                if _gone(exc) or monitor.exited() is not None:
+                    return
+                raise
+            if _wait_for(lambda: monitor.exited() is not None, wait):
+                return
+        raise PluginFailed(f"container {container.id[:12]} did not exit after SIGKILL")
+
+    @hookimpl
+    def runtime_container_remove(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
+        try:
+            self._run("delete", "--force", container.id)
+        except PluginFailed as exc:
+            if not _gone(exc):
+                raise
+        monitor = self._monitor(container)
+        monitor.exit_file.unlink(missing_ok=True)
+        shutil.rmtree(monitor.bundle, ignore_errors=True)
+
+    @hookimpl
+    def runtime_container_update(
+        self, sandbox: SandboxRecord, container: ContainerRecord, resources: cri.LinuxContainerResources
+    ) -> None:
+        self._run("update", "--resources", "-", container.id, stdin=json.dumps(spec.resources(resources)).encode())
+
+    @hookimpl
+    def runtime_container_reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
+        try:
+            self._monitor(container).reopen_log()
+        except OSError as exc:
+            raise NotFound(f"the monitor of container {container.id[:12]} is gone: {exc.strerror}") from None
+
+    @hookimpl
+    def runtime_exec_sync(
+        self, sandbox: SandboxRecord, container: ContainerRecord, cmd: list[str], timeout: float | None
+    ) -> ExecResult:
+        pid_file = self._monitor(container).bundle / f"exec-{os.urandom(6).hex()}.pid"
+        argv = [
+            self.binary,
+            f"--root={self.state_root}",
+            *self.options["runtime_args"],
+            "exec",
+            "--pid-file",
+            str(pid_file),
+            container.id,
+            *cmd,
+        ]
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._kill_exec(pid_file)
+            process.kill()
+            process.communicate()
+            return ExecResult(exit_code=-1, timed_out=True)
+        finally:
+            pid_file.unlink(missing_ok=True)
+        return ExecResult(exit_code=process.returncode, stdout=stdout, stderr=stderr)
+
+    @staticmethod
+    def _kill_exec(pid_file: Path) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)

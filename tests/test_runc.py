@@ -1,0 +1,281 @@
+"""The runc plugin: real pods and containers on runc (and runsc) under conmon."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shimhub_proto.cri.v1 import api_pb2 as cri
+from tests.conftest import NEEDS_ROOT
+from tests.shimhubd import pod_config, wait_for
+
+pytestmark = NEEDS_ROOT
+
+
+def runc_config(registry, extra: str = "") -> str:
+    return (
+        f'default_runtime = "runc"\n[runtimes.runc]\nplugin = "runc"\n'
+        f'[runtimes.runsc]\nplugin = "runc"\n[runtimes.runsc.options]\nbinary = "runsc"\n'
+        f'runtime_args = ["--network=none"]\n'
+        f'[network]\nbackend = "host"\n[storage]\ndriver = "overlay"\n'
+        f'[images]\nsearch_registries = ["{registry.open.host}"]\n'
+        f'[images.registries."{registry.open.host}"]\ninsecure = true\n{extra}'
+    )
+
+
+@pytest.fixture
+def node(daemon_factory, registry):
+    daemon = daemon_factory(runc_config(registry)).start()
+    daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/busybox:1")))
+    return daemon
+
+
+class Pod:
+    """A pod on a node, with helpers to run containers in it."""
+
+    def __init__(self, node, tmp_path: Path, handler: str = "runc", **fields: object) -> None:
+        self.rt = node.runtime
+        self.logs = tmp_path / "logs"
+        # As the kubelet does: PID namespaces per container unless the pod asks to share one.
+        fields.setdefault(
+            "linux",
+            cri.LinuxPodSandboxConfig(
+                security_context=cri.LinuxSandboxSecurityContext(
+                    namespace_options=cri.NamespaceOption(pid=cri.CONTAINER)
+                )
+            ),
+        )
+        self.config = pod_config(log_directory=str(self.logs), hostname="podhost", **fields)
+        request = cri.RunPodSandboxRequest(config=self.config, runtime_handler=handler)
+        self.id = self.rt.RunPodSandbox(request).pod_sandbox_id
+
+    def create(self, name: str, command: list[str] | None = None, **fields: object) -> str:
+        config = cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name=name),
+            image=cri.ImageSpec(image="test/busybox:1"),
+            command=command or [],
+            log_path=f"{name}.log",
+            **fields,
+        )
+        request = cri.CreateContainerRequest(pod_sandbox_id=self.id, config=config, sandbox_config=self.config)
+        return self.rt.CreateContainer(request).container_id
+
+    def run(self, name: str, command: list[str] | None = None, **fields: object) -> str:
+        container_id = self.create(name, command, **fields)
+        self.rt.StartContainer(cri.StartContainerRequest(container_id=container_id))
+        return container_id
+
+    def status(self, container_id: str) -> cri.ContainerStatus:
+        return self.rt.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id)).status
+
+    def wait_exit(self, container_id: str, timeout: float = 20) -> cri.ContainerStatus:
+        return wait_for(lambda: (s := self.status(container_id)).state == cri.CONTAINER_EXITED and s, timeout)
+
+    def output(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text()
+
+    def lines(self, name: str) -> list[str]:
+        """The log's messages, without the CRI timestamp/stream/tag prefix."""
+        return [line.split(" ", 3)[3] for line in self.output(name).splitlines()]
+
+
+def test_container_from_image_with_cri_log_and_exit_code(node, tmp_path: Path) -> None:
+    pod = Pod(node, tmp_path)
+    default = pod.run("default")  # the image's Cmd, as the image's User
+    final = pod.wait_exit(default)
+    assert (final.exit_code, final.reason) == (0, "Completed")
+    assert pod.lines("default") == ["hello from the image"]
+    logged = pod.output("default").splitlines()[0].split(" ")
+    assert logged[1:3] == ["stdout", "F"]
+    failing = pod.run("failing", ["sh", "-c", "echo to-out; echo to-err >&2; printf no-newline; exit 3"])
+    final = pod.wait_exit(failing)
+    assert (final.exit_code, final.reason) == (3, "Error")
+    entries = [[*line.split(" ")[1:3], line.split(" ", 3)[3]] for line in pod.output("failing").splitlines()]
+    assert sorted(entries) == sorted(
+        [["stdout", "F", "to-out"], ["stderr", "F", "to-err"], ["stdout", "P", "no-newline"]]
+    )
+
+
+def exec_sync(pod: Pod, container_id: str, *cmd: str, timeout: int = 10) -> cri.ExecSyncResponse:
+    return pod.rt.ExecSync(cri.ExecSyncRequest(container_id=container_id, cmd=list(cmd), timeout=timeout))
+
+
+def security(**fields: object) -> cri.LinuxContainerConfig:
+    return cri.LinuxContainerConfig(security_context=cri.LinuxContainerSecurityContext(**fields))
+
+
+def test_two_containers_share_the_pods_ipc_network_and_hostname(node, tmp_path: Path) -> None:
+    pod = Pod(node, tmp_path)
+    first = pod.run("first", ["sleep", "300"])
+    second = pod.run("second", ["sh", "-c", "nc -l -p 7070 -e echo pong-from-second"])
+    for kind in ("ipc", "net", "uts"):
+        ours = exec_sync(pod, first, "readlink", f"/proc/self/ns/{kind}").stdout
+        theirs = exec_sync(pod, second, "readlink", f"/proc/self/ns/{kind}").stdout
+        assert ours == theirs, kind
+    assert (
+        exec_sync(pod, first, "readlink", "/proc/self/ns/pid").stdout
+        != exec_sync(pod, second, "readlink", "/proc/self/ns/pid").stdout
+    )  # PID stays per container by default
+    assert exec_sync(pod, first, "hostname").stdout == b"podhost\n"
+    reply = wait_for(lambda: exec_sync(pod, first, "sh", "-c", "echo | nc 127.0.0.1 7070").stdout)
+    assert reply == b"pong-from-second\n"
+    assert exec_sync(pod, first, "cat", "/etc/hostname").stdout == b"podhost\n"
+
+
+def test_shared_pid_namespace(node, tmp_path: Path) -> None:
+    options = cri.NamespaceOption(pid=cri.POD)
+    pod = Pod(
+        node,
+        tmp_path,
+        linux=cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(namespace_options=options)),
+    )
+    pod.run("sleeper", ["sleep", "301"])
+    watcher = pod.run("watcher", ["sleep", "300"])
+    processes = exec_sync(pod, watcher, "ps", "-o", "args").stdout.decode()
+    assert "sleep 301" in processes
+
+
+def test_oom_kill_is_reported(node, tmp_path: Path) -> None:
+    pod = Pod(node, tmp_path)
+    limits = cri.LinuxContainerResources(memory_limit_in_bytes=16 << 20, memory_swap_limit_in_bytes=16 << 20)
+    hog = pod.run(
+        "hog",
+        ["sh", "-c", "x=$(head -c 64000000 /dev/zero | tr '\\0' a); echo survived"],
+        linux=cri.LinuxContainerConfig(resources=limits),
+    )
+    final = pod.wait_exit(hog, timeout=60)
+    assert final.reason == "OOMKilled"
+    assert final.exit_code == 137
+    assert "survived" not in pod.output("hog")
+
+
+def test_stop_kills_a_container_that_ignores_sigterm(node, tmp_path: Path) -> None:
+    pod = Pod(node, tmp_path)
+    stubborn = pod.run("stubborn", ["sh", "-c", "trap 'echo got-term' TERM; while true; do sleep 0.1; done"])
+    time.sleep(0.5)
+    started = time.monotonic()
+    pod.rt.StopContainer(cri.StopContainerRequest(container_id=stubborn, timeout=2))
+    took = time.monotonic() - started
+    final = pod.status(stubborn)
+    assert (final.state, final.exit_code) == (cri.CONTAINER_EXITED, 137)
+    assert 2 <= took < 15
+    assert "got-term" in pod.output("stubborn")
+    # PID 1 gets no default signal handlers: a polite container handles TERM itself.
+    polite = pod.run("polite", ["sh", "-c", "trap 'echo bye; exit 0' TERM; while true; do sleep 0.1; done"])
+    time.sleep(0.5)
+    started = time.monotonic()
+    pod.rt.StopContainer(cri.StopContainerRequest(container_id=polite, timeout=30))
+    assert time.monotonic() - started < 5
+    assert (pod.status(polite).exit_code, pod.lines("polite")) == (0, ["bye"])
+
+
+def test_users(node, tmp_path: Path) -> None:
+    pod = Pod(node, tmp_path)
+    ids = ["sh", "-c", "echo $(id -u) $(id -g) $(id -G)"]
+    image_user = pod.run("image-user", ids)
+    by_uid = pod.run("by-uid", ids, linux=security(run_as_user=cri.Int64Value(value=0)))
+    by_name = pod.run(
+        "by-name",
+        ids,
+        linux=security(run_as_username="app", supplemental_groups=[4242], run_as_group=cri.Int64Value(value=2000)),
+    )
+    for container_id in (image_user, by_uid, by_name):
+        assert pod.wait_exit(container_id).exit_code == 0
+    assert pod.lines("image-user") == ["1000 1000 1000"]
+    assert pod.lines("by-uid") == ["0 0 0"]
+    assert pod.lines("by-name") == ["1000 2000 2000 4242"]
+    with pytest.raises(grpc.RpcError) as unknown:
+        pod.create("nobody", ["id"], linux=security(run_as_username="nobody"))
+    assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert unknown.value.details() == "run_as_username: user 'nobody' is not in the image's /etc/passwd"
+
+
+def test_read_only_rootfs(node, tmp_path: Path) -> None:
+    pod = Pod(node, tmp_path)
+    container_id = pod.run(
+        "ro",
+        ["sh", "-c", "touch /new-file || echo refused; touch /tmp/x || echo tmp-refused"],
+        linux=security(readonly_rootfs=True),
+    )
+    assert pod.wait_exit(container_id).exit_code == 0
+    assert pod.lines("ro") == [
+        "touch: /new-file: Read-only file system",
+        "refused",
+        "touch: /tmp/x: Read-only file system",
+        "tmp-refused",
+    ]
+
+
+def test_seccomp(node, tmp_path: Path) -> None:
+    pod = Pod(node, tmp_path)
+    profile = tmp_path / "no-mkdir.json"
+    profile.write_text(
+        json.dumps(
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
+            }
+        )
+    )
+    localhost = cri.SecurityProfile(profile_type=cri.SecurityProfile.Localhost, localhost_ref=str(profile))
+    blocked = pod.run("blocked", ["mkdir", "/tmp/d"], linux=security(seccomp=localhost))
+    assert pod.wait_exit(blocked).exit_code == 1
+    assert pod.lines("blocked") == ["mkdir: can't create directory '/tmp/d': Operation not permitted"]
+    # RuntimeDefault refuses unshare(2) even to a process with CAP_SYS_ADMIN; Unconfined does not.
+    caps = cri.Capability(add_capabilities=["SYS_ADMIN"])
+    root = cri.Int64Value(value=0)
+    default = pod.run("default", ["unshare", "-u", "true"], linux=security(capabilities=caps, run_as_user=root))
+    unconfined = pod.run(
+        "unconfined",
+        ["unshare", "-u", "true"],
+        linux=security(
+            capabilities=caps,
+            run_as_user=root,
+            seccomp=cri.SecurityProfile(profile_type=cri.SecurityProfile.Unconfined),
+        ),
+    )
+    assert pod.wait_exit(default).exit_code != 0
+    assert "Operation not permitted" in pod.output("default")
+    assert pod.wait_exit(unconfined).exit_code == 0
+
+
+def test_exec_sync_and_its_timeout(node, tmp_path: Path) -> None:
+    pod = Pod(node, tmp_path)
+    container_id = pod.run("server", ["sleep", "300"])
+    result = exec_sync(pod, container_id, "sh", "-c", "id -u; echo oops >&2; exit 5")
+    assert (result.stdout, result.stderr, result.exit_code) == (b"1000\n", b"oops\n", 5)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as slow:
+        exec_sync(pod, container_id, "sleep", "60", timeout=1)
+    assert slow.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 10
+    assert "sleep 60" not in exec_sync(pod, container_id, "ps", "-o", "args").stdout.decode()
+
+
+def test_containers_survive_a_shimhub_restart(node, tmp_path: Path) -> None:
+    pod = Pod(node, tmp_path)
+    server = pod.run("server", ["sh", "-c", "echo started; sleep 300"])
+    short = pod.run("short", ["sh", "-c", "sleep 2; exit 9"])
+    node.signal(__import__("signal").SIGKILL)
+    node.proc.wait(10)
+    node.channel = None
+    time.sleep(2.5)
+    node.start()
+    pod.rt = node.runtime
+    assert pod.status(server).state == cri.CONTAINER_RUNNING
+    final = pod.wait_exit(short)
+    assert final.exit_code == 9  # conmon recorded it while shimhub was down
+    assert exec_sync(pod, server, "echo", "still here").stdout == b"still here\n"
+
+
+def test_runsc_runs_a_container_on_its_own_kernel(node, tmp_path: Path) -> None:
+    pod = Pod(node, tmp_path, handler="runsc")
+    container_id = pod.run("gvisor", ["uname", "-r"])
+    final = pod.wait_exit(container_id, timeout=60)
+    assert final.exit_code == 0
+    assert pod.lines("gvisor")[0] != os.uname().release
