@@ -11,12 +11,12 @@ import argparse
 import io
 import logging
 import os
-import statistics
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
+from bench.stats import summary
 from shimhub import plugins
 from shimhub.hooktypes import PluginContext
 from shimhub_proto.cri.v1 import api_pb2 as cri
@@ -39,12 +39,6 @@ def make_layer(index: int) -> bytes:
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     return out.getvalue()
-
-
-def summary(samples: list[float]) -> str:
-    ordered = sorted(samples)
-    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return f"min {ordered[0]:7.2f}  median {statistics.median(ordered):7.2f}  p95 {p95:7.2f}"
 
 
 def bench_pull(root: Path, registry: Registry, driver: str, runs: int) -> list[float]:

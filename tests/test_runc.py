@@ -279,3 +279,45 @@ def test_runsc_runs_a_container_on_its_own_kernel(node, tmp_path: Path) -> None:
     final = pod.wait_exit(container_id, timeout=60)
     assert final.exit_code == 0
     assert pod.lines("gvisor")[0] != os.uname().release
+
+
+def test_oom_score_is_clamped_to_what_shimhub_may_set(node, tmp_path: Path) -> None:
+    pod = Pod(node, tmp_path)
+    resources = cri.LinuxContainerResources(oom_score_adj=-999)
+    container_id = pod.run(
+        "important", ["cat", "/proc/self/oom_score_adj"], linux=cri.LinuxContainerConfig(resources=resources)
+    )
+    assert pod.wait_exit(container_id).exit_code == 0
+    floor = Path("/proc/self/oom_score_adj").read_text().strip()
+    assert pod.lines("important") == [floor]
+    assert f"oom_score_adj -999 clamped to {floor}" in node.log()
+
+
+def test_termination_message(node, tmp_path: Path) -> None:
+    pod = Pod(node, tmp_path)
+    message_file = tmp_path / "termination-log"
+    message_file.touch()
+    mount = cri.Mount(container_path="/dev/termination-log", host_path=str(message_file))
+    container_id = pod.run(
+        "dying",
+        ["sh", "-c", "echo 'disk full' > /dev/termination-log; exit 2"],
+        mounts=[mount],
+        linux=security(run_as_user=cri.Int64Value(value=0)),
+    )
+    final = pod.wait_exit(container_id)
+    assert (final.exit_code, final.reason, final.message) == (2, "Error", "disk full\n")
+
+
+def test_update_resources_and_reopen_log(node, tmp_path: Path) -> None:
+    pod = Pod(node, tmp_path)
+    container_id = pod.run("ticker", ["sh", "-c", "while true; do echo tick; sleep 0.1; done"])
+    new = cri.LinuxContainerResources(memory_limit_in_bytes=64 << 20, cpu_shares=512)
+    pod.rt.UpdateContainerResources(cri.UpdateContainerResourcesRequest(container_id=container_id, linux=new))
+    limit = exec_sync(pod, container_id, "cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes").stdout
+    assert int(limit) == 64 << 20
+    assert pod.status(container_id).resources.linux.memory_limit_in_bytes == 64 << 20
+    log = pod.logs / "ticker.log"
+    wait_for(lambda: log.exists() and log.stat().st_size > 0)
+    log.rename(pod.logs / "ticker.log.1")
+    pod.rt.ReopenContainerLog(cri.ReopenContainerLogRequest(container_id=container_id))
+    wait_for(lambda: log.exists() and "tick" in log.read_text())

@@ -1,0 +1,86 @@
+"""Pod and container lifecycle latencies on the runc handler, through the CRI socket.
+
+Each run: RunPodSandbox (own network namespace from the host backend),
+CreateContainer + StartContainer (busybox from a registry on 127.0.0.1),
+ExecSync, then StopContainer + RemoveContainer + StopPodSandbox + RemovePodSandbox.
+Run as root from a checkout: python3 -m bench.lifecycle [--runs 50] [--handler runc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from bench.stats import summary
+from shimhub_proto.cri.v1 import api_pb2 as cri
+from tests.registry import Pusher, Registry, busybox_layer
+from tests.shimhubd import Daemon, pod_config
+
+
+@contextmanager
+def timed(samples: dict[str, list[float]], name: str) -> Iterator[None]:
+    """Add the block's duration in milliseconds to samples[name]."""
+    started = time.perf_counter()
+    yield
+    samples.setdefault(name, []).append((time.perf_counter() - started) * 1000)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--handler", default="runc")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="shimhub-bench-") as tmp:
+        root = Path(tmp)
+        registry = Registry(root / "registry", root / "registry" / "storage")
+        Pusher(registry).image("bench/busybox", "1", [busybox_layer()])
+        (root / "daemon").mkdir()
+        config = (
+            '[runtimes.runsc]\nplugin = "runc"\n[runtimes.runsc.options]\nbinary = "runsc"\n'
+            'runtime_args = ["--network=none"]\n[network]\nbackend = "host"\n[storage]\ndriver = "overlay"\n'
+            f'[images]\nsearch_registries = ["{registry.host}"]\n'
+            f'[images.registries."{registry.host}"]\ninsecure = true\n'
+        )
+        daemon = Daemon(root / "daemon", config).start()
+        rt = daemon.runtime
+        try:
+            daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="bench/busybox:1")))
+            samples: dict[str, list[float]] = {}
+            for run in range(args.runs):
+                pod = pod_config(
+                    name=f"bench-{run}", uid=f"uid-{run}", hostname="bench", log_directory=str(root / "logs" / str(run))
+                )
+                config = cri.ContainerConfig(
+                    metadata=cri.ContainerMetadata(name="c"),
+                    command=["sleep", "3600"],
+                    image=cri.ImageSpec(image="bench/busybox:1"),
+                    log_path="c.log",
+                )
+                with timed(samples, "pod start (RunPodSandbox)"):
+                    request = cri.RunPodSandboxRequest(config=pod, runtime_handler=args.handler)
+                    pod_id = rt.RunPodSandbox(request).pod_sandbox_id
+                with timed(samples, "container create+start"):
+                    create = cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
+                    container_id = rt.CreateContainer(create).container_id
+                    rt.StartContainer(cri.StartContainerRequest(container_id=container_id))
+                with timed(samples, "ExecSync (true)"):
+                    rt.ExecSync(cri.ExecSyncRequest(container_id=container_id, cmd=["true"], timeout=10))
+                with timed(samples, "stop+remove container and pod"):
+                    rt.StopContainer(cri.StopContainerRequest(container_id=container_id, timeout=0))
+                    rt.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id))
+                    rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+                    rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+            print(f"handler {args.handler}, {args.runs} runs, milliseconds")
+            for name, values in samples.items():
+                print(f"{name:<32} {summary(values)}")
+        finally:
+            daemon.stop()
+            registry.stop()
+
+
+if __name__ == "__main__":
+    main()
