@@ -71,10 +71,8 @@ class ContainerManager:
             return self._create(sandbox, config, name, log_path, digest)
 
         def reusable(container_id: str) -> bool:
-            try:
-                return self.daemon.store.container(container_id).state.status == ContainerStatus.CREATED
-            except NotFound:
-                return False
+            found = self.daemon.store.container(container_id, missing_ok=True)
+            return found is not None and found.state.status == ContainerStatus.CREATED
 
         return daemon.container_names.create(name, digest, create, reusable, wait)
 
@@ -164,9 +162,8 @@ class ContainerManager:
 
     def stop(self, container_id: str, timeout: int) -> None:
         """Stop a container, forcibly after `timeout` seconds. Idempotent."""
-        try:
-            record = self.daemon.store.container(container_id)
-        except NotFound:
+        record = self.daemon.store.container(container_id, missing_ok=True)
+        if record is None:
             return
         sandbox = self._sandbox_of(record)
         with self.daemon.locks.hold(record.id):
@@ -179,9 +176,8 @@ class ContainerManager:
 
     def remove(self, container_id: str) -> None:
         """Remove a container, stopping it first if it runs. Idempotent."""
-        try:
-            record = self.daemon.store.container(container_id)
-        except NotFound:
+        record = self.daemon.store.container(container_id, missing_ok=True)
+        if record is None:
             return
         sandbox = self._sandbox_of(record)
         with self.daemon.locks.hold(record.id):

@@ -13,7 +13,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING
 
-from shimhub.errors import InvalidArgument, NotFound
+from shimhub.errors import InvalidArgument
 from shimhub.hooktypes import PodNetwork
 from shimhub.records import SANDBOX_NOTREADY, SANDBOX_READY, SandboxRecord, proto_to_dict
 from shimhub_proto.cri.v1 import api_pb2 as cri
@@ -53,10 +53,8 @@ class PodManager:
             return self._create(config, handler.name, digest)
 
         def reusable(sandbox_id: str) -> bool:
-            try:
-                return self.daemon.store.sandbox(sandbox_id).state == SANDBOX_READY
-            except NotFound:
-                return False
+            found = self.daemon.store.sandbox(sandbox_id, missing_ok=True)
+            return found is not None and found.state == SANDBOX_READY
 
         return self.daemon.pod_names.create(sandbox_name(metadata), digest, create, reusable, wait)
 
@@ -116,9 +114,8 @@ class PodManager:
 
     def stop(self, sandbox_id: str) -> None:
         """Stop every container of the sandbox, the sandbox, and release its network. Idempotent."""
-        try:
-            record = self.daemon.store.sandbox(sandbox_id)
-        except NotFound:
+        record = self.daemon.store.sandbox(sandbox_id, missing_ok=True)
+        if record is None:
             return
         with self.daemon.locks.hold(record.id):
             for container in self.daemon.store.containers(record.id):
@@ -133,9 +130,8 @@ class PodManager:
 
     def remove(self, sandbox_id: str) -> None:
         """Remove the sandbox and its containers, stopping them first. Idempotent."""
-        try:
-            record = self.daemon.store.sandbox(sandbox_id)
-        except NotFound:
+        record = self.daemon.store.sandbox(sandbox_id, missing_ok=True)
+        if record is None:
             return
         with self.daemon.locks.hold(record.id):
             for container in self.daemon.store.containers(record.id):

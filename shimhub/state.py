@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar, overload
 
 from shimhub.config import converter
 from shimhub.errors import InvalidArgument, NotFound
@@ -79,7 +79,12 @@ class _Table:
         (self.directory / f"{record_id}.json").unlink(missing_ok=True)
         self.records.pop(record_id, None)
 
-    def find(self, id_or_prefix: str) -> R:
+    def find(self, id_or_prefix: str, missing_ok: bool = False) -> R | None:
+        if missing_ok:
+            try:
+                return self.find(id_or_prefix)
+            except NotFound:
+                return None
         if not id_or_prefix:
             raise InvalidArgument(f"no {self.label} id given")
         found = self.records.get(id_or_prefix)
@@ -122,13 +127,23 @@ class StateStore:
         records = list(self._containers.records.values())
         return [c for c in records if c.sandbox_id == sandbox_id] if sandbox_id else records
 
-    def sandbox(self, id_or_prefix: str) -> SandboxRecord:
-        """The sandbox with this id or unique id prefix (NotFound / InvalidArgument otherwise)."""
-        return self._sandboxes.find(id_or_prefix)
+    @overload
+    def sandbox(self, id_or_prefix: str, missing_ok: Literal[False] = False) -> SandboxRecord: ...
+    @overload
+    def sandbox(self, id_or_prefix: str, missing_ok: Literal[True]) -> SandboxRecord | None: ...
 
-    def container(self, id_or_prefix: str) -> ContainerRecord:
-        """The container with this id or unique id prefix (NotFound / InvalidArgument otherwise)."""
-        return self._containers.find(id_or_prefix)
+    def sandbox(self, id_or_prefix: str, missing_ok: bool = False) -> SandboxRecord | None:
+        """The sandbox with this id or unique id prefix; NotFound (None if missing_ok) or InvalidArgument."""
+        return self._sandboxes.find(id_or_prefix, missing_ok)
+
+    @overload
+    def container(self, id_or_prefix: str, missing_ok: Literal[False] = False) -> ContainerRecord: ...
+    @overload
+    def container(self, id_or_prefix: str, missing_ok: Literal[True]) -> ContainerRecord | None: ...
+
+    def container(self, id_or_prefix: str, missing_ok: bool = False) -> ContainerRecord | None:
+        """The container with this id or unique id prefix; NotFound (None if missing_ok) or InvalidArgument."""
+        return self._containers.find(id_or_prefix, missing_ok)
 
     def save_sandbox(self, record: SandboxRecord) -> None:
         """Persist a new or changed sandbox record."""

@@ -195,35 +195,38 @@ class RegistryClient:
         except (ValueError, KeyError):
             raise Unavailable(f"the token service of {host} sent no token") from None
 
-    def manifest(self, ref: Reference, selector: str, creds: Credentials | None) -> tuple[bytes, str, str]:
-        """(body, content type, digest header) of the manifest `selector` (a tag or digest) of `ref`."""
+    def _each_host(
+        self, ref: Reference, path: str, creds: Credentials | None, headers: dict[str, str], stream: bool = False
+    ) -> Iterator[tuple[str, httpx.Response | None, str]]:
+        """GET `path` of `ref`'s repository from each mirror, then the registry: (host, response, failure).
+
+        A mirror that cannot be reached yields no response and the failure; the registry's own errors raise.
+        """
         scope = f"repository:{ref.repository}:pull"
-        failures: list[str] = []
         for host in self._hosts(ref.registry):
-            url = f"{self._base_url(host)}/{ref.repository}/manifests/{selector}"
+            url = f"{self._base_url(host)}/{ref.repository}/{path}"
+            credentials = self._credentials(host, ref.registry, creds)
             try:
                 response = self._send(
-                    "GET",
-                    url,
-                    host=host,
-                    scope=scope,
-                    creds=self._credentials(host, ref.registry, creds),
-                    headers={"Accept": ACCEPT},
+                    "GET", url, host=host, scope=scope, creds=credentials, headers=headers, stream=stream
                 )
             except ShimhubError as exc:
                 if host == ref.registry:
                     raise
-                failures.append(f"{host}: {exc.message}")
+                yield host, None, exc.message
+                continue
+            yield host, response, ""
+
+    def manifest(self, ref: Reference, selector: str, creds: Credentials | None) -> tuple[bytes, str, str]:
+        """(body, content type, digest header) of the manifest `selector` (a tag or digest) of `ref`."""
+        failures: list[str] = []
+        for host, response, failure in self._each_host(ref, f"manifests/{selector}", creds, {"Accept": ACCEPT}):
+            if response is None or (response.status_code != 200 and host != ref.registry):
+                failures.append(f"{host}: {failure or f'HTTP {response.status_code}'}")  # type: ignore[union-attr]
                 continue
             if response.status_code == 200:
-                return (
-                    response.content,
-                    response.headers.get("Content-Type", ""),
-                    response.headers.get("Docker-Content-Digest", ""),
-                )
-            if host != ref.registry:
-                failures.append(f"{host}: HTTP {response.status_code}")
-                continue
+                headers = response.headers
+                return response.content, headers.get("Content-Type", ""), headers.get("Docker-Content-Digest", "")
             if response.status_code == 404:
                 tried = f" (mirrors: {'; '.join(failures)})" if failures else ""
                 raise NotFound(f"image {ref.name}:{selector} not found in registry {ref.registry}{tried}")
@@ -232,22 +235,8 @@ class RegistryClient:
 
     def blob(self, ref: Reference, digest: str, creds: Credentials | None) -> Iterator[bytes]:
         """The chunks of blob `digest` of `ref`'s repository, from the first host that has it."""
-        scope = f"repository:{ref.repository}:pull"
-        for host in self._hosts(ref.registry):
-            url = f"{self._base_url(host)}/{ref.repository}/blobs/{digest}"
-            try:
-                response = self._send(
-                    "GET",
-                    url,
-                    host=host,
-                    scope=scope,
-                    creds=self._credentials(host, ref.registry, creds),
-                    headers={},
-                    stream=True,
-                )
-            except ShimhubError:
-                if host == ref.registry:
-                    raise
+        for host, response, _failure in self._each_host(ref, f"blobs/{digest}", creds, {}, stream=True):
+            if response is None:
                 continue
             try:
                 if response.status_code == 200:

@@ -13,16 +13,17 @@ from typing import IO, Any
 from shimhub.errors import InvalidArgument
 from shimhub.hookspecs import hookimpl
 from shimhub.hooktypes import FilesystemUsage, PluginContext, Readiness
-from shimhub.storage.common import DriverBase, kernel_has_filesystem, remove_tree, run, tree_usage
-from shimhub.storage.common import unmount as unmount_path
+from shimhub.storage.common import UnionDriverBase, kernel_has_filesystem, remove_tree, run, tree_usage
 from shimhub.storage.unpack import Whiteouts
 
 MOUNT_OPTIONS_LIMIT = 4096
 
 
-class AufsDriver(DriverBase):
+class AufsDriver(UnionDriverBase):
     """Layers as aufs read-only branches."""
 
+    mount_dir = "mnt"
+    writable_dir = "rw"
     whiteouts = Whiteouts.AUFS
 
     @hookimpl
@@ -75,16 +76,3 @@ class AufsDriver(DriverBase):
         if not os.path.ismount(mnt):
             run("mount", "-t", "aufs", "-o", self.branches(container_id), "none", str(mnt))
         return str(mnt)
-
-    @hookimpl
-    def storage_rootfs_unmount(self, container_id: str) -> None:
-        unmount_path(str(self.container_dir(container_id) / "mnt"))
-
-    @hookimpl
-    def storage_rootfs_remove(self, container_id: str) -> None:
-        self.storage_rootfs_unmount(container_id)
-        remove_tree(self.container_dir(container_id))
-
-    @hookimpl
-    def storage_usage(self, container_id: str) -> FilesystemUsage:
-        return tree_usage(str(self.container_dir(container_id) / "rw"))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from shimhub.errors import ConfigError, FailedPrecondition, NotFound, PluginFailed
+from shimhub.hookspecs import hookimpl
 from shimhub.hooktypes import FilesystemUsage, PluginContext, Readiness
 from shimhub.storage.unpack import Whiteouts, unpack
 
@@ -132,3 +133,24 @@ def remove_tree(path: Path) -> None:
         if is_mounted(str(path)):
             raise FailedPrecondition(f"{path} is still mounted")
         shutil.rmtree(path)
+
+
+class UnionDriverBase(DriverBase):
+    """Drivers that mount a union of read-only layers and one writable directory per container."""
+
+    #: A container's mount point and writable directory, under its container directory.
+    mount_dir = "merged"
+    writable_dir = "upper"
+
+    @hookimpl
+    def storage_rootfs_unmount(self, container_id: str) -> None:
+        unmount(str(self.container_dir(container_id) / self.mount_dir))
+
+    @hookimpl
+    def storage_rootfs_remove(self, container_id: str) -> None:
+        self.storage_rootfs_unmount(container_id)
+        remove_tree(self.container_dir(container_id))
+
+    @hookimpl
+    def storage_usage(self, container_id: str) -> FilesystemUsage:
+        return tree_usage(str(self.container_dir(container_id) / self.writable_dir))

@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Mapping
-from pathlib import Path
 from typing import IO, Any
 
 from shimhub.errors import InvalidArgument
 from shimhub.hookspecs import hookimpl
 from shimhub.hooktypes import FilesystemUsage, PluginContext, Readiness
-from shimhub.storage.common import DriverBase, filesystem_type, kernel_has_filesystem, remove_tree, run, tree_usage
+from shimhub.storage.common import UnionDriverBase, filesystem_type, kernel_has_filesystem, remove_tree, run, tree_usage
 from shimhub.storage.common import unmount as unmount_path
 from shimhub.storage.unpack import Whiteouts
 
@@ -27,9 +26,11 @@ MOUNT_OPTIONS_LIMIT = 4096
 UNSUITABLE_BACKING = {"overlayfs", "aufs"}
 
 
-class OverlayDriver(DriverBase):
+class OverlayDriver(UnionDriverBase):
     """Layers as overlayfs lower directories."""
 
+    mount_dir = "merged"
+    writable_dir = "upper"
     whiteouts = Whiteouts.OVERLAY
 
     @hookimpl
@@ -128,16 +129,3 @@ class OverlayDriver(DriverBase):
                 cwd=str(self.root),
             )
         return str(merged)
-
-    @hookimpl
-    def storage_rootfs_unmount(self, container_id: str) -> None:
-        unmount_path(str(self.container_dir(container_id) / "merged"))
-
-    @hookimpl
-    def storage_rootfs_remove(self, container_id: str) -> None:
-        self.storage_rootfs_unmount(container_id)
-        remove_tree(self.container_dir(container_id))
-
-    @hookimpl
-    def storage_usage(self, container_id: str) -> FilesystemUsage:
-        return tree_usage(str(Path(self.container_dir(container_id)) / "upper"))
