@@ -321,3 +321,51 @@ def test_update_resources_and_reopen_log(node, tmp_path: Path) -> None:
     log.rename(pod.logs / "ticker.log.1")
     pod.rt.ReopenContainerLog(cri.ReopenContainerLogRequest(container_id=container_id))
     wait_for(lambda: log.exists() and "tick" in log.read_text())
+
+
+def test_pod_files_sysctls_mounts_devices_and_privileged(node, tmp_path: Path) -> None:
+    dns = cri.DNSConfig(servers=["10.96.0.10"], searches=["ns.svc.cluster.local"], options=["ndots:5"])
+    linux = cri.LinuxPodSandboxConfig(
+        sysctls={"kernel.shm_rmid_forced": "1"},
+        security_context=cri.LinuxSandboxSecurityContext(namespace_options=cri.NamespaceOption(pid=cri.CONTAINER)),
+    )
+    pod = Pod(node, tmp_path, dns_config=dns, linux=linux)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "data.txt").write_text("from the host\n")
+    mounts = [cri.Mount(container_path="/data", host_path=str(shared), readonly=True)]
+    devices = [cri.Device(container_path="/dev/mynull", host_path="/dev/null", permissions="rw")]
+    script = (
+        "cat /etc/resolv.conf; grep podhost /etc/hosts >/dev/null && echo hosts-ok; "
+        "cat /proc/sys/kernel/shm_rmid_forced; cat /data/data.txt; touch /data/x 2>/dev/null || echo ro-ok; "
+        "echo discard > /dev/mynull && echo device-ok; grep CapEff /proc/self/status"
+    )
+    plain = pod.run(
+        "plain",
+        ["sh", "-c", script],
+        mounts=mounts,
+        devices=devices,
+        linux=security(run_as_user=cri.Int64Value(value=0)),
+    )
+    assert pod.wait_exit(plain).exit_code == 0
+    assert pod.lines("plain") == [
+        "nameserver 10.96.0.10",
+        "search ns.svc.cluster.local",
+        "options ndots:5",
+        "hosts-ok",
+        "1",
+        "from the host",
+        "ro-ok",
+        "device-ok",
+        "CapEff:\t00000000a80425fb",
+    ]
+    privileged = pod.run(
+        "privileged",
+        ["sh", "-c", "grep CapEff /proc/self/status"],
+        linux=security(privileged=True, run_as_user=cri.Int64Value(value=0)),
+    )
+    assert pod.wait_exit(privileged).exit_code == 0
+    bounding = next(
+        line.split()[1] for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("CapBnd:")
+    )
+    assert pod.lines("privileged") == [f"CapEff:\t{bounding}"]  # every capability shimhub holds

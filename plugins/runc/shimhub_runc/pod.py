@@ -46,9 +46,9 @@ def resolv_conf(dns: cri.DNSConfig) -> str:
 
 
 def hosts_file(hostname: str, ips: list[str]) -> str:
-    """/etc/hosts with localhost and the pod's own name."""
+    """/etc/hosts with localhost and the pod's own name (on 127.0.1.1 when the pod has no IP)."""
     lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
-    lines += [f"{ip}\t{hostname}" for ip in ips] if hostname else []
+    lines += [f"{ip}\t{hostname}" for ip in (ips or ["127.0.1.1"])] if hostname else []
     return "\n".join(lines) + "\n"
 
 

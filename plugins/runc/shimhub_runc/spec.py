@@ -32,6 +32,7 @@ DEFAULT_CAPABILITIES = [
     "CAP_KILL",
     "CAP_AUDIT_WRITE",
 ]
+#: Every capability, in the kernel's bit order.
 ALL_CAPABILITIES = [
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
@@ -139,10 +140,20 @@ def environment(config: cri.ContainerConfig, image: Mapping[str, Any], user: use
     return [f"{key}={value}" for key, value in merged.items()]
 
 
+def held_capabilities() -> list[str]:
+    """The capabilities in shimhub's own bounding set: all that a container can be given."""
+    with open("/proc/self/status") as status:
+        bounding = next(int(line.split()[1], 16) for line in status if line.startswith("CapBnd:"))
+    return [name for bit, name in enumerate(ALL_CAPABILITIES) if bounding >> bit & 1]
+
+
 def capabilities(security: cri.LinuxContainerSecurityContext) -> list[str]:
-    """The capability set: the default, plus added, minus dropped ("ALL" allowed in both)."""
+    """The capability set: the default, plus added, minus dropped ("ALL" allowed in both).
+
+    "ALL" and privileged mean every capability shimhub itself holds.
+    """
     if security.privileged:
-        return list(ALL_CAPABILITIES)
+        return held_capabilities()
 
     def normalise(names: Any) -> set[str]:
         return {
@@ -154,7 +165,7 @@ def capabilities(security: cri.LinuxContainerSecurityContext) -> list[str]:
         normalise(security.capabilities.add_capabilities),
         normalise(security.capabilities.drop_capabilities),
     )
-    current = set(ALL_CAPABILITIES) if "ALL" in added else set(DEFAULT_CAPABILITIES) | (added - {"ALL"})
+    current = set(held_capabilities()) if "ALL" in added else set(DEFAULT_CAPABILITIES) | (added - {"ALL"})
     current = set() if "ALL" in dropped else current - dropped
     unknown = sorted(current - set(ALL_CAPABILITIES))
     if unknown:
