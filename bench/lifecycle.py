@@ -9,6 +9,8 @@ Run as root from a checkout: python3 -m bench.lifecycle [--runs 50] [--handler r
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,10 +31,47 @@ def timed(samples: dict[str, list[float]], name: str) -> Iterator[None]:
     samples.setdefault(name, []).append((time.perf_counter() - started) * 1000)
 
 
+BENCH_BRIDGE = "shbench0"
+
+
+def network_config(root: Path, backend: str) -> str:
+    """The [network] tables: a CNI bridge network with its own subnet and IPAM dir, or the host backend."""
+    if backend == "host":
+        return '[network]\nbackend = "host"\n'
+    conf_dir = root / "net.d"
+    conf_dir.mkdir()
+    conflist = {
+        "cniVersion": "1.0.0",
+        "name": "bench",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": BENCH_BRIDGE,
+                "isGateway": True,
+                "ipMasq": False,
+                "ipam": {
+                    "type": "host-local",
+                    "dataDir": str(root / "ipam"),
+                    "ranges": [[{"subnet": "10.232.0.0/16"}]],
+                },
+            },
+            {"type": "portmap", "capabilities": {"portMappings": True}},
+        ],
+    }
+    (conf_dir / "10-bench.conflist").write_text(json.dumps(conflist))
+    return f'[network]\nbackend = "cni"\n[network.options]\nconf_dir = "{conf_dir}"\n'
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--handler", default="runc")
+    parser.add_argument(
+        "--network",
+        choices=("cni", "host"),
+        default="cni",
+        help="cni: a bridge network on a subnet of the script's own (default); host: loopback only",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="shimhub-bench-") as tmp:
         root = Path(tmp)
@@ -41,7 +80,7 @@ def main() -> None:
         (root / "daemon").mkdir()
         config = (
             '[runtimes.runsc]\nplugin = "runc"\n[runtimes.runsc.options]\nbinary = "runsc"\n'
-            'runtime_args = ["--network=none"]\n[network]\nbackend = "host"\n[storage]\ndriver = "overlay"\n'
+            f'runtime_args = ["--network=none"]\n{network_config(root, args.network)}[storage]\ndriver = "overlay"\n'
             f'[images]\nsearch_registries = ["{registry.host}"]\n'
             f'[images.registries."{registry.host}"]\ninsecure = true\n'
         )
@@ -74,12 +113,13 @@ def main() -> None:
                     rt.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id))
                     rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
                     rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
-            print(f"handler {args.handler}, {args.runs} runs, milliseconds")
+            print(f"handler {args.handler}, network {args.network}, {args.runs} runs, milliseconds")
             for name, values in samples.items():
                 print(f"{name:<32} {summary(values)}")
         finally:
             daemon.stop()
             registry.stop()
+            subprocess.run(["ip", "link", "delete", BENCH_BRIDGE], capture_output=True, check=False)
 
 
 if __name__ == "__main__":

@@ -57,11 +57,9 @@ class Backend:
         return cls(kind, role, plugin, readiness)
 
     def readiness(self) -> Readiness:
-        """How ready the backend is now (asks the plugin when it can tell)."""
-        if self.plugin is None or not self.setup_readiness.ready:
-            return self.setup_readiness
+        """How ready the backend is now: the plugin's answer when it has a readiness hook, else as at setup."""
         hook = f"{self.kind}_readiness"
-        if not self.plugin.implements(hook):
+        if self.plugin is None or not self.plugin.implements(hook):
             return self.setup_readiness
         try:
             current = self.plugin.call(hook)
