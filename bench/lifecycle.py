@@ -80,7 +80,7 @@ def main() -> None:
         (root / "daemon").mkdir()
         config = (
             '[runtimes.runsc]\nplugin = "runc"\n[runtimes.runsc.options]\nbinary = "runsc"\n'
-            f'runtime_args = ["--network=none"]\n{network_config(root, args.network)}[storage]\ndriver = "overlay"\n'
+            f'runtime_args = ["--network=host"]\n{network_config(root, args.network)}[storage]\ndriver = "overlay"\n'
             f'[images]\nsearch_registries = ["{registry.host}"]\n'
             f'[images.registries."{registry.host}"]\ninsecure = true\n'
         )

@@ -10,9 +10,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shimhub import cgroups
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT
 from tests.shimhubd import pod_config, wait_for
+from tests.test_cni import Network
 
 pytestmark = NEEDS_ROOT
 
@@ -21,7 +23,8 @@ def runc_config(registry, extra: str = "") -> str:
     return (
         f'default_runtime = "runc"\n[runtimes.runc]\nplugin = "runc"\n'
         f'[runtimes.runsc]\nplugin = "runc"\n[runtimes.runsc.options]\nbinary = "runsc"\n'
-        f'runtime_args = ["--network=none"]\n'
+        f'runtime_args = ["--network=host"]\n'
+        f'[runtimes.crun]\nplugin = "runc"\n[runtimes.crun.options]\nbinary = "crun"\n'
         f'[network]\nbackend = "host"\n[storage]\ndriver = "overlay"\n'
         f'[images]\nsearch_registries = ["{registry.open.host}"]\n'
         f'[images.registries."{registry.open.host}"]\ninsecure = true\n{extra}'
@@ -279,6 +282,48 @@ def test_runsc_runs_a_container_on_its_own_kernel(node, tmp_path: Path) -> None:
     final = pod.wait_exit(container_id, timeout=60)
     assert final.exit_code == 0
     assert pod.lines("gvisor")[0] != os.uname().release
+
+
+def test_runsc_pod_on_a_cni_network_serves_a_runc_pod(daemon_factory, registry, tmp_path: Path) -> None:
+    network = Network(tmp_path)
+    network.conflist()
+    try:
+        cni = network.daemon_config().split("[network]", 1)[1]
+        node = daemon_factory(runc_config(registry).replace('[network]\nbackend = "host"\n', f"[network]{cni}")).start()
+        node.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/busybox:1")))
+        server = Pod(node, tmp_path / "server", handler="runsc", name="s", uid="s")
+        client = Pod(node, tmp_path / "client", name="c", uid="c")
+        server_ip = node.runtime.PodSandboxStatus(
+            cri.PodSandboxStatusRequest(pod_sandbox_id=server.id)
+        ).status.network.ip
+        assert server_ip.startswith(f"10.231.{network.octet}.")
+        listener = server.run("listener", ["nc", "-ll", "-p", "8080", "-e", "uname", "-r"])
+        caller = client.run("caller", ["sleep", "300"])
+        assert server_ip in exec_sync(server, listener, "ip", "-4", "addr").stdout.decode()
+        reply = wait_for(lambda: exec_sync(client, caller, "nc", "-w", "2", server_ip, "8080").stdout, timeout=30)
+        assert reply.decode().strip() != os.uname().release  # answered by gVisor's kernel, over the pod network
+    finally:
+        network.cleanup()
+
+
+def test_crun_runs_or_is_disabled_with_the_reason(node, tmp_path: Path) -> None:
+    controllers = cgroups.v2_controllers()
+    if cgroups.mode() == "hybrid" and controllers:
+        handlers = next(
+            c for c in node.runtime.Status(cri.StatusRequest()).status.conditions if c.type == "RuntimeHandlersReady"
+        )
+        reason = (
+            f"crun cannot run on hybrid cgroups while the cgroup v2 tree has controllers ({', '.join(controllers)})"
+        )
+        assert f"crun: {reason}" in handlers.message
+        with pytest.raises(grpc.RpcError) as refused:
+            Pod(node, tmp_path, handler="crun")
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert Pod(node, tmp_path / "runc").id  # the other handlers still serve
+        return
+    pod = Pod(node, tmp_path, handler="crun")
+    assert pod.wait_exit(pod.run("crun", ["echo", "from crun"])).exit_code == 0
+    assert pod.lines("crun") == ["from crun"]
 
 
 def test_oom_score_is_clamped_to_what_shimhub_may_set(node, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from shimhub import cgroups
 from shimhub.errors import ConfigError, FailedPrecondition, NotFound, PluginFailed
 from shimhub.hookspecs import hookimpl
 from shimhub.hooktypes import (
@@ -74,6 +75,17 @@ def _gone(error: PluginFailed) -> bool:
     """Whether an OCI runtime's error says the container does not exist (runc and runsc phrasings)."""
     text = error.message.lower()
     return "does not exist" in text or "not found" in text or "no such" in text
+
+
+def _unsupported_cgroups(binary: str) -> str:
+    """Why an OCI runtime cannot run on this node's cgroup layout, where that is known in advance."""
+    controllers = cgroups.v2_controllers()
+    if os.path.basename(binary).startswith("crun") and cgroups.mode() == "hybrid" and controllers:
+        return (
+            f"crun cannot run on hybrid cgroups while the cgroup v2 tree has controllers ({', '.join(controllers)}); "
+            "use runc here, or boot the node with cgroup v2 only"
+        )
+    return ""
 
 
 def _signal_name(config: cri.ContainerConfig, image: Mapping[str, Any]) -> str:
@@ -133,6 +145,9 @@ class RuncRuntime:
             return Readiness(
                 ready=False, reason=f"monitor {self.options['conmon']!r} not found (Debian package conmon)"
             )
+        unsupported = _unsupported_cgroups(self.binary)
+        if unsupported:
+            return Readiness(ready=False, reason=unsupported)
         with open("/proc/self/oom_score_adj") as own:
             self.oom_floor = int(own.read())
         version = self._version()
