@@ -1,9 +1,11 @@
 """Pod and container lifecycle latencies on the runc handler, through the CRI socket.
 
-Each run: RunPodSandbox (own network namespace from the host backend),
-CreateContainer + StartContainer (busybox from a registry on 127.0.0.1),
-ExecSync, then StopContainer + RemoveContainer + StopPodSandbox + RemovePodSandbox.
-Run as root from a checkout: python3 -m bench.lifecycle [--runs 50] [--handler runc]
+Each run: RunPodSandbox (on a CNI bridge of the script's own, or loopback only
+with --network host), CreateContainer + StartContainer (busybox from a registry
+on 127.0.0.1), ExecSync, ContainerStats, PodSandboxStats, then StopContainer +
+RemoveContainer + StopPodSandbox + RemovePodSandbox.
+Run as root from a checkout:
+python3 -m bench.lifecycle [--runs 50] [--handler runc|runsc] [--network cni|host]
 """
 
 from __future__ import annotations
@@ -108,6 +110,10 @@ def main() -> None:
                     rt.StartContainer(cri.StartContainerRequest(container_id=container_id))
                 with timed(samples, "ExecSync (true)"):
                     rt.ExecSync(cri.ExecSyncRequest(container_id=container_id, cmd=["true"], timeout=10))
+                with timed(samples, "ContainerStats"):
+                    rt.ContainerStats(cri.ContainerStatsRequest(container_id=container_id))
+                with timed(samples, "PodSandboxStats (with network)"):
+                    rt.PodSandboxStats(cri.PodSandboxStatsRequest(pod_sandbox_id=pod_id))
                 with timed(samples, "stop+remove container and pod"):
                     rt.StopContainer(cri.StopContainerRequest(container_id=container_id, timeout=0))
                     rt.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id))

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+from shimhub.hooktypes import ContainerUsage
+
 ROOT = Path("/sys/fs/cgroup")
+#: cgroup v1 reports "no memory limit" as this page-rounded maximum, or above.
+V1_UNLIMITED = 2**62
 
 
 def mode(root: Path = ROOT) -> str:
@@ -23,3 +28,94 @@ def v2_controllers(root: Path = ROOT) -> list[str]:
         if listing.exists():
             return listing.read_text().split()
     return []
+
+
+def _slice_directories(slice_name: str) -> list[str]:
+    """The nested directories of a systemd slice: "a-b.slice" is "a.slice/a-b.slice"."""
+    if slice_name in ("", "-.slice"):
+        return []
+    words = slice_name.removesuffix(".slice").split("-")
+    return ["-".join(words[: i + 1]) + ".slice" for i in range(len(words))]
+
+
+def expand(cgroups_path: str) -> str:
+    """The directory (relative to a hierarchy's root) of an OCI `cgroupsPath` or a pod's cgroup parent.
+
+    cgroupfs paths are used as given; a systemd slice becomes its nested
+    directories, and the form "slice:prefix:name" adds "prefix-name.scope"
+    below the slice (where runc places it).
+    """
+    if ":" not in cgroups_path:
+        if cgroups_path.endswith(".slice") and "/" not in cgroups_path:
+            return "/".join(_slice_directories(cgroups_path))
+        return cgroups_path.strip("/")
+    slice_name, prefix, name = cgroups_path.split(":", 2)
+    scope = f"{prefix}-{name}.scope" if prefix else name
+    return "/".join([*_slice_directories(slice_name or "system.slice"), scope])
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _number(path: Path) -> int | None:
+    text = _read(path)
+    if text is None or not text.strip():
+        return None
+    value = text.split()[0]
+    return None if value == "max" else int(value)
+
+
+def _flat_keyed(path: Path) -> dict[str, int]:
+    text = _read(path) or ""
+    return {key: int(value) for key, value in (line.split()[:2] for line in text.splitlines() if line.strip())}
+
+
+def usage(cgroups_path: str, root: Path = ROOT) -> ContainerUsage:
+    """CPU, memory and process usage of a cgroup, from cgroup v2 or v1 alike.
+
+    Fields are None when the cgroup (or that controller) is gone, e.g. once the
+    container has exited.
+    """
+    relative = expand(cgroups_path)
+    now = time.time_ns()
+    if mode(root) == "unified":
+        group = root / relative
+        memory = _flat_keyed(group / "memory.stat")
+        current = _number(group / "memory.current")
+        cpu = _flat_keyed(group / "cpu.stat").get("usage_usec")
+        return ContainerUsage(
+            timestamp=now,
+            cpu_usage_core_nanoseconds=cpu * 1000 if cpu is not None else None,
+            memory_usage_bytes=current,
+            memory_working_set_bytes=_working_set(current, memory.get("inactive_file")),
+            memory_rss_bytes=memory.get("anon"),
+            memory_page_faults=memory.get("pgfault"),
+            memory_major_page_faults=memory.get("pgmajfault"),
+            memory_limit_bytes=_number(group / "memory.max"),
+            process_count=_number(group / "pids.current"),
+        )
+    memory = _flat_keyed(root / "memory" / relative / "memory.stat")
+    current = _number(root / "memory" / relative / "memory.usage_in_bytes")
+    limit = _number(root / "memory" / relative / "memory.limit_in_bytes")
+    return ContainerUsage(
+        timestamp=now,
+        cpu_usage_core_nanoseconds=_number(root / "cpuacct" / relative / "cpuacct.usage"),
+        memory_usage_bytes=current,
+        memory_working_set_bytes=_working_set(current, memory.get("total_inactive_file")),
+        memory_rss_bytes=memory.get("total_rss"),
+        memory_page_faults=memory.get("total_pgfault"),
+        memory_major_page_faults=memory.get("total_pgmajfault"),
+        memory_limit_bytes=limit if limit is None or limit < V1_UNLIMITED else None,
+        process_count=_number(root / "pids" / relative / "pids.current"),
+    )
+
+
+def _working_set(usage_bytes: int | None, inactive_file: int | None) -> int | None:
+    """What the kubelet evicts on: usage minus the page cache the kernel can drop at once."""
+    if usage_bytes is None:
+        return None
+    return max(usage_bytes - (inactive_file or 0), 0)

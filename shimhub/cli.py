@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import attrs
 import tomli_w
@@ -14,6 +15,9 @@ import tomli_w
 from shimhub import __version__, config, plugins
 from shimhub.errors import ConfigError, PluginLoadError
 from shimhub.hookspecs import API_VERSION
+
+#: Seconds the client commands wait for the running shimhub.
+CLIENT_TIMEOUT = 30.0
 
 
 def _load_config(args: argparse.Namespace) -> config.Config:
@@ -71,6 +75,59 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0 if all(info.status == "ok" for info in found) else 1
 
 
+def _client(args: argparse.Namespace) -> Any:
+    """A RuntimeService stub on the socket of the running shimhub."""
+    import grpc
+
+    from shimhub_proto.cri.v1 import api_pb2_grpc
+
+    socket = args.socket or _load_config(args).socket
+    return api_pb2_grpc.RuntimeServiceStub(grpc.insecure_channel(f"unix:{socket}"))
+
+
+def _ask(call: Any, request: Any) -> Any:
+    """`call(request)` with a timeout; gRPC errors become one line on stderr (raised as SystemExit)."""
+    import grpc
+
+    try:
+        return call(request, timeout=CLIENT_TIMEOUT)
+    except grpc.RpcError as exc:
+        raise SystemExit(f"shimhub: {exc.code().name}: {exc.details()}") from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the running shimhub's conditions and the readiness of its handlers and backends."""
+    from shimhub_proto.cri.v1 import api_pb2 as cri
+
+    answer = _ask(_client(args).Status, cri.StatusRequest(verbose=True))
+    conditions = {
+        c.type: {"ready": c.status, "reason": c.reason, "message": c.message} for c in answer.status.conditions
+    }
+    print(json.dumps({"conditions": conditions, **json.loads(answer.info["status"])}, indent=2, sort_keys=True))
+    return 0 if all(c["ready"] for c in conditions.values()) else 1
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print the full record of one pod sandbox or container (id or unique prefix)."""
+    import grpc
+
+    from shimhub_proto.cri.v1 import api_pb2 as cri
+
+    client = _client(args)
+    try:
+        found = client.PodSandboxStatus(
+            cri.PodSandboxStatusRequest(pod_sandbox_id=args.id, verbose=True), timeout=CLIENT_TIMEOUT
+        )
+        kind = "pod sandbox"
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:
+            raise SystemExit(f"shimhub: {exc.code().name}: {exc.details()}") from None
+        found = _ask(client.ContainerStatus, cri.ContainerStatusRequest(container_id=args.id, verbose=True))
+        kind = "container"
+    print(json.dumps({"kind": kind, "record": json.loads(found.info["info"])}, indent=2, sort_keys=True))
+    return 0
+
+
 def cmd_version(_args: argparse.Namespace) -> int:
     """Print shimhub's version and its plugin API version."""
     print(f"shimhub {__version__} (CRI v1, plugin API {API_VERSION})")
@@ -104,6 +161,13 @@ def parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("plugins", help=cmd_plugins.__doc__)
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(func=cmd_plugins)
+
+    for name, func in (("status", cmd_status), ("inspect", cmd_inspect)):
+        client = with_config(sub.add_parser(name, help=func.__doc__))
+        client.add_argument("--socket", help="CRI socket path (default: the config's)")
+        if name == "inspect":
+            client.add_argument("id", help="pod sandbox or container id, or a unique prefix")
+        client.set_defaults(func=func)
 
     sub.add_parser("version", help=cmd_version.__doc__).set_defaults(func=cmd_version)
     return top

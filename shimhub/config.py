@@ -110,6 +110,8 @@ class Config:
     extensions: list[str] = field(factory=list)
     #: Seconds in-flight RPCs get to finish on SIGTERM.
     shutdown_grace: float = 10.0
+    #: host:port of the HTTP endpoint serving Prometheus metrics and inspect data ("" = off).
+    metrics_address: str = ""
 
 
 def _strict_converter() -> cattrs.Converter:
@@ -282,16 +284,24 @@ def _check_settings(config: Config, bad: Complaint) -> None:
     for key, choices in (("log_level", LOG_LEVELS), ("cgroup_driver", CGROUP_DRIVERS)):
         if getattr(config, key) not in choices:
             bad((key,), f"expected one of {', '.join(choices)}, got {getattr(config, key)!r}")
-    if config.images.max_concurrent_downloads < 1:
+    if config.metrics_address:
+        host, _, port = config.metrics_address.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            bad(("metrics_address",), f"expected host:port (port 0 picks a free one), got {config.metrics_address!r}")
+    if config.shutdown_grace < 0:
+        bad(("shutdown_grace",), f"expected a number of seconds >= 0, got {config.shutdown_grace}")
+    _check_images(config.images, bad)
+
+
+def _check_images(images: ImagesConfig, bad: Complaint) -> None:
+    if images.max_concurrent_downloads < 1:
         bad(("images", "max_concurrent_downloads"), "expected at least 1")
-    if config.images.platform and config.images.platform.count("/") not in (1, 2):
-        bad(("images", "platform"), f"expected os/architecture[/variant], got {config.images.platform!r}")
-    for host, registry in config.images.registries.items():
+    if images.platform and images.platform.count("/") not in (1, 2):
+        bad(("images", "platform"), f"expected os/architecture[/variant], got {images.platform!r}")
+    for host, registry in images.registries.items():
         for mirror in registry.mirrors:
             if "/" in mirror or not mirror:
                 bad(("images", "registries", host, "mirrors"), f"expected host[:port], got {mirror!r}")
-    if config.shutdown_grace < 0:
-        bad(("shutdown_grace",), f"expected a number of seconds >= 0, got {config.shutdown_grace}")
 
 
 def _check_handlers(config: Config, bad: Complaint) -> None:

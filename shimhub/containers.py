@@ -172,7 +172,6 @@ class ContainerManager:
             plugin = self.daemon.handlers.get(sandbox.handler).installed()
             plugin.call("runtime_container_stop", sandbox=sandbox, container=record, timeout=max(timeout, 0))
             self._refresh(sandbox, record)
-        self.daemon.emit("container_stopped", sandbox, record)
 
     def remove(self, container_id: str) -> None:
         """Remove a container, stopping it first if it runs. Idempotent."""
@@ -209,6 +208,8 @@ class ContainerManager:
         if current != record.state:
             record.state = current
             self.daemon.store.save_container(record)
+            if current.status == ContainerStatus.EXITED:
+                self.daemon.emit("container_stopped", sandbox, record)
         return current
 
     def refresh_running(self) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 
 from shimhub import config as config_module
-from shimhub import plugins
+from shimhub import plugins, telemetry
 from shimhub.backends import Backend
 from shimhub.config import Config
 from shimhub.containers import ContainerManager
@@ -28,7 +30,17 @@ from shimhub.state import StateStore
 log = logging.getLogger(__name__)
 
 #: Keys whose change needs a restart; a reload keeps the old value and says so.
-RESTART_KEYS = ("socket", "state_dir", "run_dir", "cgroup_driver", "storage", "network", "images", "extensions")
+RESTART_KEYS = (
+    "socket",
+    "state_dir",
+    "run_dir",
+    "cgroup_driver",
+    "storage",
+    "network",
+    "images",
+    "extensions",
+    "metrics_address",
+)
 
 
 class Daemon:
@@ -72,6 +84,8 @@ class Daemon:
         self.containers = ContainerManager(self)
         #: The pod CIDR the kubelet last sent with UpdateRuntimeConfig.
         self.pod_cidr = ""
+        #: Called with every lifecycle event after the extensions (the CRI event stream listens here).
+        self.listeners: list[Callable[[str, SandboxRecord, ContainerRecord | None], None]] = []
 
     def storage_for(self, handler_name: str) -> tuple[str, Backend]:
         """The storage driver (name and backend) that a handler's containers use."""
@@ -84,7 +98,11 @@ class Daemon:
 
     def pull_image(self, image: str, creds: Credentials | None) -> ImageRecord:
         """Pull an image and unpack it into the default storage driver."""
-        return self.images.pull(image, creds, self.storage_drivers)
+        started = time.monotonic()
+        record = self.images.pull(image, creds, self.storage_drivers)
+        telemetry.PULL_SECONDS.observe(time.monotonic() - started)
+        telemetry.PULL_BYTES.inc(record.size)
+        return record
 
     def remove_image(self, image: str) -> None:
         """Remove an image by id, tag or digest; layers containers use stay until they are removed. Idempotent."""
@@ -165,11 +183,16 @@ class Daemon:
         log.info("configuration reloaded: handlers %s", ", ".join(sorted(self.handlers.handlers)))
 
     def emit(self, event: str, sandbox: SandboxRecord, container: ContainerRecord | None = None) -> None:
-        """Tell the extensions about a lifecycle change; their errors are logged, never raised."""
+        """Tell the extensions and listeners about a lifecycle change; their errors are logged, never raised."""
         try:
             self.extensions.shimhub_lifecycle_event(event=event, sandbox=sandbox, container=container)
         except Exception:
             log.exception("an extension failed on %s", event)
+        for listener in self.listeners:
+            try:
+                listener(event, sandbox, container)
+            except Exception:
+                log.exception("a listener failed on %s", event)
 
     def status_info(self) -> dict[str, Any]:
         """Readiness of every handler and backend, for verbose Status and `shimhub status`."""

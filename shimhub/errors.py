@@ -68,6 +68,12 @@ class Unavailable(ShimhubError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class ResourceExhausted(ShimhubError):
+    """A limit was reached, e.g. a subscriber fell too far behind."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class DeadlineExceeded(ShimhubError):
     """The work did not finish within the time allowed."""
 

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 PROJECT = "shimhub"
 #: The version of this contract. A new optional hook raises the minor; a
 #: changed or removed hook raises the major.
-API_VERSION = "1.0"
+API_VERSION = "1.1"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -142,7 +142,18 @@ class RuntimeSpec:
 
     @hookspec(firstresult=True)
     def runtime_container_stats(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
-        """The container's resource usage now. Optional."""
+        """The container's resource usage now; fields it cannot tell stay None. Optional (since 1.0).
+
+        An exited container's usage may be all None. Without this hook the stats
+        RPCs report only the writable layer.
+        """
+
+    @hookspec(firstresult=True)
+    def runtime_sandbox_stats(self, sandbox: SandboxRecord) -> ContainerUsage | None:
+        """The pod's own resource usage (a pod cgroup, a VM), or None. Optional (since 1.1).
+
+        Without it, or when it returns None, a pod's usage is the sum of its containers'.
+        """
 
     @hookspec(firstresult=True)
     def runtime_exec_sync(

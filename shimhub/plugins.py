@@ -21,6 +21,7 @@ import pluggy
 import stevedore
 from attrs import define
 
+from shimhub import telemetry
 from shimhub.errors import ConfigError, PluginFailed, PluginLoadError, ShimhubError, Unimplemented
 from shimhub.hookspecs import API_VERSION, KINDS, PROJECT
 
@@ -142,7 +143,9 @@ class LoadedPlugin:
                 f"{self.kind} plugin {self.name!r} failed in {hook}: {type(exc).__name__}: {exc}"
             ) from exc
         finally:
-            log.debug("%s plugin %s: %s took %.1f ms", self.kind, self.name, hook, (time.monotonic() - started) * 1e3)
+            took = time.monotonic() - started
+            log.debug("%s plugin %s: %s took %.1f ms", self.kind, self.name, hook, took * 1e3)
+            telemetry.PLUGIN_SECONDS.labels(self.kind, self.name, hook).observe(took)
 
 
 def _register(manager: pluggy.PluginManager, plugin_class: type, name: str, label: str) -> object:

@@ -19,9 +19,24 @@ import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message_factory import GetMessageClass
 
+from shimhub import telemetry
 from shimhub.errors import ShimhubError, Unimplemented
 
 log = logging.getLogger("shimhub.rpc")
+
+
+def _code(exc: BaseException | None) -> str:
+    """The gRPC status code name an RPC ends with."""
+    if exc is None:
+        return "OK"
+    return exc.code.name if isinstance(exc, ShimhubError) else "INTERNAL"
+
+
+def _record(path: str, started: float, exc: BaseException | None) -> None:
+    took = time.monotonic() - started
+    log.debug("%s took %.2f ms", path, took * 1e3)
+    telemetry.RPC_SECONDS.labels(path).observe(took)
+    telemetry.RPC_CALLS.labels(path, _code(exc)).inc()
 
 
 def _fail(context: grpc.ServicerContext, path: str, exc: BaseException) -> None:
@@ -35,12 +50,14 @@ def _fail(context: grpc.ServicerContext, path: str, exc: BaseException) -> None:
 def _unary(path: str, impl: Callable[..., Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
     def handle(request: Any, context: grpc.ServicerContext) -> Any:
         started = time.monotonic()
+        failure: BaseException | None = None
         try:
             return impl(request, context)
         except Exception as exc:  # noqa: BLE001 - every error is mapped to a status here
+            failure = exc
             _fail(context, path, exc)
         finally:
-            log.debug("%s took %.2f ms", path, (time.monotonic() - started) * 1e3)
+            _record(path, started, failure)
 
     return handle
 
@@ -48,12 +65,14 @@ def _unary(path: str, impl: Callable[..., Any]) -> Callable[[Any, grpc.ServicerC
 def _streaming(path: str, impl: Callable[..., Iterator[Any]]) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
     def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         started = time.monotonic()
+        failure: BaseException | None = None
         try:
             yield from impl(request, context)
         except Exception as exc:  # noqa: BLE001 - every error is mapped to a status here
+            failure = exc
             _fail(context, path, exc)
         finally:
-            log.debug("%s took %.2f ms", path, (time.monotonic() - started) * 1e3)
+            _record(path, started, failure)
 
     return handle
 

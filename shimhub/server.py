@@ -23,6 +23,7 @@ from shimhub.daemon import Daemon
 from shimhub.rpc import service_handler
 from shimhub.services.image import ImageService
 from shimhub.services.runtime import RuntimeService
+from shimhub.telemetry import MetricsEndpoint
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,11 @@ class Server:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS), options=options)
+        self.runtime_service = RuntimeService(daemon)
+        self.metrics = MetricsEndpoint(daemon, daemon.config.metrics_address) if daemon.config.metrics_address else None
         self.grpc.add_generic_rpc_handlers(
             [
-                service_handler(cri.DESCRIPTOR.services_by_name["RuntimeService"], RuntimeService(daemon)),
+                service_handler(cri.DESCRIPTOR.services_by_name["RuntimeService"], self.runtime_service),
                 service_handler(cri.DESCRIPTOR.services_by_name["ImageService"], ImageService(daemon)),
             ]
         )
@@ -89,9 +92,14 @@ class Server:
             os.umask(old_umask)
         os.chmod(self.socket_path, SOCKET_MODE)
         log.info("serving CRI on %s", self.socket_path)
+        if self.metrics is not None:
+            self.metrics.start()
 
     def stop(self, grace: float) -> None:
         """Refuse new calls, let calls in flight finish for up to `grace` seconds, remove the socket."""
+        self.runtime_service.events.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.grpc.stop(grace).wait()
         self.socket_path.unlink(missing_ok=True)
         log.info("stopped")

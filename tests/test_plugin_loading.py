@@ -47,15 +47,15 @@ BROKEN = {
     ),
     "no-api": (
         GOOD_HOOKS + "class Plugin(Base):\n    shimhub_api = None\n",
-        'declares no shimhub_api = "MAJOR.MINOR" (this shimhub provides 1.0)',
+        'declares no shimhub_api = "MAJOR.MINOR" (this shimhub provides 1.1)',
     ),
     "future-api": (
         GOOD_HOOKS + "class Plugin(Base):\n    shimhub_api = '1.7'\n",
-        "written for plugin API 1.7, this shimhub provides 1.0",
+        "written for plugin API 1.7, this shimhub provides 1.1",
     ),
     "old-major": (
         GOOD_HOOKS + "class Plugin(Base):\n    shimhub_api = '0.9'\n",
-        "written for plugin API 0.9, this shimhub provides 1.0",
+        "written for plugin API 0.9, this shimhub provides 1.1",
     ),
     "wrong-args": (
         GOOD_HOOKS + "class Plugin(Base):\n    @hookimpl\n    def runtime_sandbox_stop(self, sandbox, force): pass\n",

@@ -5,15 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
-from shimhub import __version__
+from shimhub import __version__, metrics
 from shimhub.config import converter
+from shimhub.errors import ResourceExhausted
+from shimhub.events import EventBus
 from shimhub.hooktypes import ContainerState, ContainerStatus
 from shimhub.records import SANDBOX_READY, ContainerRecord, SandboxRecord
+from shimhub.stats import StatsCollector
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
 if TYPE_CHECKING:
@@ -140,11 +143,24 @@ def _json(value: object) -> str:
     return json.dumps(converter.unstructure(value), sort_keys=True)
 
 
+_EVENT_TYPES = {
+    "container_created": cri.CONTAINER_CREATED_EVENT,
+    "container_started": cri.CONTAINER_STARTED_EVENT,
+    "container_stopped": cri.CONTAINER_STOPPED_EVENT,
+    "container_removed": cri.CONTAINER_DELETED_EVENT,
+}
+#: Seconds between looks for containers that exited on their own while an event stream is open.
+EVENT_POLL = 1.0
+
+
 class RuntimeService:
     """Implements runtime.v1.RuntimeService on top of a Daemon."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        self.stats = StatsCollector(daemon)
+        self.events: EventBus[cri.ContainerEventResponse] = EventBus()
+        daemon.listeners.append(self._lifecycle)
 
     # -- runtime-wide ----------------------------------------------------
 
@@ -309,21 +325,20 @@ class RuntimeService:
         info = {"info": _json(record)} if request.verbose else {}
         return cri.ContainerStatusResponse(status=container_status(record, state), info=info)
 
+    def _container_records(self, query: cri.ContainerFilter | cri.ContainerStatsFilter) -> list[ContainerRecord]:
+        """Containers matching the id prefix, pod id prefix and label selector of a filter."""
+        return [
+            record
+            for record in self.daemon.store.containers()
+            if record.id.startswith(query.id)
+            and record.sandbox_id.startswith(query.pod_sandbox_id)
+            and labels_match(record.container_config().labels, query.label_selector)
+        ]
+
     def _containers(self, query: cri.ContainerFilter) -> list[cri.Container]:
         self.daemon.containers.refresh_running()
-        found = []
-        records: Iterable[ContainerRecord] = self.daemon.store.containers()
-        for record in records:
-            if query.id and not record.id.startswith(query.id):
-                continue
-            if query.pod_sandbox_id and not record.sandbox_id.startswith(query.pod_sandbox_id):
-                continue
-            summary = container_summary(record, record.state)
-            if query.HasField("state") and summary.state != query.state.state:
-                continue
-            if labels_match(summary.labels, query.label_selector):
-                found.append(summary)
-        return found
+        summaries = [container_summary(record, record.state) for record in self._container_records(query)]
+        return [s for s in summaries if not query.HasField("state") or s.state == query.state.state]
 
     def ListContainers(
         self, request: cri.ListContainersRequest, context: grpc.ServicerContext
@@ -351,3 +366,104 @@ class RuntimeService:
     def ExecSync(self, request: cri.ExecSyncRequest, context: grpc.ServicerContext) -> cri.ExecSyncResponse:
         result = self.daemon.containers.exec_sync(request.container_id, list(request.cmd), request.timeout)
         return cri.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
+
+    # -- stats -------------------------------------------------------------
+
+    def _container_stats(self, query: cri.ContainerStatsFilter) -> list[cri.ContainerStats]:
+        found = []
+        for record in self._container_records(query):
+            sandbox = self.daemon.store.sandbox(record.sandbox_id, missing_ok=True)
+            if sandbox is not None:
+                found.append(self.stats.container(sandbox, record))
+        return found
+
+    def ContainerStats(
+        self, request: cri.ContainerStatsRequest, context: grpc.ServicerContext
+    ) -> cri.ContainerStatsResponse:
+        record = self.daemon.store.container(request.container_id)
+        return cri.ContainerStatsResponse(
+            stats=self.stats.container(self.daemon.store.sandbox(record.sandbox_id), record)
+        )
+
+    def ListContainerStats(
+        self, request: cri.ListContainerStatsRequest, context: grpc.ServicerContext
+    ) -> cri.ListContainerStatsResponse:
+        return cri.ListContainerStatsResponse(stats=self._container_stats(request.filter))
+
+    def StreamContainerStats(
+        self, request: cri.StreamContainerStatsRequest, context: grpc.ServicerContext
+    ) -> Iterator[cri.StreamContainerStatsResponse]:
+        for part in chunks(self._container_stats(request.filter)):
+            yield cri.StreamContainerStatsResponse(container_stats=part)
+
+    def _pod_records(self, query: cri.PodSandboxStatsFilter) -> list[SandboxRecord]:
+        return [
+            record
+            for record in self.daemon.store.sandboxes()
+            if (not query.id or record.id.startswith(query.id))
+            and labels_match(record.pod_config().labels, query.label_selector)
+        ]
+
+    def PodSandboxStats(
+        self, request: cri.PodSandboxStatsRequest, context: grpc.ServicerContext
+    ) -> cri.PodSandboxStatsResponse:
+        record = self.daemon.store.sandbox(request.pod_sandbox_id)
+        return cri.PodSandboxStatsResponse(stats=self.stats.pod(record))
+
+    def ListPodSandboxStats(
+        self, request: cri.ListPodSandboxStatsRequest, context: grpc.ServicerContext
+    ) -> cri.ListPodSandboxStatsResponse:
+        return cri.ListPodSandboxStatsResponse(stats=[self.stats.pod(r) for r in self._pod_records(request.filter)])
+
+    def StreamPodSandboxStats(
+        self, request: cri.StreamPodSandboxStatsRequest, context: grpc.ServicerContext
+    ) -> Iterator[cri.StreamPodSandboxStatsResponse]:
+        for part in chunks([self.stats.pod(r) for r in self._pod_records(request.filter)]):
+            yield cri.StreamPodSandboxStatsResponse(pod_sandbox_stats=part)
+
+    def ListMetricDescriptors(
+        self, request: cri.ListMetricDescriptorsRequest, context: grpc.ServicerContext
+    ) -> cri.ListMetricDescriptorsResponse:
+        return cri.ListMetricDescriptorsResponse(descriptors=metrics.descriptors())
+
+    def ListPodSandboxMetrics(
+        self, request: cri.ListPodSandboxMetricsRequest, context: grpc.ServicerContext
+    ) -> cri.ListPodSandboxMetricsResponse:
+        pods = [self.stats.pod(record) for record in self.daemon.store.sandboxes()]
+        return cri.ListPodSandboxMetricsResponse(pod_metrics=[metrics.pod_metrics(p) for p in pods])
+
+    # -- events ------------------------------------------------------------
+
+    def _lifecycle(self, event: str, sandbox: SandboxRecord, container: ContainerRecord | None) -> None:
+        """Publish a container event, with the pod's status and its containers' as they are now."""
+        if event in ("container_removed", "sandbox_removed"):
+            self.stats.forget(container.id if container is not None else sandbox.id)
+        kind = _EVENT_TYPES.get(event)
+        if kind is None or container is None or not self.events.has_subscribers:
+            return
+        statuses = [
+            container_status(record, record.state)
+            for record in self.daemon.store.containers(sandbox.id)
+            if record.id != container.id
+        ]
+        if kind != cri.CONTAINER_DELETED_EVENT:
+            statuses.append(container_status(container, container.state))
+        self.events.publish(
+            cri.ContainerEventResponse(
+                container_id=container.id,
+                container_event_type=kind,
+                created_at=time.time_ns(),
+                pod_sandbox_status=sandbox_status(sandbox),
+                containers_statuses=statuses,
+            )
+        )
+
+    def GetContainerEvents(
+        self, request: cri.GetEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[cri.ContainerEventResponse]:
+        subscription = self.events.subscribe()
+        yield from subscription.events(EVENT_POLL, context.is_active, self.daemon.containers.refresh_running)
+        if subscription.overflowed:
+            raise ResourceExhausted(
+                f"this event stream fell more than {self.events.limit} events behind; list again and resubscribe"
+            )

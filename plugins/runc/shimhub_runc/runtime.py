@@ -30,6 +30,7 @@ from shimhub.hookspecs import hookimpl
 from shimhub.hooktypes import (
     ContainerState,
     ContainerStatus,
+    ContainerUsage,
     ExecResult,
     HandlerFeatures,
     PluginContext,
@@ -257,6 +258,7 @@ class RuncRuntime:
                 terminal=config.tty,
                 stdin=config.stdin,
             ),
+            cgroup=cgroup,
             stop_signal=_signal_name(config, image),
             termination_log=next((m.host_path for m in config.mounts if m.container_path == TERMINATION_LOG), ""),
         )
@@ -336,6 +338,15 @@ class RuncRuntime:
         monitor = self._monitor(container)
         monitor.exit_file.unlink(missing_ok=True)
         shutil.rmtree(monitor.bundle, ignore_errors=True)
+
+    @hookimpl
+    def runtime_container_stats(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
+        return cgroups.usage(container.runtime_data.get("cgroup", ""))
+
+    @hookimpl
+    def runtime_sandbox_stats(self, sandbox: SandboxRecord) -> ContainerUsage | None:
+        parent = sandbox.pod_config().linux.cgroup_parent
+        return cgroups.usage(parent) if parent else None  # without a pod cgroup, the containers' sum
 
     @hookimpl
     def runtime_container_update(
