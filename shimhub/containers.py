@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,7 @@ class ContainerManager:
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        self._state_guard = threading.Lock()
 
     def _sandbox_of(self, container: ContainerRecord) -> SandboxRecord:
         return self.daemon.store.sandbox(container.sandbox_id)
@@ -205,12 +207,14 @@ class ContainerManager:
         if handler.backend.plugin is None:
             return record.state
         current = handler.backend.plugin.call("runtime_container_state", sandbox=sandbox, container=record)
-        if current != record.state:
-            record.state = current
-            self.daemon.store.save_container(record)
-            if current.status == ContainerStatus.EXITED:
-                self.daemon.emit("container_stopped", sandbox, record)
-        return current
+        with self._state_guard:  # several callers may see the same change; one records and announces it
+            changed = current != record.state and record.state.status != ContainerStatus.EXITED
+            if changed:
+                record.state = current
+                self.daemon.store.save_container(record)
+        if changed and current.status == ContainerStatus.EXITED:
+            self.daemon.emit("container_stopped", sandbox, record)
+        return record.state
 
     def refresh_running(self) -> None:
         """Bring every non-final container state up to date (before listing)."""
