@@ -332,7 +332,7 @@ class RuntimeService:
             for record in self.daemon.store.containers()
             if record.id.startswith(query.id)
             and record.sandbox_id.startswith(query.pod_sandbox_id)
-            and labels_match(record.container_config().labels, query.label_selector)
+            and (not query.label_selector or labels_match(record.container_config().labels, query.label_selector))
         ]
 
     def _containers(self, query: cri.ContainerFilter) -> list[cri.Container]:
@@ -401,7 +401,7 @@ class RuntimeService:
             record
             for record in self.daemon.store.sandboxes()
             if (not query.id or record.id.startswith(query.id))
-            and labels_match(record.pod_config().labels, query.label_selector)
+            and (not query.label_selector or labels_match(record.pod_config().labels, query.label_selector))
         ]
 
     def PodSandboxStats(

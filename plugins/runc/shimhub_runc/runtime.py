@@ -273,6 +273,8 @@ class RuncRuntime:
         data = container.runtime_data
         started = data.get("started_at", 0)
         monitor = self._monitor(container)
+        pid = data.get("pid", 0)
+        alive = bool(pid) and _alive(pid)  # looked at before the exit file, so an exit in between is seen
         exited = monitor.exited()
         if exited is not None:
             code, finished = exited
@@ -285,8 +287,7 @@ class RuncRuntime:
                 reason=reason,
                 message=self._termination_message(data),
             )
-        pid = data.get("pid", 0)
-        if pid and _alive(pid):
+        if alive:
             return ContainerState(
                 status=ContainerStatus.RUNNING if started else ContainerStatus.CREATED, pid=pid, started_at=started
             )

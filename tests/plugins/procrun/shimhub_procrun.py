@@ -113,7 +113,8 @@ class ProcRuntime:
         data = container.runtime_data
         exit_file = self._dir(container.id) / "exit"
         reaper = self.reapers.get(container.id)
-        if reaper is not None and "pid" in data and not _alive(data["pid"]):
+        alive = "pid" in data and _alive(data["pid"])  # asked once: it may exit between two looks
+        if reaper is not None and "pid" in data and not alive:
             reaper.join(5)  # it exited: let our reaper record the exit code first
         if exit_file.exists():
             code, finished = (int(x) for x in exit_file.read_text().split())
@@ -125,7 +126,7 @@ class ProcRuntime:
                 exit_code=code,
                 reason="Completed" if code == 0 else "Error",
             )
-        if "pid" in data and _alive(data["pid"]):
+        if alive:
             return ContainerState(status=ContainerStatus.RUNNING, pid=data["pid"], started_at=data["started_at"])
         if "pid" in data:  # it ended while shimhub was down: no one could collect its exit code
             return ContainerState(
