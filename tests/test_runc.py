@@ -202,7 +202,8 @@ def test_read_only_rootfs(node, tmp_path: Path) -> None:
     pod = Pod(node, tmp_path)
     container_id = pod.run(
         "ro",
-        ["sh", "-c", "touch /new-file || echo refused; touch /tmp/x || echo tmp-refused"],
+        # one stream, so that the log keeps the order (stdout and stderr reach conmon through two pipes)
+        ["sh", "-c", "exec 2>&1; touch /new-file || echo refused; touch /tmp/x || echo tmp-refused"],
         linux=security(readonly_rootfs=True),
     )
     assert pod.wait_exit(container_id).exit_code == 0
