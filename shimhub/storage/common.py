@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from shimhub.errors import ConfigError, FailedPrecondition, NotFound, PluginFailed
+from shimhub import plugin_options
+from shimhub.errors import FailedPrecondition, NotFound, PluginFailed
 from shimhub.hookspecs import hookimpl
 from shimhub.hooktypes import FilesystemUsage, PluginContext, Readiness
 from shimhub.storage.unpack import Whiteouts, unpack
@@ -86,14 +87,7 @@ class DriverBase:
 
     def configure(self, root: str, options: Mapping[str, Any], context: PluginContext) -> None:
         """Validate options and create the driver's directories under `root`."""
-        unknown = set(options) - set(self.option_defaults)
-        if unknown:
-            known = ", ".join(sorted(self.option_defaults)) or "none"
-            raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}; known: {known}")
-        for key, value in options.items():
-            if type(value) is not type(self.option_defaults[key]):
-                raise ConfigError(f"{key}: expected {type(self.option_defaults[key]).__name__}, got {value!r}")
-        self.options = {**self.option_defaults, **options}
+        self.options = plugin_options.validated(options, self.option_defaults)
         self.root = Path(root) / context.name
         self.context = context
         for sub in ("layers", "containers", "tmp"):

@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shimhub import netns
-from shimhub.errors import ConfigError, FailedPrecondition
+from shimhub import netns, plugin_options
+from shimhub.errors import FailedPrecondition
 from shimhub.hookspecs import hookimpl
 from shimhub.hooktypes import PluginContext, PodNetwork, Readiness
 from shimhub.records import SandboxRecord
@@ -97,14 +97,7 @@ class CniNetwork:
 
     @hookimpl
     def network_setup(self, options: Mapping[str, Any], context: PluginContext) -> Readiness:
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(OPTIONS))}")
-        for key, value in options.items():
-            expected = type(OPTIONS[key])
-            if not isinstance(value, expected if expected is not float else (int, float)) or isinstance(value, bool):
-                raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r}")
-        self.options.update(options)
+        self.options = plugin_options.validated(options, OPTIONS)
         self.configs = ConfigDirectory(Path(self.options["conf_dir"]))
         self.cache = context.state_dir / "results"
         self.cache.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shimhub import cgroups
-from shimhub.errors import ConfigError, FailedPrecondition, NotFound, PluginFailed
+from shimhub import cgroups, plugin_options
+from shimhub.errors import FailedPrecondition, NotFound, PluginFailed
 from shimhub.hookspecs import hookimpl
 from shimhub.hooktypes import (
     ContainerState,
@@ -80,8 +80,10 @@ def _gone(error: PluginFailed) -> bool:
 
 def _unsupported_cgroups(binary: str) -> str:
     """Why an OCI runtime cannot run on this node's cgroup layout, where that is known in advance."""
+    if not os.path.basename(binary).startswith("crun") or cgroups.mode() != "hybrid":
+        return ""
     controllers = cgroups.v2_controllers()
-    if os.path.basename(binary).startswith("crun") and cgroups.mode() == "hybrid" and controllers:
+    if controllers:
         return (
             f"crun cannot run on hybrid cgroups while the cgroup v2 tree has controllers ({', '.join(controllers)}); "
             "use runc here, or boot the node with cgroup v2 only"
@@ -119,16 +121,7 @@ class RuncRuntime:
 
     @hookimpl
     def runtime_setup(self, options: Mapping[str, Any], context: PluginContext) -> Readiness:
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(OPTIONS))}")
-        for key, value in options.items():
-            expected = type(OPTIONS[key])
-            if type(value) is not expected or (expected is list and not all(isinstance(v, str) for v in value)):
-                raise ConfigError(
-                    f"{key}: expected {'a list of strings' if expected is list else expected.__name__}, got {value!r}"
-                )
-        self.options.update(options)
+        self.options = plugin_options.validated(options, OPTIONS)
         self.context, self.log = context, context.log
         self.cgroup_driver = context.cgroup_driver
         self.state_root = context.run_dir / "runtime"

@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shimhub.errors import ConfigError, InvalidArgument
+from shimhub import plugin_options
+from shimhub.errors import InvalidArgument
 from shimhub.hookspecs import hookimpl
 from shimhub.hooktypes import ContainerState, ContainerStatus, ExecResult, PluginContext, PodNetwork, Readiness
 
@@ -42,11 +43,8 @@ class ProcRuntime:
 
     @hookimpl
     def runtime_setup(self, options: Mapping[str, Any], context: PluginContext) -> Readiness:
-        unknown = set(options) - {"nsenter"}
-        if unknown:
-            raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}; known: nsenter")
+        self.nsenter = plugin_options.validated(options, {"nsenter": "nsenter"})["nsenter"]
         self.context = context
-        self.nsenter = str(options.get("nsenter", "nsenter"))
         if shutil.which(self.nsenter) is None:
             return Readiness(ready=False, reason=f"{self.nsenter} not found")
         return Readiness(ready=True, info={"nsenter": shutil.which(self.nsenter)})
