@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import IO, Any
 
 from shimhub.errors import InvalidArgument
@@ -39,15 +40,12 @@ class AufsDriver(UnionDriverBase):
 
     @hookimpl
     def storage_layer_apply(self, layer_id: str, parent_id: str, diff: IO[bytes]) -> FilesystemUsage:
-        target = self.layer_dir(layer_id)
-        if not target.exists():
-            work = self.scratch()
-            (work / "diff").mkdir(mode=0o755)
-            self.unpack_into(diff, work / "diff")
+        def describe(work: Path) -> None:
             chain = [parent_id, *self._parents(parent_id)] if parent_id else []
             (work / "parents").write_text(" ".join(chain))
-            os.rename(work, target)
-        return tree_usage(str(target / "diff"))
+
+        self.add_layer(layer_id, diff, describe)
+        return tree_usage(str(self.layer_dir(layer_id) / "diff"))
 
     @hookimpl
     def storage_layer_remove(self, layer_id: str) -> None:

@@ -7,7 +7,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -135,6 +135,22 @@ class UnionDriverBase(DriverBase):
     #: A container's mount point and writable directory, under its container directory.
     mount_dir = "merged"
     writable_dir = "upper"
+
+    def add_layer(self, layer_id: str, diff: IO[bytes], describe: Callable[[Path], None]) -> bool:
+        """Unpack `diff` into the layer's `diff` directory, atomically and once.
+
+        `describe(directory)` writes the driver's own files next to `diff` before the
+        layer appears. Returns False when the layer existed already.
+        """
+        target = self.layer_dir(layer_id)
+        if target.exists():
+            return False
+        work = self.scratch()
+        (work / "diff").mkdir(mode=0o755)
+        self.unpack_into(diff, work / "diff")
+        describe(work)
+        os.rename(work, target)
+        return True
 
     @hookimpl
     def storage_rootfs_unmount(self, container_id: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Mapping
+from pathlib import Path
 from typing import IO, Any
 
 from shimhub.errors import InvalidArgument
@@ -24,6 +25,10 @@ from shimhub.storage.unpack import Whiteouts
 MOUNT_OPTIONS_LIMIT = 4096
 #: Filesystems that cannot hold an overlay upper directory.
 UNSUITABLE_BACKING = {"overlayfs", "aufs"}
+
+
+def _mount(options: str, target: Path, cwd: Path | None = None) -> None:
+    run("mount", "-t", "overlay", "overlay", "-o", options, str(target), cwd=str(cwd) if cwd else None)
 
 
 class OverlayDriver(UnionDriverBase):
@@ -50,15 +55,7 @@ class OverlayDriver(UnionDriverBase):
         for sub in ("lower", "upper", "work", "merged"):
             (probe / sub).mkdir()
         try:
-            run(
-                "mount",
-                "-t",
-                "overlay",
-                "overlay",
-                "-o",
-                f"lowerdir={probe / 'lower'},upperdir={probe / 'upper'},workdir={probe / 'work'}",
-                str(probe / "merged"),
-            )
+            _mount(f"lowerdir={probe / 'lower'},upperdir={probe / 'upper'},workdir={probe / 'work'}", probe / "merged")
         except Exception as exc:  # noqa: BLE001 - any failure means overlay cannot be used here
             return f"a test overlay mount failed: {exc}"
         finally:
@@ -77,17 +74,15 @@ class OverlayDriver(UnionDriverBase):
 
     @hookimpl
     def storage_layer_apply(self, layer_id: str, parent_id: str, diff: IO[bytes]) -> FilesystemUsage:
-        target = self.layer_dir(layer_id)
-        if not target.exists():
-            work = self.scratch()
-            (work / "diff").mkdir(mode=0o755)
-            self.unpack_into(diff, work / "diff")
-            link = secrets.token_hex(13).upper()
+        link = secrets.token_hex(13).upper()
+
+        def describe(work: Path) -> None:
             (work / "link").write_text(link)
             (work / "lower").write_text(":".join(self._chain(parent_id)) if parent_id else "")
-            os.rename(work, target)
+
+        if self.add_layer(layer_id, diff, describe):
             os.symlink(f"../layers/{layer_id}/diff", self.root / "l" / link)
-        return tree_usage(str(target / "diff"))
+        return tree_usage(str(self.layer_dir(layer_id) / "diff"))
 
     @hookimpl
     def storage_layer_remove(self, layer_id: str) -> None:
@@ -118,14 +113,5 @@ class OverlayDriver(UnionDriverBase):
     def storage_rootfs_mount(self, container_id: str) -> str:
         merged = self.container_dir(container_id) / "merged"
         if not os.path.ismount(merged):
-            run(
-                "mount",
-                "-t",
-                "overlay",
-                "overlay",
-                "-o",
-                self.mount_options(container_id),
-                str(merged),
-                cwd=str(self.root),
-            )
+            _mount(self.mount_options(container_id), merged, cwd=self.root)  # lower dirs are relative to the root
         return str(merged)
