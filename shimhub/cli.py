@@ -85,13 +85,18 @@ def _client(args: argparse.Namespace) -> Any:
     return api_pb2_grpc.RuntimeServiceStub(grpc.insecure_channel(f"unix:{socket}"))
 
 
-def _ask(call: Any, request: Any) -> Any:
-    """`call(request)` with a timeout; gRPC errors become one line on stderr (raised as SystemExit)."""
+def _ask(call: Any, request: Any, tolerate: tuple[Any, ...] = ()) -> Any:
+    """`call(request)` with a timeout; None for an error code in `tolerate`.
+
+    Other gRPC errors become one line on stderr (raised as SystemExit).
+    """
     import grpc
 
     try:
         return call(request, timeout=CLIENT_TIMEOUT)
     except grpc.RpcError as exc:
+        if exc.code() in tolerate:
+            return None
         raise SystemExit(f"shimhub: {exc.code().name}: {exc.details()}") from None
 
 
@@ -114,14 +119,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from shimhub_proto.cri.v1 import api_pb2 as cri
 
     client = _client(args)
-    try:
-        found = client.PodSandboxStatus(
-            cri.PodSandboxStatusRequest(pod_sandbox_id=args.id, verbose=True), timeout=CLIENT_TIMEOUT
-        )
-        kind = "pod sandbox"
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.NOT_FOUND:
-            raise SystemExit(f"shimhub: {exc.code().name}: {exc.details()}") from None
+    found = _ask(
+        client.PodSandboxStatus,
+        cri.PodSandboxStatusRequest(pod_sandbox_id=args.id, verbose=True),
+        tolerate=(grpc.StatusCode.NOT_FOUND,),
+    )
+    kind = "pod sandbox"
+    if found is None:
         found = _ask(client.ContainerStatus, cri.ContainerStatusRequest(container_id=args.id, verbose=True))
         kind = "container"
     print(json.dumps({"kind": kind, "record": json.loads(found.info["info"])}, indent=2, sort_keys=True))

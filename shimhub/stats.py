@@ -109,13 +109,18 @@ class StatsCollector:
         )
         return {"cpu": cpu, "memory": memory}
 
-    def container_usage(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
-        """What the runtime reports for a container (only a timestamp when it cannot say)."""
+    def _runtime_answer(self, sandbox: SandboxRecord, hook: str, **arguments: object) -> ContainerUsage | None:
+        """What the pod's runtime plugin answers to a stats hook; None when it has no such hook."""
         handler = self.daemon.handlers.handlers.get(sandbox.handler)
         plugin = handler.backend.plugin if handler is not None else None
-        if plugin is None or not plugin.implements("runtime_container_stats"):
-            return ContainerUsage(timestamp=time.time_ns())
-        return plugin.call("runtime_container_stats", sandbox=sandbox, container=container)
+        if plugin is None or not plugin.implements(hook):
+            return None
+        return plugin.call(hook, sandbox=sandbox, **arguments)
+
+    def container_usage(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
+        """What the runtime reports for a container (only a timestamp when it cannot say)."""
+        usage = self._runtime_answer(sandbox, "runtime_container_stats", container=container)
+        return usage or ContainerUsage(timestamp=time.time_ns())
 
     def container(
         self, sandbox: SandboxRecord, container: ContainerRecord, usage: ContainerUsage | None = None
@@ -150,14 +155,7 @@ class StatsCollector:
         """The PodSandboxStats of one pod, with the stats of each of its containers."""
         containers = list(self.daemon.store.containers(sandbox.id))
         usages = [self.container_usage(sandbox, c) for c in containers]
-        handler = self.daemon.handlers.handlers.get(sandbox.handler)
-        plugin = handler.backend.plugin if handler is not None else None
-        own = (
-            plugin.call("runtime_sandbox_stats", sandbox=sandbox)
-            if plugin is not None and plugin.implements("runtime_sandbox_stats")
-            else None
-        )
-        usage = own or summed(usages)
+        usage = self._runtime_answer(sandbox, "runtime_sandbox_stats") or summed(usages)
         config = sandbox.pod_config()
         linux = cri.LinuxPodSandboxStats(
             **self._cpu_and_memory(sandbox.id, usage),
