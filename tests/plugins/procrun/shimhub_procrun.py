@@ -101,7 +101,9 @@ class ProcRuntime:
 
         def reap() -> None:
             code = proc.wait()
-            exit_file.write_text(f"{code if code >= 0 else 128 - code} {time.time_ns()}")
+            written = exit_file.with_suffix(".tmp")
+            written.write_text(f"{code if code >= 0 else 128 - code} {time.time_ns()}")
+            written.rename(exit_file)  # whole or absent: a state call may look at any moment
 
         self.reapers[container.id] = threading.Thread(target=reap, daemon=True)
         self.reapers[container.id].start()
