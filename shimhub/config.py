@@ -91,6 +91,19 @@ class NetworkConfig:
 
 
 @define(frozen=True)
+class StreamingConfig:
+    """The streaming server that Exec, Attach and PortForward hand the kubelet to."""
+
+    #: host:port to listen on (port 0 picks a free one). The kubelet proxies
+    #: streams, so loopback is right unless clients must reach it directly.
+    address: str = "127.0.0.1:0"
+    #: Seconds a URL from Exec, Attach or PortForward stays valid.
+    token_ttl: float = 60.0
+    #: Seconds a SPDY client gets to open all the streams of a session.
+    stream_creation_timeout: float = 30.0
+
+
+@define(frozen=True)
 class Config:
     """The effective configuration of one shimhub instance."""
 
@@ -112,6 +125,7 @@ class Config:
     shutdown_grace: float = 10.0
     #: host:port of the HTTP endpoint serving Prometheus metrics and inspect data ("" = off).
     metrics_address: str = ""
+    streaming: StreamingConfig = field(factory=StreamingConfig)
 
 
 def _strict_converter() -> cattrs.Converter:
@@ -259,6 +273,15 @@ def _structure(layers: _Layers) -> Config:
     return config
 
 
+def split_address(address: str) -> tuple[str, int] | None:
+    """(host, port) of "host:port" or "[v6 address]:port"; None when it is not of that form."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        return None
+    return host, int(port)
+
+
 def _check_values(config: Config, layers: _Layers) -> None:
     """Checks of values and of references between keys, each naming its key."""
     problems: list[str] = []
@@ -284,10 +307,13 @@ def _check_settings(config: Config, bad: Complaint) -> None:
     for key, choices in (("log_level", LOG_LEVELS), ("cgroup_driver", CGROUP_DRIVERS)):
         if getattr(config, key) not in choices:
             bad((key,), f"expected one of {', '.join(choices)}, got {getattr(config, key)!r}")
-    if config.metrics_address:
-        host, _, port = config.metrics_address.rpartition(":")
-        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            bad(("metrics_address",), f"expected host:port (port 0 picks a free one), got {config.metrics_address!r}")
+    addresses = {("metrics_address",): config.metrics_address, ("streaming", "address"): config.streaming.address}
+    for path, address in addresses.items():
+        if address and split_address(address) is None:
+            bad(path, f"expected host:port (port 0 picks a free one), got {address!r}")
+    for key in ("token_ttl", "stream_creation_timeout"):
+        if getattr(config.streaming, key) <= 0:
+            bad(("streaming", key), f"expected a number of seconds > 0, got {getattr(config.streaming, key)}")
     if config.shutdown_grace < 0:
         bad(("shutdown_grace",), f"expected a number of seconds >= 0, got {config.shutdown_grace}")
     _check_images(config.images, bad)

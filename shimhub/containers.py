@@ -9,13 +9,15 @@ import time
 from typing import TYPE_CHECKING
 
 from shimhub.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
-from shimhub.hooktypes import ContainerState, ContainerStatus, ExecResult
+from shimhub.hooktypes import ContainerState, ContainerStatus, ExecResult, StreamedProcess
 from shimhub.pods import new_id
 from shimhub.records import SANDBOX_READY, ContainerRecord, SandboxRecord, proto_to_dict
+from shimhub.streaming.requests import CommandRequest
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
 if TYPE_CHECKING:
     from shimhub.daemon import Daemon
+    from shimhub.plugins import LoadedPlugin
 
 log = logging.getLogger(__name__)
 
@@ -225,15 +227,19 @@ class ContainerManager:
                 except Exception:
                     log.exception("cannot refresh the state of container %s", record.id[:12])
 
-    def exec_sync(self, container_id: str, cmd: list[str], timeout: int) -> ExecResult:
-        """Run `cmd` in a running container and wait for it."""
-        if not cmd:
-            raise InvalidArgument("ExecSync needs a command")
+    def _running(self, container_id: str) -> tuple[SandboxRecord, ContainerRecord, LoadedPlugin]:
+        """A running container, its sandbox and its handler's plugin; FailedPrecondition if not running."""
         record, state = self.state(container_id)
         if state.status != ContainerStatus.RUNNING:
             raise FailedPrecondition(f"container {record.id} is not running")
         sandbox = self._sandbox_of(record)
-        plugin = self.daemon.handlers.get(sandbox.handler).require()
+        return sandbox, record, self.daemon.handlers.get(sandbox.handler).require()
+
+    def exec_sync(self, container_id: str, cmd: list[str], timeout: int) -> ExecResult:
+        """Run `cmd` in a running container and wait for it."""
+        if not cmd:
+            raise InvalidArgument("ExecSync needs a command")
+        sandbox, record, plugin = self._running(container_id)
         result = plugin.call(
             "runtime_exec_sync",
             sandbox=sandbox,
@@ -261,9 +267,43 @@ class ContainerManager:
 
     def reopen_log(self, container_id: str) -> None:
         """Have the runtime reopen the container's log after rotation."""
-        record, state = self.state(container_id)
-        if state.status != ContainerStatus.RUNNING:
-            raise FailedPrecondition(f"container {record.id} is not running")
-        sandbox = self._sandbox_of(record)
-        plugin = self.daemon.handlers.get(sandbox.handler).require()
+        sandbox, record, plugin = self._running(container_id)
         plugin.call("runtime_container_reopen_log", sandbox=sandbox, container=record)
+
+    def exec_request(self, request: cri.ExecRequest) -> CommandRequest:
+        """Check an Exec and prepare what runs when its streaming client connects."""
+        if not request.cmd:
+            raise InvalidArgument("Exec needs a command")
+        _check_streams(request)
+        _, record, plugin = self._running(request.container_id)
+        plugin.require_hook("runtime_exec")
+        cmd = list(request.cmd)
+
+        def open_process() -> StreamedProcess:
+            sandbox, container, runtime = self._running(record.id)  # it may have exited since
+            return runtime.call(
+                "runtime_exec", sandbox=sandbox, container=container, cmd=cmd, tty=request.tty, stdin=request.stdin
+            )
+
+        return CommandRequest("exec", request.stdin, request.stdout, request.stderr, request.tty, open_process)
+
+    def attach_request(self, request: cri.AttachRequest) -> CommandRequest:
+        """Check an Attach and prepare the connection made when its streaming client connects."""
+        _check_streams(request)
+        _, record, plugin = self._running(request.container_id)
+        plugin.require_hook("runtime_attach")
+        if request.stdin and not record.container_config().stdin:
+            raise FailedPrecondition(f"container {record.id} was created without stdin: there is no input to attach")
+
+        def open_process() -> StreamedProcess:
+            sandbox, container, runtime = self._running(record.id)
+            return runtime.call("runtime_attach", sandbox=sandbox, container=container, stdin=request.stdin)
+
+        return CommandRequest("attach", request.stdin, request.stdout, request.stderr, request.tty, open_process)
+
+
+def _check_streams(request: cri.ExecRequest | cri.AttachRequest) -> None:
+    if not (request.stdin or request.stdout or request.stderr):
+        raise InvalidArgument("one of stdin, stdout and stderr must be requested")
+    if request.tty and request.stderr:
+        raise InvalidArgument("tty and stderr cannot both be requested: a terminal has a single output")

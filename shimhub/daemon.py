@@ -40,6 +40,7 @@ RESTART_KEYS = (
     "images",
     "extensions",
     "metrics_address",
+    "streaming",
 )
 
 

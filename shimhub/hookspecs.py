@@ -33,6 +33,8 @@ from typing import IO, TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    import socket
+
     from shimhub.hooktypes import (
         ContainerState,
         ContainerUsage,
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
         PluginContext,
         PodNetwork,
         Readiness,
+        StreamedProcess,
     )
     from shimhub.records import ContainerRecord, SandboxRecord
     from shimhub_proto.cri.v1 import api_pb2 as cri
@@ -48,7 +51,7 @@ if TYPE_CHECKING:
 PROJECT = "shimhub"
 #: The version of this contract. A new optional hook raises the minor; a
 #: changed or removed hook raises the major.
-API_VERSION = "1.1"
+API_VERSION = "1.2"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -160,6 +163,35 @@ class RuntimeSpec:
         self, sandbox: SandboxRecord, container: ContainerRecord, cmd: list[str], timeout: float | None
     ) -> ExecResult:
         """Run `cmd` in the container and wait for it, killing it after `timeout` seconds. Optional."""
+
+    @hookspec(firstresult=True)
+    def runtime_exec(
+        self, sandbox: SandboxRecord, container: ContainerRecord, cmd: list[str], tty: bool, stdin: bool
+    ) -> StreamedProcess:
+        """Start `cmd` in the running container for a streaming client; return its stdio. Optional (since 1.2).
+
+        With `tty` the process gets a terminal (its stderr goes to the terminal);
+        without `stdin` its standard input is empty. Called when the client
+        connects, on the streaming server's thread. Without this hook Exec
+        answers UNIMPLEMENTED.
+        """
+
+    @hookspec(firstresult=True)
+    def runtime_attach(self, sandbox: SandboxRecord, container: ContainerRecord, stdin: bool) -> StreamedProcess:
+        """Connect to the running container's main process: its output from now on, and its stdin if `stdin`.
+
+        Closing the returned process's input follows the container's
+        `stdin_once`. Optional (since 1.2); without it Attach answers UNIMPLEMENTED.
+        """
+
+    @hookspec(firstresult=True)
+    def runtime_port_forward(self, sandbox: SandboxRecord, port: int) -> socket.socket:
+        """A stream socket connected to TCP `port` inside the pod. Optional (since 1.2).
+
+        Raise ``shimhub.errors.Unavailable`` (or another ShimhubError) when
+        nothing listens there; the client sees the message. Without this hook
+        PortForward answers UNIMPLEMENTED.
+        """
 
 
 class StorageSpec:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from attrs import define, field
 
@@ -121,3 +121,34 @@ class FilesystemUsage:
 
     used_bytes: int
     inodes_used: int
+
+
+#: Which output of a streamed process a chunk came from (StreamedProcess.read_output).
+STDOUT, STDERR = 1, 2
+
+
+class StreamedProcess(Protocol):
+    """A process whose stdio the streaming server relays to a client: an exec'd command or an attached container.
+
+    A runtime plugin returns one from ``runtime_exec`` or ``runtime_attach``.
+    shimhub reads output on one thread and writes input and resizes from
+    others, so the methods must be safe to call concurrently with each other.
+    """
+
+    def read_output(self) -> tuple[int, bytes]:
+        """Block until output is available: (STDOUT or STDERR, data); (STDOUT, b"") once all output ended."""
+
+    def write_input(self, data: bytes) -> None:
+        """Deliver `data` to the process's stdin (dropped when the process takes no input)."""
+
+    def close_input(self) -> None:
+        """End the process's stdin (the client closed its input)."""
+
+    def resize(self, width: int, height: int) -> None:
+        """Resize the process's terminal (ignored without a TTY)."""
+
+    def wait(self) -> int | None:
+        """After output ended: the exit code of an exec'd process, None for an attach."""
+
+    def close(self) -> None:
+        """Release everything; an exec'd process still running is killed. Idempotent."""

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from attrs import define
 
-from shimhub.errors import PluginFailed
+from shimhub.errors import PluginFailed, Unavailable
 
 NETNS_DIR = Path("/run/netns")
 TIMEOUT = 10.0
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
 
 
 def _ip(*args: str) -> None:
@@ -66,30 +70,68 @@ def _parse_net_dev(text: str) -> list[InterfaceCounters]:
     return counters
 
 
-def interface_counters(path: str) -> list[InterfaceCounters]:
-    """The counters of every interface in the namespace at `path` ([] when it is gone).
+def _run_inside(path: str, work: Callable[[], T], name: str) -> T:
+    """Run `work` on a short-lived thread that has joined the network namespace at `path`.
 
-    Read on a short-lived thread that joins the namespace, because a namespace
-    pinned to a file may have no process whose /proc/<pid>/net/dev shows it.
+    A namespace pinned to a file may have no process to enter through
+    /proc/<pid>/ns/net; a thread's own namespace is left with the thread.
+    Sockets created there stay in that namespace afterwards.
     """
-    found: list[InterfaceCounters] = []
-    problem: list[OSError] = []
+    result: list[T] = []
+    problem: list[Exception] = []
 
-    def read() -> None:
+    def inside() -> None:
         try:
             with open(path) as namespace:
                 if _libc.setns(namespace.fileno(), CLONE_NEWNET) != 0:
                     raise OSError(ctypes.get_errno(), f"setns {path}: {os.strerror(ctypes.get_errno())}")
-            with open("/proc/thread-self/net/dev") as dev:
-                found.extend(_parse_net_dev(dev.read()))
-        except OSError as exc:
+            result.append(work())
+        except Exception as exc:  # noqa: BLE001 - re-raised on the caller's thread
             problem.append(exc)
+
+    thread = threading.Thread(target=inside, name=name)
+    thread.start()
+    thread.join()
+    if problem:
+        raise problem[0]
+    return result[0]
+
+
+def interface_counters(path: str) -> list[InterfaceCounters]:
+    """The counters of every interface in the namespace at `path` ([] when it is gone)."""
+
+    def read() -> list[InterfaceCounters]:
+        with open("/proc/thread-self/net/dev") as dev:
+            return _parse_net_dev(dev.read())
 
     if not path or not os.path.exists(path):
         return []
-    reader = threading.Thread(target=read, name="netns-counters")
-    reader.start()
-    reader.join()
-    if problem and os.path.exists(path):
-        raise PluginFailed(f"reading interface counters in {path}: {problem[0]}")
-    return found
+    try:
+        return _run_inside(path, read, "netns-counters")
+    except OSError as exc:
+        if not os.path.exists(path):
+            return []
+        raise PluginFailed(f"reading interface counters in {path}: {exc}") from None
+
+
+def connect(path: str, port: int, timeout: float = TIMEOUT) -> socket.socket:
+    """A TCP connection to `port` on the loopback of the namespace at `path` ("" = the host's).
+
+    Tries 127.0.0.1, then ::1. Unavailable when nothing listens on either.
+    """
+
+    def dial() -> socket.socket:
+        failures = []
+        for host in ("127.0.0.1", "::1"):
+            try:
+                return socket.create_connection((host, port), timeout=timeout)
+            except OSError as exc:
+                failures.append(f"{host}: {exc.strerror or exc}")
+        raise Unavailable(f"cannot connect to port {port} in the pod ({'; '.join(failures)})")
+
+    try:
+        connection = _run_inside(path, dial, "netns-connect") if path else dial()
+    except OSError as exc:
+        raise Unavailable(f"cannot enter the pod's network namespace: {exc}") from None
+    connection.settimeout(None)
+    return connection

@@ -125,13 +125,17 @@ class LoadedPlugin:
         caller = getattr(self.manager.hook, hook, None)
         return caller is not None and bool(caller.get_hookimpls())
 
+    def require_hook(self, hook: str) -> None:
+        """Raise Unimplemented unless the plugin implements `hook`."""
+        if not self.implements(hook):
+            raise Unimplemented(f"{self.kind} plugin {self.name!r} does not implement {hook}")
+
     def call(self, hook: str, /, **kwargs: Any) -> Any:
         """Call `hook`; errors other than ShimhubError and ConfigError become PluginFailed naming the plugin.
 
         A hook the plugin does not implement raises Unimplemented.
         """
-        if not self.implements(hook):
-            raise Unimplemented(f"{self.kind} plugin {self.name!r} does not implement {hook}")
+        self.require_hook(hook)
         started = time.monotonic()
         try:
             return getattr(self.manager.hook, hook)(**kwargs)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 import time
 from typing import TYPE_CHECKING
 
-from shimhub.errors import InvalidArgument
+from shimhub.errors import FailedPrecondition, InvalidArgument
 from shimhub.hooktypes import PodNetwork
 from shimhub.records import SANDBOX_NOTREADY, SANDBOX_READY, SandboxRecord, proto_to_dict
+from shimhub.streaming.requests import PortForwardRequest
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
 if TYPE_CHECKING:
@@ -152,3 +154,19 @@ class PodManager:
         with self.daemon.locks.hold(record.id):
             plugin = self.daemon.handlers.get(record.handler).require()
             plugin.call("runtime_sandbox_update", sandbox=record, resources=resources)
+
+    def port_forward_request(self, request: cri.PortForwardRequest) -> PortForwardRequest:
+        """Check a PortForward and prepare the connections made when its streaming client connects."""
+        record = self.daemon.store.sandbox(request.pod_sandbox_id)
+        if record.state != SANDBOX_READY:
+            raise FailedPrecondition(f"pod sandbox {record.id} is not ready")
+        plugin = self.daemon.handlers.get(record.handler).require()
+        plugin.require_hook("runtime_port_forward")
+        bad = [port for port in request.port if not 0 < port < 65536]
+        if bad:
+            raise InvalidArgument(f"not TCP ports (1-65535): {bad}")
+
+        def connect(port: int) -> socket.socket:
+            return plugin.call("runtime_port_forward", sandbox=self.daemon.store.sandbox(record.id), port=port)
+
+        return PortForwardRequest(list(request.port), connect)

@@ -23,6 +23,7 @@ from shimhub.daemon import Daemon
 from shimhub.rpc import service_handler
 from shimhub.services.image import ImageService
 from shimhub.services.runtime import RuntimeService
+from shimhub.streaming.server import StreamingServer
 from shimhub.telemetry import MetricsEndpoint
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
@@ -72,7 +73,8 @@ class Server:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS), options=options)
-        self.runtime_service = RuntimeService(daemon)
+        self.streaming = StreamingServer(daemon.config.streaming)
+        self.runtime_service = RuntimeService(daemon, self.streaming)
         self.metrics = MetricsEndpoint(daemon, daemon.config.metrics_address) if daemon.config.metrics_address else None
         self.grpc.add_generic_rpc_handlers(
             [
@@ -92,6 +94,7 @@ class Server:
             os.umask(old_umask)
         os.chmod(self.socket_path, SOCKET_MODE)
         log.info("serving CRI on %s", self.socket_path)
+        self.streaming.start()
         if self.metrics is not None:
             self.metrics.start()
 
@@ -101,6 +104,7 @@ class Server:
         if self.metrics is not None:
             self.metrics.stop()
         self.grpc.stop(grace).wait()
+        self.streaming.stop()
         self.socket_path.unlink(missing_ok=True)
         log.info("stopped")
 

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from shimhub.config import converter
+from shimhub.config import converter, split_address
 from shimhub.errors import ConfigError, NotFound
 
 if TYPE_CHECKING:
@@ -135,13 +135,13 @@ class MetricsEndpoint:
     """The HTTP endpoint, serving on its own thread."""
 
     def __init__(self, daemon: Daemon, address: str) -> None:
-        host, _, port = address.rpartition(":")
+        host, port = split_address(address) or ("", 0)
         REGISTRY.register(ObjectCounts(daemon))
         handler = type("Handler", (_Handler,), {"daemon": daemon})
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family})
         try:
-            self.server = server_class((host.strip("[]"), int(port)), handler)
+            self.server = server_class((host, port), handler)
         except OSError as exc:
             raise ConfigError(f"metrics_address {address}: cannot listen there: {exc.strerror}") from None
         self.thread = threading.Thread(target=self.server.serve_forever, name="metrics-endpoint", daemon=True)

@@ -125,6 +125,11 @@ def test_exec_sync_output_exit_code_and_timeout(daemon, tmp_path: Path) -> None:
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert details == f"command 'sleep' in container {container_id} timed out after 1 s"
     assert time.monotonic() - started < 10
+    # The test runtime has no streaming hooks: the streaming RPCs say so instead of handing out URLs.
+    code, details = rpc_error(rt.Exec, cri.ExecRequest(container_id=container_id, cmd=["true"], stdout=True))
+    assert (code, details) == (grpc.StatusCode.UNIMPLEMENTED, "runtime plugin 'proc' does not implement runtime_exec")
+    code, _ = rpc_error(rt.PortForward, cri.PortForwardRequest(pod_sandbox_id=pod_id, port=[80]))
+    assert code == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_stop_escalates_to_sigkill_after_the_timeout(daemon, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shimhub.hookspecs import API_VERSION
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT
 from tests.shimhubd import host_network, pod_config
@@ -47,15 +48,15 @@ BROKEN = {
     ),
     "no-api": (
         GOOD_HOOKS + "class Plugin(Base):\n    shimhub_api = None\n",
-        'declares no shimhub_api = "MAJOR.MINOR" (this shimhub provides 1.1)',
+        f'declares no shimhub_api = "MAJOR.MINOR" (this shimhub provides {API_VERSION})',
     ),
     "future-api": (
         GOOD_HOOKS + "class Plugin(Base):\n    shimhub_api = '1.7'\n",
-        "written for plugin API 1.7, this shimhub provides 1.1",
+        f"written for plugin API 1.7, this shimhub provides {API_VERSION}",
     ),
     "old-major": (
         GOOD_HOOKS + "class Plugin(Base):\n    shimhub_api = '0.9'\n",
-        "written for plugin API 0.9, this shimhub provides 1.1",
+        f"written for plugin API 0.9, this shimhub provides {API_VERSION}",
     ),
     "wrong-args": (
         GOOD_HOOKS + "class Plugin(Base):\n    @hookimpl\n    def runtime_sandbox_stop(self, sandbox, force): pass\n",

@@ -21,6 +21,7 @@ from shimhub_proto.cri.v1 import api_pb2 as cri
 
 if TYPE_CHECKING:
     from shimhub.daemon import Daemon
+    from shimhub.streaming.server import StreamingServer
 
 #: CRI API version reported by Version.
 CRI_VERSION = "v1"
@@ -156,8 +157,9 @@ EVENT_POLL = 1.0
 class RuntimeService:
     """Implements runtime.v1.RuntimeService on top of a Daemon."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, streaming: StreamingServer) -> None:
         self.daemon = daemon
+        self.streaming = streaming
         self.stats = StatsCollector(daemon)
         self.events: EventBus[cri.ContainerEventResponse] = EventBus()
         daemon.listeners.append(self._lifecycle)
@@ -366,6 +368,18 @@ class RuntimeService:
     def ExecSync(self, request: cri.ExecSyncRequest, context: grpc.ServicerContext) -> cri.ExecSyncResponse:
         result = self.daemon.containers.exec_sync(request.container_id, list(request.cmd), request.timeout)
         return cri.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
+
+    # -- streaming: each answers with a single-use URL on the streaming server ---------
+
+    def Exec(self, request: cri.ExecRequest, context: grpc.ServicerContext) -> cri.ExecResponse:
+        return cri.ExecResponse(url=self.streaming.url("exec", self.daemon.containers.exec_request(request)))
+
+    def Attach(self, request: cri.AttachRequest, context: grpc.ServicerContext) -> cri.AttachResponse:
+        return cri.AttachResponse(url=self.streaming.url("attach", self.daemon.containers.attach_request(request)))
+
+    def PortForward(self, request: cri.PortForwardRequest, context: grpc.ServicerContext) -> cri.PortForwardResponse:
+        forward = self.daemon.pods.port_forward_request(request)
+        return cri.PortForwardResponse(url=self.streaming.url("portforward", forward))
 
     # -- stats -------------------------------------------------------------
 

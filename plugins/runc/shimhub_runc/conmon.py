@@ -68,6 +68,7 @@ def launch(
     cgroup_driver: str,
     terminal: bool,
     stdin: bool,
+    stdin_once: bool,
 ) -> int:
     """Create a container under conmon; return the container's pid once it exists."""
     sync_read, sync_write = os.pipe()
@@ -108,7 +109,7 @@ def launch(
     if terminal:
         argv.append("--terminal")
     if stdin:
-        argv += ["--stdin", "--leave-stdin-open"]
+        argv += ["--stdin"] if stdin_once else ["--stdin", "--leave-stdin-open"]
     env = {**os.environ, "_OCI_SYNCPIPE": str(sync_write), "_OCI_STARTPIPE": str(start_read)}
     try:
         process = subprocess.Popen(

@@ -18,13 +18,14 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shimhub import cgroups, plugin_options
+from shimhub import cgroups, netns, plugin_options
 from shimhub.errors import FailedPrecondition, NotFound, PluginFailed
 from shimhub.hookspecs import hookimpl
 from shimhub.hooktypes import (
@@ -36,10 +37,11 @@ from shimhub.hooktypes import (
     PluginContext,
     PodNetwork,
     Readiness,
+    StreamedProcess,
 )
 from shimhub.records import ContainerRecord, SandboxRecord
 from shimhub_proto.cri.v1 import api_pb2 as cri
-from shimhub_runc import conmon, pod, spec
+from shimhub_runc import conmon, pod, spec, streams
 
 OPTIONS: dict[str, Any] = {
     "binary": "runc",
@@ -101,7 +103,7 @@ def _signal_name(config: cri.ContainerConfig, image: Mapping[str, Any]) -> str:
 class RuncRuntime:
     """Runs pods and containers with an OCI runtime binary under conmon."""
 
-    shimhub_api = "1.0"
+    shimhub_api = "1.2"
 
     def __init__(self) -> None:
         self.options: dict[str, Any] = dict(OPTIONS)
@@ -164,7 +166,7 @@ class RuncRuntime:
         return HandlerFeatures(recursive_read_only_mounts="rro" in mount_options and kernel >= (5, 12))
 
     def _run(self, *args: str, runtime_args: list[str] | None = None, stdin: bytes | None = None) -> str:
-        argv = [self.binary, f"--root={self.state_root}", *self.options["runtime_args"], *(runtime_args or []), *args]
+        argv = [*self._runtime_argv(), *(runtime_args or []), *args]
         try:
             done = subprocess.run(argv, input=stdin, capture_output=True, timeout=COMMAND_TIMEOUT, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -250,6 +252,7 @@ class RuncRuntime:
                 cgroup_driver=self.cgroup_driver,
                 terminal=config.tty,
                 stdin=config.stdin,
+                stdin_once=config.stdin_once,
             ),
             cgroup=cgroup,
             stop_signal=_signal_name(config, image),
@@ -355,21 +358,18 @@ class RuncRuntime:
         except OSError as exc:
             raise NotFound(f"the monitor of container {container.id[:12]} is gone: {exc.strerror}") from None
 
+    def _runtime_argv(self) -> list[str]:
+        return [self.binary, f"--root={self.state_root}", *self.options["runtime_args"]]
+
+    def _exec_pid_file(self, container: ContainerRecord) -> Path:
+        return self._monitor(container).bundle / f"exec-{os.urandom(6).hex()}.pid"
+
     @hookimpl
     def runtime_exec_sync(
         self, sandbox: SandboxRecord, container: ContainerRecord, cmd: list[str], timeout: float | None
     ) -> ExecResult:
-        pid_file = self._monitor(container).bundle / f"exec-{os.urandom(6).hex()}.pid"
-        argv = [
-            self.binary,
-            f"--root={self.state_root}",
-            *self.options["runtime_args"],
-            "exec",
-            "--pid-file",
-            str(pid_file),
-            container.id,
-            *cmd,
-        ]
+        pid_file = self._exec_pid_file(container)
+        argv = streams.exec_argv(self._runtime_argv(), container.id, cmd, pid_file)
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             stdout, stderr = process.communicate(timeout=timeout)
@@ -386,3 +386,19 @@ class RuncRuntime:
     def _kill_exec(pid_file: Path) -> None:
         with contextlib.suppress(OSError, ValueError):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+    @hookimpl
+    def runtime_exec(
+        self, sandbox: SandboxRecord, container: ContainerRecord, cmd: list[str], tty: bool, stdin: bool
+    ) -> StreamedProcess:
+        return streams.ExecProcess(
+            self._runtime_argv(), container.id, cmd, self._exec_pid_file(container), tty=tty, stdin=stdin
+        )
+
+    @hookimpl
+    def runtime_attach(self, sandbox: SandboxRecord, container: ContainerRecord, stdin: bool) -> StreamedProcess:
+        return streams.AttachedContainer(self._monitor(container).bundle)
+
+    @hookimpl
+    def runtime_port_forward(self, sandbox: SandboxRecord, port: int) -> socket.socket:
+        return netns.connect(sandbox.network.netns_path, port)

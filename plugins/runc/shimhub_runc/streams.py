@@ -1,0 +1,210 @@
+"""Processes the streaming server relays: `runc exec` for Exec, conmon's attach socket for Attach."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import termios
+import time
+from pathlib import Path
+
+from shimhub.errors import PluginFailed
+from shimhub.hooktypes import STDERR, STDOUT
+
+CHUNK = 32 * 1024
+#: Seconds to wait for an exec's process to be killed and for runc to exit.
+KILL_WAIT = 5.0
+#: conmon's attach socket: packets of one type byte then data (2 stdout, 3 stderr); input of up to 8192 bytes.
+ATTACH_STDERR = 3
+ATTACH_PACKET = 8192 + 1
+#: Largest terminal conmon accepts.
+MAX_TERMINAL = 1000
+POLL = 0.1
+
+
+def _proc_path(directory: Path, name: str) -> tuple[int, str]:
+    """A short path to `directory`/`name` through /proc, for unix sockets in deep directories.
+
+    Returns the O_PATH descriptor that keeps the path valid (close it after use) and the path.
+    """
+    fd = os.open(directory, os.O_PATH)
+    return fd, f"/proc/self/fd/{fd}/{name}"
+
+
+def exec_argv(runtime: list[str], container_id: str, cmd: list[str], pid_file: Path, *, tty: bool = False) -> list[str]:
+    """`runtime` (the OCI runtime and its global arguments) exec-ing `cmd` in the container."""
+    return [*runtime, "exec", "--pid-file", str(pid_file), *(["--tty"] if tty else []), container_id, *cmd]
+
+
+class ExecProcess:
+    """`runc exec` in the foreground: its exit code is the command's.
+
+    Without a TTY the command's stdio are our pipes. With one, runc runs on a
+    terminal of ours and relays it to the terminal it makes in the container
+    (a foreground runc only takes a terminal that way); a resize is applied to
+    ours and runc, told by SIGWINCH, copies it inward.
+    """
+
+    def __init__(
+        self, runtime: list[str], container_id: str, cmd: list[str], pid_file: Path, *, tty: bool, stdin: bool
+    ) -> None:
+        self.pid_file = pid_file
+        self.tty = tty
+        self.master = -1
+        self.closed = False
+        self.selector = selectors.DefaultSelector()
+        argv = exec_argv(runtime, container_id, cmd, pid_file, tty=tty)
+        if tty:
+            self.master, terminal = os.openpty()
+            try:
+                self.process = subprocess.Popen(argv, stdin=terminal, stdout=terminal, stderr=terminal)
+            except BaseException:
+                os.close(self.master)
+                raise
+            finally:
+                os.close(terminal)
+            self.selector.register(self.master, selectors.EVENT_READ, STDOUT)
+        else:
+            self.process = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            self.selector.register(self.process.stdout.fileno(), selectors.EVENT_READ, STDOUT)  # type: ignore[union-attr]
+            self.selector.register(self.process.stderr.fileno(), selectors.EVENT_READ, STDERR)  # type: ignore[union-attr]
+
+    def read_output(self) -> tuple[int, bytes]:
+        while self.selector.get_map():
+            try:
+                ready = self.selector.select(POLL)
+            except (OSError, ValueError):
+                break
+            if not ready:
+                if self.closed or self.process.poll() is not None:
+                    break  # whatever still holds the pipes open is not the command
+                continue
+            for key, _ in ready:
+                try:
+                    data = os.read(key.fd, CHUNK)
+                except OSError:  # EIO: the terminal's last user is gone
+                    data = b""
+                if data:
+                    return key.data, data
+                self.selector.unregister(key.fd)
+        return STDOUT, b""
+
+    def write_input(self, data: bytes) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            if self.tty:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.master, view) :]
+            elif self.process.stdin is not None:
+                self.process.stdin.write(data)
+                self.process.stdin.flush()
+
+    def close_input(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            if self.tty:
+                os.write(self.master, b"\x04")  # end of input, as a terminal's user would type it
+            elif self.process.stdin is not None:
+                self.process.stdin.close()
+
+    def resize(self, width: int, height: int) -> None:
+        if self.tty and self.master >= 0 and width > 0 and height > 0:
+            fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+            with contextlib.suppress(OSError):
+                os.kill(self.process.pid, signal.SIGWINCH)
+
+    def wait(self) -> int | None:
+        return self.process.wait()
+
+    def _kill_command(self) -> None:
+        """SIGKILL the command; runc names it in the pid file a moment after starting it."""
+        deadline = time.monotonic() + KILL_WAIT
+        while self.process.poll() is None and time.monotonic() < deadline:
+            try:
+                os.kill(int(self.pid_file.read_text()), signal.SIGKILL)
+                return
+            except (OSError, ValueError):
+                time.sleep(0.01)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.process.poll() is None:
+            self._kill_command()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=KILL_WAIT)
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+        self.pid_file.unlink(missing_ok=True)
+        self.selector.close()
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        if self.master >= 0:
+            os.close(self.master)
+            self.master = -1
+
+
+class AttachedContainer:
+    """A connection to conmon's attach socket: the container's output from now on, and its stdin."""
+
+    def __init__(self, bundle: Path) -> None:
+        self.bundle = bundle
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        dir_fd, path = _proc_path(bundle, "attach")
+        try:
+            self.socket.connect(path)
+        except OSError as exc:
+            self.socket.close()
+            raise PluginFailed(f"cannot attach: the container's monitor does not answer ({exc.strerror})") from None
+        finally:
+            os.close(dir_fd)
+
+    def read_output(self) -> tuple[int, bytes]:
+        while True:
+            try:
+                packet = self.socket.recv(ATTACH_PACKET)
+            except OSError:
+                packet = b""
+            if not packet:
+                return STDOUT, b""
+            if len(packet) > 1:
+                return (STDERR if packet[0] == ATTACH_STDERR else STDOUT), packet[1:]
+
+    def write_input(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            for start in range(0, len(data), ATTACH_PACKET - 1):
+                self.socket.send(data[start : start + ATTACH_PACKET - 1])
+
+    def close_input(self) -> None:
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_WR)
+
+    def resize(self, width: int, height: int) -> None:
+        if 0 < width <= MAX_TERMINAL and 0 < height <= MAX_TERMINAL:
+            fd = os.open(self.bundle / "ctl", os.O_WRONLY | os.O_NONBLOCK)
+            try:
+                os.write(fd, f"1 {height} {width}\n".encode())
+            finally:
+                os.close(fd)
+
+    def wait(self) -> int | None:
+        return None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_RDWR)
+        self.socket.close()
