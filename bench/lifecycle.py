@@ -36,10 +36,8 @@ def timed(samples: dict[str, list[float]], name: str) -> Iterator[None]:
 BENCH_BRIDGE = "shbench0"
 
 
-def network_config(root: Path, backend: str) -> str:
-    """The [network] tables: a CNI bridge network with its own subnet and IPAM dir, or the host backend."""
-    if backend == "host":
-        return '[network]\nbackend = "host"\n'
+def cni_conf_dir(root: Path, bridge: str = BENCH_BRIDGE, subnet: str = "10.232.0.0/16") -> Path:
+    """A CNI config directory under `root`: a bridge network of the benchmark's own, with its IPAM dir."""
     conf_dir = root / "net.d"
     conf_dir.mkdir()
     conflist = {
@@ -48,20 +46,23 @@ def network_config(root: Path, backend: str) -> str:
         "plugins": [
             {
                 "type": "bridge",
-                "bridge": BENCH_BRIDGE,
+                "bridge": bridge,
                 "isGateway": True,
                 "ipMasq": False,
-                "ipam": {
-                    "type": "host-local",
-                    "dataDir": str(root / "ipam"),
-                    "ranges": [[{"subnet": "10.232.0.0/16"}]],
-                },
+                "ipam": {"type": "host-local", "dataDir": str(root / "ipam"), "ranges": [[{"subnet": subnet}]]},
             },
             {"type": "portmap", "capabilities": {"portMappings": True}},
         ],
     }
     (conf_dir / "10-bench.conflist").write_text(json.dumps(conflist))
-    return f'[network]\nbackend = "cni"\n[network.options]\nconf_dir = "{conf_dir}"\n'
+    return conf_dir
+
+
+def network_config(root: Path, backend: str) -> str:
+    """The [network] tables: a CNI bridge network with its own subnet and IPAM dir, or the host backend."""
+    if backend == "host":
+        return '[network]\nbackend = "host"\n'
+    return f'[network]\nbackend = "cni"\n[network.options]\nconf_dir = "{cni_conf_dir(root)}"\n'
 
 
 def main() -> None:
@@ -86,7 +87,7 @@ def main() -> None:
             f'[images]\nsearch_registries = ["{registry.host}"]\n'
             f'[images.registries."{registry.host}"]\ninsecure = true\n'
         )
-        daemon = Daemon(root / "daemon", config).start()
+        daemon = Daemon(root / "daemon", config, log_level="info").start()
         rt = daemon.runtime
         try:
             daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="bench/busybox:1")))

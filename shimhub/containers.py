@@ -209,6 +209,10 @@ class ContainerManager:
         if handler.backend.plugin is None:
             return record.state
         current = handler.backend.plugin.call("runtime_container_state", sandbox=sandbox, container=record)
+        return self._record_state(sandbox, record, current)
+
+    def _record_state(self, sandbox: SandboxRecord, record: ContainerRecord, current: ContainerState) -> ContainerState:
+        """Persist a changed state; announce an exit once."""
         with self._state_guard:  # several callers may see the same change; one records and announces it
             changed = current != record.state and record.state.status != ContainerStatus.EXITED
             if changed:
@@ -219,11 +223,31 @@ class ContainerManager:
         return record.state
 
     def refresh_running(self) -> None:
-        """Bring every non-final container state up to date (before listing)."""
+        """Bring every non-final container state up to date (before listing).
+
+        A handler whose plugin implements runtime_container_states is asked
+        once for all its containers; the others once per container.
+        """
+        by_handler: dict[str, list[tuple[SandboxRecord, ContainerRecord]]] = {}
         for record in self.daemon.store.containers():
             if record.state.status in (ContainerStatus.CREATED, ContainerStatus.RUNNING):
+                sandbox = self.daemon.store.sandbox(record.sandbox_id, missing_ok=True)
+                if sandbox is not None:
+                    by_handler.setdefault(sandbox.handler, []).append((sandbox, record))
+        for name, pairs in by_handler.items():
+            try:
+                plugin = self.daemon.handlers.get(name).backend.plugin
+                if plugin is not None and plugin.implements("runtime_container_states"):
+                    states = plugin.call("runtime_container_states", containers=pairs)
+                    for (sandbox, record), current in zip(pairs, states, strict=True):
+                        self._record_state(sandbox, record, current)
+                    continue
+            except Exception:
+                log.exception("cannot refresh the states of handler %s's containers", name)
+                continue
+            for sandbox, record in pairs:
                 try:
-                    self._refresh(self._sandbox_of(record), record)
+                    self._refresh(sandbox, record)
                 except Exception:
                     log.exception("cannot refresh the state of container %s", record.id[:12])
 
@@ -262,7 +286,7 @@ class ContainerManager:
         with self.daemon.locks.hold(record.id):
             plugin = self.daemon.handlers.get(sandbox.handler).require()
             plugin.call("runtime_container_update", sandbox=sandbox, container=record, resources=resources)
-            record.config.setdefault("linux", {})["resources"] = proto_to_dict(resources)
+            record.set_resources(resources)
             self.daemon.store.save_container(record)
 
     def reopen_log(self, container_id: str) -> None:

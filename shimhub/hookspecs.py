@@ -134,6 +134,17 @@ class RuntimeSpec:
         """The container's live state. Called often: keep it cheap. Required."""
 
     @hookspec(firstresult=True)
+    def runtime_container_states(self, containers: list[tuple[SandboxRecord, ContainerRecord]]) -> list[ContainerState]:
+        """The live states of many created or running containers, in order. Optional (since 1.2).
+
+        Called by the list calls, which would otherwise call
+        runtime_container_state once per container: answer all at once and
+        cheaply (e.g. one directory listing), leaving checks that only a rare
+        failure needs to runtime_container_state, which single-container
+        status calls still use.
+        """
+
+    @hookspec(firstresult=True)
     def runtime_container_update(
         self, sandbox: SandboxRecord, container: ContainerRecord, resources: cri.LinuxContainerResources
     ) -> None:

@@ -44,9 +44,14 @@ class SandboxRecord:
     #: Whatever the runtime plugin chose to keep (JSON-serialisable).
     runtime_data: dict[str, Any] = field(factory=dict)
 
+    #: `config` parsed, kept for the list and status calls (not persisted).
+    _parsed: cri.PodSandboxConfig | None = field(default=None, init=False, eq=False, repr=False)
+
     def pod_config(self) -> cri.PodSandboxConfig:
-        """The sandbox's PodSandboxConfig."""
-        return json_format.ParseDict(self.config, cri.PodSandboxConfig())
+        """The sandbox's PodSandboxConfig, parsed once: treat it as read-only."""
+        if self._parsed is None:
+            self._parsed = json_format.ParseDict(self.config, cri.PodSandboxConfig())
+        return self._parsed
 
     @property
     def host_network(self) -> bool:
@@ -77,6 +82,16 @@ class ContainerRecord:
     state: ContainerState = field(factory=lambda: ContainerState(status=ContainerStatus.CREATED))
     runtime_data: dict[str, Any] = field(factory=dict)
 
+    #: `config` parsed, kept for the list and status calls (not persisted).
+    _parsed: cri.ContainerConfig | None = field(default=None, init=False, eq=False, repr=False)
+
     def container_config(self) -> cri.ContainerConfig:
-        """The container's ContainerConfig."""
-        return json_format.ParseDict(self.config, cri.ContainerConfig())
+        """The container's ContainerConfig, parsed once: treat it as read-only."""
+        if self._parsed is None:
+            self._parsed = json_format.ParseDict(self.config, cri.ContainerConfig())
+        return self._parsed
+
+    def set_resources(self, resources: cri.LinuxContainerResources) -> None:
+        """Record new resource limits in the config (UpdateContainerResources)."""
+        self.config.setdefault("linux", {})["resources"] = proto_to_dict(resources)
+        self._parsed = None

@@ -21,9 +21,15 @@ class Daemon:
     """One `shimhub serve` process with its own config, socket and state under `root`."""
 
     def __init__(
-        self, root: Path, config: str, python: str = sys.executable, env: dict[str, str] | None = None
+        self,
+        root: Path,
+        config: str,
+        python: str = sys.executable,
+        env: dict[str, str] | None = None,
+        log_level: str = "debug",
     ) -> None:
         self.root = root
+        self.log_level = log_level
         self.python = python
         self.env = {**os.environ, **(env or {})}
         self.config_path = root / "shimhub.toml"
@@ -42,7 +48,7 @@ class Daemon:
             f'socket = "{self.socket}"\n'
             f'state_dir = "{self.root / "state"}"\n'
             f'run_dir = "{self.root / "run"}"\n'
-            f'log_level = "debug"\n'
+            f'log_level = "{self.log_level}"\n'
             f'[storage]\nroot = "{self.root / "storage"}"\n'
         )
 

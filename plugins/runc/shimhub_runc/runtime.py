@@ -295,6 +295,26 @@ class RuncRuntime:
             message="the container's process is gone and its monitor recorded no exit",
         )
 
+    @hookimpl
+    def runtime_container_states(self, containers: list[tuple[SandboxRecord, ContainerRecord]]) -> list[ContainerState]:
+        # One listing of conmon's exit records; a container without one is as it was started.
+        # (A monitor that died without a record shows as UNKNOWN in ContainerStatus.)
+        exited = set(os.listdir(self.exits))
+        states = []
+        for sandbox, container in containers:
+            data = container.runtime_data
+            if container.id in exited:
+                states.append(self.runtime_container_state(sandbox, container))
+            elif data.get("started_at"):
+                states.append(
+                    ContainerState(
+                        status=ContainerStatus.RUNNING, pid=data.get("pid", 0), started_at=data["started_at"]
+                    )
+                )
+            else:
+                states.append(ContainerState(status=ContainerStatus.CREATED, pid=data.get("pid", 0)))
+        return states
+
     @staticmethod
     def _termination_message(data: Mapping[str, Any]) -> str:
         path = data.get("termination_log", "")
