@@ -88,6 +88,11 @@ def _unimplemented(message: str, streaming: bool) -> Callable[..., Any]:
     return stream if streaming else unary
 
 
+def _serialize(response: Any) -> bytes:
+    """The response's wire form; a servicer may answer with it already serialized (bytes)."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
 def service_handler(service: ServiceDescriptor, servicer: object) -> grpc.GenericRpcHandler:
     """A gRPC handler serving every method of `service` from `servicer`."""
     handlers = {method.name: _method_handler(service, method, servicer) for method in service.methods}
@@ -100,8 +105,7 @@ def _method_handler(service: ServiceDescriptor, method: MethodDescriptor, servic
         f"shimhub does not implement {service.full_name}/{method.name}", method.server_streaming
     )
     request_class = GetMessageClass(method.input_type)
-    response_class = GetMessageClass(method.output_type)
-    kwargs = {"request_deserializer": request_class.FromString, "response_serializer": response_class.SerializeToString}
+    kwargs = {"request_deserializer": request_class.FromString, "response_serializer": _serialize}
     if method.server_streaming:
         return grpc.unary_stream_rpc_method_handler(_streaming(path, impl), **kwargs)
     return grpc.unary_unary_rpc_method_handler(_unary(path, impl), **kwargs)

@@ -115,6 +115,41 @@ def container_summary(record: ContainerRecord, state: ContainerState) -> cri.Con
     )
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+class ListEntries:
+    """Each container's ListContainers entry, serialized once per state it is listed in.
+
+    A response's repeated field is on the wire the concatenation of its
+    entries (tag, length, message), so a list answer is a join of these bytes
+    instead of hundreds of messages built anew.
+    """
+
+    #: Tag of ListContainersResponse.containers: field 1, length-delimited.
+    TAG = _varint(1 << 3 | 2)
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[ContainerStatus, bytes]] = {}
+
+    def entry(self, record: ContainerRecord) -> bytes:
+        cached = self._entries.get(record.id)
+        if cached is None or cached[0] != record.state.status:
+            message = container_summary(record, record.state).SerializeToString()
+            cached = (record.state.status, self.TAG + _varint(len(message)) + message)
+            self._entries[record.id] = cached
+        return cached[1]
+
+    def forget(self, container_id: str) -> None:
+        self._entries.pop(container_id, None)
+
+
 def container_status(record: ContainerRecord, state: ContainerState) -> cri.ContainerStatus:
     """The ContainerStatus of a container."""
     config = record.container_config()
@@ -160,6 +195,7 @@ class RuntimeService:
     def __init__(self, daemon: Daemon, streaming: StreamingServer) -> None:
         self.daemon = daemon
         self.streaming = streaming
+        self.list_entries = ListEntries()
         self.stats = StatsCollector(daemon)
         self.events: EventBus[cri.ContainerEventResponse] = EventBus()
         daemon.listeners.append(self._lifecycle)
@@ -337,20 +373,24 @@ class RuntimeService:
             and (not query.label_selector or labels_match(record.container_config().labels, query.label_selector))
         ]
 
-    def _containers(self, query: cri.ContainerFilter) -> list[cri.Container]:
+    def _listed(self, query: cri.ContainerFilter) -> list[ContainerRecord]:
+        """The containers a list call answers with, their states refreshed."""
         self.daemon.containers.refresh_running()
-        summaries = [container_summary(record, record.state) for record in self._container_records(query)]
-        return [s for s in summaries if not query.HasField("state") or s.state == query.state.state]
+        return [
+            record
+            for record in self._container_records(query)
+            if not query.HasField("state") or _CONTAINER_STATES[record.state.status] == query.state.state
+        ]
 
-    def ListContainers(
-        self, request: cri.ListContainersRequest, context: grpc.ServicerContext
-    ) -> cri.ListContainersResponse:
-        return cri.ListContainersResponse(containers=self._containers(request.filter))
+    def ListContainers(self, request: cri.ListContainersRequest, context: grpc.ServicerContext) -> bytes:
+        """Answered in wire form: a serialized ListContainersResponse."""
+        return b"".join(self.list_entries.entry(record) for record in self._listed(request.filter))
 
     def StreamContainers(
         self, request: cri.StreamContainersRequest, context: grpc.ServicerContext
     ) -> Iterator[cri.StreamContainersResponse]:
-        for part in chunks(self._containers(request.filter)):
+        summaries = [container_summary(record, record.state) for record in self._listed(request.filter)]
+        for part in chunks(summaries):
             yield cri.StreamContainersResponse(containers=part)
 
     def UpdateContainerResources(
@@ -452,6 +492,8 @@ class RuntimeService:
         """Publish a container event, with the pod's status and its containers' as they are now."""
         if event in ("container_removed", "sandbox_removed"):
             self.stats.forget(container.id if container is not None else sandbox.id)
+        if event == "container_removed" and container is not None:
+            self.list_entries.forget(container.id)
         kind = _EVENT_TYPES.get(event)
         if kind is None or container is None or not self.events.has_subscribers:
             return
