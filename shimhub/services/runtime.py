@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from shimhub import __version__, metrics
 from shimhub.config import converter
@@ -29,6 +31,13 @@ CRI_VERSION = "v1"
 STREAM_CHUNK = 500
 
 T = TypeVar("T")
+
+
+class _Identified(Protocol):
+    id: str
+
+
+R = TypeVar("R", bound=_Identified)
 
 _CONTAINER_STATES = {
     ContainerStatus.CREATED: cri.CONTAINER_CREATED,
@@ -124,30 +133,35 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-class ListEntries:
-    """Each container's ListContainers entry, serialized once per state it is listed in.
+class ListEntries(Generic[R]):
+    """Each object's entry in a list response, serialized once per state it is listed in.
 
-    A response's repeated field is on the wire the concatenation of its
-    entries (tag, length, message), so a list answer is a join of these bytes
-    instead of hundreds of messages built anew.
+    A repeated field is on the wire the concatenation of its entries (tag,
+    length, message), so a list answer is a join of these bytes instead of
+    hundreds of messages built anew.
     """
 
-    #: Tag of ListContainersResponse.containers: field 1, length-delimited.
-    TAG = _varint(1 << 3 | 2)
+    def __init__(self, field: FieldDescriptor, summary: Callable[[R], Message], state: Callable[[R], object]) -> None:
+        self.tag = _varint(field.number << 3 | 2)  # length-delimited
+        self.summary = summary
+        self.state = state
+        self._entries: dict[str, tuple[object, bytes]] = {}
 
-    def __init__(self) -> None:
-        self._entries: dict[str, tuple[ContainerStatus, bytes]] = {}
-
-    def entry(self, record: ContainerRecord) -> bytes:
+    def entry(self, record: R) -> bytes:
+        state = self.state(record)
         cached = self._entries.get(record.id)
-        if cached is None or cached[0] != record.state.status:
-            message = container_summary(record, record.state).SerializeToString()
-            cached = (record.state.status, self.TAG + _varint(len(message)) + message)
+        if cached is None or cached[0] != state:
+            message = self.summary(record).SerializeToString()
+            cached = (state, self.tag + _varint(len(message)) + message)
             self._entries[record.id] = cached
         return cached[1]
 
-    def forget(self, container_id: str) -> None:
-        self._entries.pop(container_id, None)
+    def answer(self, records: list[R]) -> bytes:
+        """A serialized list response holding `records`."""
+        return b"".join(self.entry(record) for record in records)
+
+    def forget(self, object_id: str) -> None:
+        self._entries.pop(object_id, None)
 
 
 def container_status(record: ContainerRecord, state: ContainerState) -> cri.ContainerStatus:
@@ -195,7 +209,14 @@ class RuntimeService:
     def __init__(self, daemon: Daemon, streaming: StreamingServer) -> None:
         self.daemon = daemon
         self.streaming = streaming
-        self.list_entries = ListEntries()
+        self.listed_containers: ListEntries[ContainerRecord] = ListEntries(
+            cri.ListContainersResponse.DESCRIPTOR.fields_by_name["containers"],
+            lambda record: container_summary(record, record.state),
+            lambda record: record.state.status,
+        )
+        self.listed_sandboxes: ListEntries[SandboxRecord] = ListEntries(
+            cri.ListPodSandboxResponse.DESCRIPTOR.fields_by_name["items"], sandbox_summary, lambda record: record.state
+        )
         self.stats = StatsCollector(daemon)
         self.events: EventBus[cri.ContainerEventResponse] = EventBus()
         daemon.listeners.append(self._lifecycle)
@@ -299,27 +320,23 @@ class RuntimeService:
             status=sandbox_status(record), containers_statuses=statuses, info=info, timestamp=time.time_ns()
         )
 
-    def _sandboxes(self, query: cri.PodSandboxFilter) -> list[cri.PodSandbox]:
-        found = []
-        for record in self.daemon.store.sandboxes():
-            if query.id and not record.id.startswith(query.id):
-                continue
-            summary = sandbox_summary(record)
-            if query.HasField("state") and summary.state != query.state.state:
-                continue
-            if labels_match(summary.labels, query.label_selector):
-                found.append(summary)
-        return found
+    def _sandboxes(self, query: cri.PodSandboxFilter) -> list[SandboxRecord]:
+        return [
+            record
+            for record in self.daemon.store.sandboxes()
+            if record.id.startswith(query.id)
+            and (not query.HasField("state") or _sandbox_state(record) == query.state.state)
+            and labels_match(record.pod_config().labels, query.label_selector)
+        ]
 
-    def ListPodSandbox(
-        self, request: cri.ListPodSandboxRequest, context: grpc.ServicerContext
-    ) -> cri.ListPodSandboxResponse:
-        return cri.ListPodSandboxResponse(items=self._sandboxes(request.filter))
+    def ListPodSandbox(self, request: cri.ListPodSandboxRequest, context: grpc.ServicerContext) -> bytes:
+        """Answered in wire form: a serialized ListPodSandboxResponse."""
+        return self.listed_sandboxes.answer(self._sandboxes(request.filter))
 
     def StreamPodSandboxes(
         self, request: cri.StreamPodSandboxesRequest, context: grpc.ServicerContext
     ) -> Iterator[cri.StreamPodSandboxesResponse]:
-        for part in chunks(self._sandboxes(request.filter)):
+        for part in chunks([sandbox_summary(record) for record in self._sandboxes(request.filter)]):
             yield cri.StreamPodSandboxesResponse(pod_sandboxes=part)
 
     def UpdatePodSandboxResources(
@@ -384,7 +401,7 @@ class RuntimeService:
 
     def ListContainers(self, request: cri.ListContainersRequest, context: grpc.ServicerContext) -> bytes:
         """Answered in wire form: a serialized ListContainersResponse."""
-        return b"".join(self.list_entries.entry(record) for record in self._listed(request.filter))
+        return self.listed_containers.answer(self._listed(request.filter))
 
     def StreamContainers(
         self, request: cri.StreamContainersRequest, context: grpc.ServicerContext
@@ -493,7 +510,9 @@ class RuntimeService:
         if event in ("container_removed", "sandbox_removed"):
             self.stats.forget(container.id if container is not None else sandbox.id)
         if event == "container_removed" and container is not None:
-            self.list_entries.forget(container.id)
+            self.listed_containers.forget(container.id)
+        if event == "sandbox_removed":
+            self.listed_sandboxes.forget(sandbox.id)
         kind = _EVENT_TYPES.get(event)
         if kind is None or container is None or not self.events.has_subscribers:
             return
