@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -152,6 +154,37 @@ def lifecycle(runtime: Runtime, run: str, root: Path, image: str, samples: dict[
         remove_pod(runtime, pod_id)
 
 
+def count_programs(runtime: Runtime, root: Path, image: str) -> Counter[str]:
+    """The programs one lifecycle runs (execve by the daemon and its descendants, under strace), by name."""
+    trace = root / f"execs-{runtime.name}.txt"
+    tracer = subprocess.Popen(
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-e",
+            "trace=execve",
+            "-e",
+            "signal=none",
+            "-o",
+            str(trace),
+            "-p",
+            str(runtime.process.pid),
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1)  # attaching to every thread
+    lifecycle(runtime, f"traced-{runtime.name}", root, image, {})
+    time.sleep(1)  # monitors report exits after the call returns
+    tracer.send_signal(signal.SIGINT)
+    tracer.wait(30)
+    programs: Counter[str] = Counter()
+    for line in trace.read_text().splitlines():
+        if "execve(" in line and line.rstrip().endswith("= 0"):
+            programs[line.split('execve("', 1)[1].split('"', 1)[0].rsplit("/", 1)[-1]] += 1
+    return programs
+
+
 def churn(runtime: Runtime, root: Path, image: str, clients: int, seconds: float) -> tuple[float, int]:
     """Pods started and removed per second by `clients` concurrent clients, and the errors seen."""
     deadline = time.monotonic() + seconds
@@ -249,6 +282,7 @@ def run_all(runtimes: list[Runtime], root: Path, image: str, args: argparse.Name
     for runtime in runtimes:
         for pod_id in pods[runtime.name]:
             remove_pod(runtime, pod_id)
+    compare_programs(runtimes, root, image)
     compare_churn(runtimes, root, image, args.clients, args.churn_seconds)
 
 
@@ -311,6 +345,17 @@ def compare_lists(
         measured["ContainerStatus"][runtime.name] = latencies(partial(rt.ContainerStatus, status), 100)
     for name, by_runtime in measured.items():
         print_row(name, by_runtime["shimhub"], by_runtime["containerd"])
+
+
+def compare_programs(runtimes: list[Runtime], root: Path, image: str) -> None:
+    if not shutil.which("strace"):
+        print("\nprograms per lifecycle: strace is not installed, skipped")
+        return
+    counts = {r.name: count_programs(r, root, image) for r in runtimes}
+    print("\nprograms run for one lifecycle (pod with CNI, container, ExecSync, stop and remove)")
+    for runtime in runtimes:
+        listed = ", ".join(f"{name} {n}" for name, n in counts[runtime.name].most_common())
+        print(f"  {runtime.name:<11} {sum(counts[runtime.name].values()):3d} in all: {listed}")
 
 
 def compare_churn(runtimes: list[Runtime], root: Path, image: str, clients: int, seconds: float) -> None:
