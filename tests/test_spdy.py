@@ -151,3 +151,34 @@ def test_request_tokens_are_single_use_expire_and_are_bounded() -> None:
     stale = cache.put(request)
     now[0] += 31
     assert cache.take(stale) is None
+
+
+def test_an_inbox_holds_at_most_its_limit_and_pushes_back_on_the_feeder() -> None:
+    inbox = spdy.Inbox(limit=10)
+    inbox.feed(b"12345678")
+    inbox.feed(b"9abcdefg")  # over the limit now: the next feed waits for the reader
+    blocked = threading.Thread(target=inbox.feed, args=(b"more",))
+    blocked.start()
+    blocked.join(0.2)
+    assert blocked.is_alive()
+    assert inbox.read(1) == b"12345678"
+    blocked.join(5)
+    assert not blocked.is_alive()
+    inbox.end()
+    assert [inbox.read(1), inbox.read(1), inbox.read(1)] == [b"9abcdefg", b"more", b""]  # data fed before the end
+    with pytest.raises(TimeoutError):
+        spdy.Inbox().read(0.05)
+
+
+def test_an_abandoned_inbox_never_blocks_its_feeder() -> None:
+    inbox = spdy.Inbox(limit=4)
+    inbox.feed(b"full")
+    blocked = threading.Thread(target=inbox.feed, args=(b"waiting",))
+    blocked.start()
+    blocked.join(0.2)
+    assert blocked.is_alive()
+    inbox.abandon()
+    blocked.join(5)
+    assert not blocked.is_alive()
+    inbox.feed(b"x" * 100)  # dropped at once
+    assert inbox.read(1) == b""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -358,3 +360,27 @@ def test_kubectl_port_forward(node, tmp_path: Path) -> None:
         forwarder.terminate()
         forwarder.wait(10)
         api.stop()
+
+
+def test_a_client_flooding_stdin_is_held_back_not_buffered(node, tmp_path: Path) -> None:
+    pod = Pod(node, tmp_path)
+    container = pod.run("sleeper", ["sleep", "300"])
+    url = exec_url(pod, container, ["sleep", "3"], stdin=True, stdout=True, stderr=True)  # never reads its stdin
+    daemon = psutil.Process(node.proc.pid)
+    before = daemon.memory_info().rss
+    session = Session("spdy", url, stdin=True, stdout=True, stderr=True, tty=False)
+    sent = [0]
+
+    def flood() -> None:
+        chunk = b"x" * 65536
+        with contextlib.suppress(OSError):
+            for _ in range(1024):  # 64 MiB, far more than anything on the way may hold
+                session.send(chunk)
+                sent[0] += len(chunk)
+
+    threading.Thread(target=flood, daemon=True).start()
+    time.sleep(1.5)
+    assert sent[0] < 16 * 2**20  # held back by the server within a few MiB
+    assert daemon.memory_info().rss - before < 16 * 2**20
+    _, _, status = session.finish()
+    assert exit_code(status) == 0

@@ -85,6 +85,7 @@ def forward(
         if not closed.is_set():
             error.write(f"reading from port {port} failed: {exc.strerror}".encode())
     finally:
+        inbox.abandon()  # the client may keep sending; nobody forwards it any more
         target.close()
         data.close()
         error.close()

@@ -152,6 +152,9 @@ def run(request: CommandRequest, streams: CommandStreams, disconnected: threadin
     finally:
         finished.set()
         process.close()
+        for inbox in (streams.stdin, streams.resize):
+            if inbox is not None:
+                inbox.abandon()
         for writer in (streams.stdout, streams.stderr, streams.error):
             if writer is not None:
                 writer.close()

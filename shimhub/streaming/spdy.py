@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import socket
 import struct
 import threading
 import zlib
+from collections import deque
 from collections.abc import Callable, Mapping
 
 from attrs import define, field
@@ -40,6 +40,8 @@ PROTOCOL_ERROR, REFUSED_STREAM, CANCEL = 1, 3, 5
 MAX_FRAME = 1 << 20
 #: Largest DATA payload sent in one frame.
 MAX_DATA = 32 * 1024
+#: Bytes a stream holds for a consumer that reads slower than the client sends.
+INBOX_LIMIT = 1 << 20
 #: Seconds a closing session waits for the peer to close its end.
 CLOSE_GRACE = 5.0
 
@@ -184,34 +186,60 @@ def read_frame(sock: socket.socket) -> Frame:
 
 
 class Inbox:
-    """Bytes a peer sent on one stream or channel, read in order; b"" once it ended."""
+    """Bytes a peer sent on one stream or channel, read in order; b"" once it ended.
 
-    def __init__(self) -> None:
-        self._chunks: queue.SimpleQueue[bytes] = queue.SimpleQueue()
-        self._ended = threading.Event()
+    At most `limit` bytes wait unread: feeding more blocks the feeder (the
+    connection's reading thread) until the consumer catches up, which pushes
+    back on the client through TCP, as the Kubernetes implementations do.
+    Once nobody will read any more, `abandon()` drops what waits and all
+    that comes later, so the feeder never blocks on it.
+    """
+
+    def __init__(self, limit: int = INBOX_LIMIT) -> None:
+        self.limit = limit
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._ended = False
+        self._abandoned = False
+        self._changed = threading.Condition()
 
     def feed(self, data: bytes) -> None:
-        if data and not self._ended.is_set():
-            self._chunks.put(data)
+        with self._changed:
+            self._changed.wait_for(lambda: self._size < self.limit or self._ended or self._abandoned)
+            if data and not (self._ended or self._abandoned):
+                self._chunks.append(data)
+                self._size += len(data)
+                self._changed.notify_all()
 
     def end(self) -> None:
-        if not self._ended.is_set():
-            self._ended.set()
-            self._chunks.put(b"")
+        """No more data will come; what was fed can still be read."""
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def abandon(self) -> None:
+        """Nobody will read: drop what waits and whatever comes."""
+        with self._changed:
+            self._abandoned = self._ended = True
+            self._chunks.clear()
+            self._size = 0
+            self._changed.notify_all()
 
     @property
     def ended(self) -> bool:
-        return self._ended.is_set()
+        return self._ended
 
     def read(self, timeout: float | None = None) -> bytes:
         """The next chunk, b"" at the end; raises TimeoutError after `timeout` seconds without data."""
-        try:
-            chunk = self._chunks.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError("no data") from None
-        if not chunk:
-            self._chunks.put(b"")  # every later read sees the end too
-        return chunk
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._chunks or self._ended, timeout):
+                raise TimeoutError("no data")
+            if not self._chunks:
+                return b""
+            chunk = self._chunks.popleft()
+            self._size -= len(chunk)
+            self._changed.notify_all()
+            return chunk
 
 
 @define(eq=False)
@@ -338,6 +366,8 @@ class Session:
     def close(self, grace: float = CLOSE_GRACE) -> None:
         """End the session: GOAWAY and our end of the connection, then up to `grace` seconds
         for the peer to close its end (closing with unread data would reset what is still in flight)."""
+        for stream in list(self.streams.values()):
+            stream.inbox.abandon()  # our side is done reading; a reader blocked feeding one goes on
         with self._send_lock:
             if not self._write_closed:
                 self._send_locked(control_frame(GOAWAY, 0, struct.pack(">II", self._last_stream, 0)))

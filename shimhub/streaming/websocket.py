@@ -91,4 +91,6 @@ class ChannelConnection:
             inbox.feed(data)
 
     def close(self) -> None:
+        for inbox in self.inboxes.values():
+            inbox.abandon()  # a receive loop blocked feeding one goes on to see the close
         self.websocket.close()
