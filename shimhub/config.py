@@ -101,6 +101,8 @@ class StreamingConfig:
     token_ttl: float = 60.0
     #: Seconds a SPDY client gets to open all the streams of a session.
     stream_creation_timeout: float = 30.0
+    #: Seconds without data either way after which a session is closed (0: never), as the kubelet's 4 h.
+    idle_timeout: float = 14400.0
 
 
 @define(frozen=True)
@@ -314,6 +316,8 @@ def _check_settings(config: Config, bad: Complaint) -> None:
     for key in ("token_ttl", "stream_creation_timeout"):
         if getattr(config.streaming, key) <= 0:
             bad(("streaming", key), f"expected a number of seconds > 0, got {getattr(config.streaming, key)}")
+    if config.streaming.idle_timeout < 0:
+        bad(("streaming", "idle_timeout"), f"expected a number of seconds >= 0, got {config.streaming.idle_timeout}")
     if config.shutdown_grace < 0:
         bad(("shutdown_grace",), f"expected a number of seconds >= 0, got {config.shutdown_grace}")
     _check_images(config.images, bad)

@@ -26,12 +26,14 @@ from tests.test_runc import Pod, exec_sync, runc_config
 pytestmark = NEEDS_ROOT
 
 TOKEN_TTL = 3.0
+IDLE_TIMEOUT = 5.0
 TRANSPORTS = ["spdy", "websocket"]
 
 
 @pytest.fixture
 def node(daemon_factory, registry):
-    daemon = daemon_factory(runc_config(registry, f"[streaming]\ntoken_ttl = {TOKEN_TTL}\n")).start()
+    streaming = f"[streaming]\ntoken_ttl = {TOKEN_TTL}\nidle_timeout = {IDLE_TIMEOUT}\n"
+    daemon = daemon_factory(runc_config(registry, streaming)).start()
     daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/busybox:1")))
     return daemon
 
@@ -275,6 +277,19 @@ def test_exec_requests_that_cannot_work_are_refused(node, tmp_path: Path) -> Non
 
 def _processes_named(marker: str) -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_idle_session_is_closed_and_its_exec_ended(node, tmp_path: Path, transport: str) -> None:
+    pod = Pod(node, tmp_path)
+    container = pod.run("sleeper", ["sleep", "300"])
+    url = exec_url(pod, container, ["sleep", "4712"], stdout=True, stderr=True)  # silent, no input
+    started = time.monotonic()
+    session = Session(transport, url, stdin=False, stdout=True, stderr=True, tty=False)
+    wait_for(lambda: _processes_named("sleep 4712"), timeout=10)
+    session.finish()  # returns once the server has ended the session
+    assert IDLE_TIMEOUT <= time.monotonic() - started < IDLE_TIMEOUT + 10
+    wait_for(lambda: not _processes_named("sleep 4712"), timeout=10)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -25,6 +25,7 @@ from websockets.sync.server import Server, ServerConnection
 from shimhub.config import StreamingConfig, split_address
 from shimhub.errors import ConfigError, ShimhubError
 from shimhub.streaming import portforward, remotecommand
+from shimhub.streaming.idle import close_when_idle
 from shimhub.streaming.requests import CommandRequest, RequestCache, StreamRequest
 from shimhub.streaming.spdy import Session, Stream
 from shimhub.streaming.websocket import ChannelConnection
@@ -206,6 +207,7 @@ class StreamingServer:
             disconnected.set()
 
         threading.Thread(target=receive, name="websocket-receive", daemon=True).start()
+        close_when_idle(channels.activity, self.config.idle_timeout, channels.close, disconnected)
         try:
             if isinstance(request, CommandRequest):
                 streams = remotecommand.websocket_streams(channels, request, protocol)
@@ -239,6 +241,7 @@ class StreamingServer:
             self.sessions.add(session)
         reader = threading.Thread(target=session.serve, name="spdy-session", daemon=True)
         reader.start()
+        close_when_idle(session.activity, self.config.idle_timeout, session.close, session.closed)
         try:
             if isinstance(request, CommandRequest):
                 streams = self._await_streams(arrived, request, protocol)

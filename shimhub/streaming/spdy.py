@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping
 
 from attrs import define, field
 
+from shimhub.streaming.idle import Activity
+
 log = logging.getLogger(__name__)
 
 VERSION = 3
@@ -292,6 +294,7 @@ class Session:
         self._decompressor = HeaderDecompressor()
         self._last_stream = 0
         self._write_closed = False
+        self.activity = Activity()
         #: Set once the peer's side has ended (EOF, GOAWAY, an error) or the session was torn down.
         self.closed = threading.Event()
 
@@ -302,6 +305,7 @@ class Session:
     def _send_locked(self, frame: bytes) -> None:
         if self._write_closed:
             return
+        self.activity.touch()
         try:
             self.sock.sendall(frame)
         except OSError:
@@ -324,6 +328,7 @@ class Session:
             self.closed.set()
 
     def _dispatch(self, frame: Frame) -> bool:
+        self.activity.touch()
         if frame.kind == 0:
             stream = self.streams.get(frame.stream_id)
             if stream is not None:

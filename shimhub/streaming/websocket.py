@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import ServerConnection
 
+from shimhub.streaming.idle import Activity
 from shimhub.streaming.spdy import Inbox
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,14 @@ class ChannelConnection:
         self.websocket = websocket
         self.base64 = ".base64." in f".{protocol}"
         self.inboxes = {number: Inbox() for number in inputs}
+        self.activity = Activity()
         self._send_lock = threading.Lock()
 
     def writer(self, number: int) -> ChannelWriter:
         return ChannelWriter(self, number)
 
     def send(self, number: int, data: bytes) -> None:
+        self.activity.touch()
         message: str | bytes = (
             chr(ord("0") + number) + base64.b64encode(data).decode() if self.base64 else bytes([number]) + data
         )
@@ -70,6 +73,7 @@ class ChannelConnection:
                 inbox.end()
 
     def _deliver(self, message: str | bytes) -> None:
+        self.activity.touch()
         if not message:
             return
         if isinstance(message, str):
