@@ -165,6 +165,20 @@ def test_attach_with_stdin_reaches_the_container(node, tmp_path: Path) -> None:
     assert "container-got:hi-there" in pod.lines("reader")
 
 
+def test_attach_to_a_terminal_container_with_resize(node, tmp_path: Path) -> None:
+    pod = Pod(node, tmp_path)
+    container = pod.run("shell", ["sh"], tty=True, stdin=True)
+    url = pod.rt.Attach(cri.AttachRequest(container_id=container, stdin=True, stdout=True, tty=True)).url
+    session = Session("spdy", url, stdin=True, stdout=True, stderr=False, tty=True)
+    session.resize(90, 30)
+    time.sleep(0.3)  # conmon applies it through its control FIFO
+    session.send(b"stty size\n")
+    assert b"30 90" in session.wait_stdout(b"30 90")
+    session.send(b"exit 0\n")
+    session.finish()
+    assert pod.wait_exit(container).exit_code == 0
+
+
 HTTPD = [
     "sh",
     "-c",
