@@ -18,8 +18,10 @@ from attrs import define
 from shimhub.errors import PluginFailed
 
 LAUNCH_TIMEOUT = 60.0
-#: conmon's control-fifo message asking it to reopen the log file.
-REOPEN_LOGS = b"2 0 0\n"
+#: conmon's control-FIFO messages: "<type> <height> <width>"; type 1 resizes the terminal, 2 reopens the log.
+RESIZE, REOPEN_LOGS = 1, 2
+#: Largest terminal conmon accepts.
+MAX_TERMINAL = 1000
 
 
 @define
@@ -50,9 +52,17 @@ class Monitor:
 
     def reopen_log(self) -> None:
         """Ask conmon to reopen the container's log file."""
+        self._control(REOPEN_LOGS)
+
+    def resize(self, width: int, height: int) -> None:
+        """Resize the container's terminal (sizes conmon refuses are ignored)."""
+        if 0 < width <= MAX_TERMINAL and 0 < height <= MAX_TERMINAL:
+            self._control(RESIZE, height, width)
+
+    def _control(self, kind: int, height: int = 0, width: int = 0) -> None:
         fd = os.open(self.bundle / "ctl", os.O_WRONLY | os.O_NONBLOCK)
         try:
-            os.write(fd, REOPEN_LOGS)
+            os.write(fd, f"{kind} {height} {width}\n".encode())
         finally:
             os.close(fd)
 

@@ -12,12 +12,10 @@ One instance per runtime handler. Handler options (all optional):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -394,18 +392,13 @@ class RuncRuntime:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self._kill_exec(pid_file)
+            streams.kill_command(pid_file, process)
             process.kill()
             process.communicate()
             return ExecResult(exit_code=-1, timed_out=True)
         finally:
             pid_file.unlink(missing_ok=True)
         return ExecResult(exit_code=process.returncode, stdout=stdout, stderr=stderr)
-
-    @staticmethod
-    def _kill_exec(pid_file: Path) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
     @hookimpl
     def runtime_exec(
@@ -417,7 +410,7 @@ class RuncRuntime:
 
     @hookimpl
     def runtime_attach(self, sandbox: SandboxRecord, container: ContainerRecord, stdin: bool) -> StreamedProcess:
-        return streams.AttachedContainer(self._monitor(container).bundle)
+        return streams.AttachedContainer(self._monitor(container))
 
     @hookimpl
     def runtime_port_forward(self, sandbox: SandboxRecord, port: int) -> socket.socket:

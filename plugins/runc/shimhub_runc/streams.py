@@ -11,11 +11,13 @@ import socket
 import struct
 import subprocess
 import termios
+import threading
 import time
 from pathlib import Path
 
 from shimhub.errors import PluginFailed
 from shimhub.hooktypes import STDERR, STDOUT
+from shimhub_runc.conmon import Monitor
 
 CHUNK = 32 * 1024
 #: Seconds to wait for an exec's process to be killed and for runc to exit.
@@ -23,8 +25,6 @@ KILL_WAIT = 5.0
 #: conmon's attach socket: packets of one type byte then data (2 stdout, 3 stderr); input of up to 8192 bytes.
 ATTACH_STDERR = 3
 ATTACH_PACKET = 8192 + 1
-#: Largest terminal conmon accepts.
-MAX_TERMINAL = 1000
 POLL = 0.1
 
 
@@ -35,6 +35,17 @@ def _proc_path(directory: Path, name: str) -> tuple[int, str]:
     """
     fd = os.open(directory, os.O_PATH)
     return fd, f"/proc/self/fd/{fd}/{name}"
+
+
+def kill_command(pid_file: Path, runtime: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the command `runtime` (runc exec) runs; runc names it in the pid file a moment after starting it."""
+    deadline = time.monotonic() + KILL_WAIT
+    while runtime.poll() is None and time.monotonic() < deadline:
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            return
+        except (OSError, ValueError):
+            time.sleep(0.01)
 
 
 def exec_argv(runtime: list[str], container_id: str, cmd: list[str], pid_file: Path, *, tty: bool = False) -> list[str]:
@@ -58,6 +69,7 @@ class ExecProcess:
         self.tty = tty
         self.master = -1
         self.closed = False
+        self._closing = threading.Lock()
         self.selector = selectors.DefaultSelector()
         argv = exec_argv(runtime, container_id, cmd, pid_file, tty=tty)
         if tty:
@@ -126,22 +138,13 @@ class ExecProcess:
     def wait(self) -> int | None:
         return self.process.wait()
 
-    def _kill_command(self) -> None:
-        """SIGKILL the command; runc names it in the pid file a moment after starting it."""
-        deadline = time.monotonic() + KILL_WAIT
-        while self.process.poll() is None and time.monotonic() < deadline:
-            try:
-                os.kill(int(self.pid_file.read_text()), signal.SIGKILL)
-                return
-            except (OSError, ValueError):
-                time.sleep(0.01)
-
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+        with self._closing:  # a client that leaves and the session's own end may close at once
+            if self.closed:
+                return
+            self.closed = True
         if self.process.poll() is None:
-            self._kill_command()
+            kill_command(self.pid_file, self.process)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=KILL_WAIT)
             if self.process.poll() is None:
@@ -161,10 +164,10 @@ class ExecProcess:
 class AttachedContainer:
     """A connection to conmon's attach socket: the container's output from now on, and its stdin."""
 
-    def __init__(self, bundle: Path) -> None:
-        self.bundle = bundle
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
         self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        dir_fd, path = _proc_path(bundle, "attach")
+        dir_fd, path = _proc_path(monitor.bundle, "attach")
         try:
             self.socket.connect(path)
         except OSError as exc:
@@ -194,12 +197,7 @@ class AttachedContainer:
             self.socket.shutdown(socket.SHUT_WR)
 
     def resize(self, width: int, height: int) -> None:
-        if 0 < width <= MAX_TERMINAL and 0 < height <= MAX_TERMINAL:
-            fd = os.open(self.bundle / "ctl", os.O_WRONLY | os.O_NONBLOCK)
-            try:
-                os.write(fd, f"1 {height} {width}\n".encode())
-            finally:
-                os.close(fd)
+        self.monitor.resize(width, height)
 
     def wait(self) -> int | None:
         return None
