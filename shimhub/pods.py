@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from shimhub.errors import FailedPrecondition, InvalidArgument
 from shimhub.hooktypes import PodNetwork
 from shimhub.records import SANDBOX_NOTREADY, SANDBOX_READY, SandboxRecord, proto_to_dict
+from shimhub.streaming import portforward
 from shimhub.streaming.requests import PortForwardRequest
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
@@ -162,7 +163,7 @@ class PodManager:
             raise FailedPrecondition(f"pod sandbox {record.id} is not ready")
         plugin = self.daemon.handlers.get(record.handler).require()
         plugin.require_hook("runtime_port_forward")
-        bad = [port for port in request.port if not 0 < port < 65536]
+        bad = [port for port in request.port if not portforward.is_port(port)]
         if bad:
             raise InvalidArgument(f"not TCP ports (1-65535): {bad}")
 

@@ -7,6 +7,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from shimhub.streaming.hangup import Hangup
+
 log = logging.getLogger(__name__)
 
 
@@ -23,7 +25,7 @@ class Activity:
         return time.monotonic() - self.last
 
 
-def close_when_idle(activity: Activity, timeout: float, close: Callable[[], None], ended: threading.Event) -> None:
+def close_when_idle(activity: Activity, timeout: float, close: Callable[[], None], ended: Hangup) -> None:
     """Call `close` once the session has been idle for `timeout` seconds (0: never); stop when it `ended`."""
     if timeout <= 0:
         return

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from urllib.parse import parse_qs
 
 from shimhub.errors import InvalidArgument, ShimhubError
+from shimhub.streaming.hangup import Hangup
 from shimhub.streaming.remotecommand import Writer
 from shimhub.streaming.requests import PortForwardRequest
 from shimhub.streaming.spdy import Inbox, Stream
@@ -32,9 +33,14 @@ WEBSOCKET_PROTOCOLS = ("v4.channel.k8s.io", "v4.base64.channel.k8s.io", "channel
 CHUNK = 32 * 1024
 
 
+def is_port(port: int) -> bool:
+    """Whether `port` is a TCP port number (1-65535)."""
+    return 0 < port < 65536
+
+
 def parse_port(text: str) -> int:
     """A TCP port from a header or query value."""
-    if not text.strip().isdigit() or not 0 < int(text) < 65536:
+    if not text.strip().isdigit() or not is_port(int(text)):
         raise InvalidArgument(f"{text!r} is not a TCP port (1-65535)")
     return int(text)
 
@@ -51,7 +57,7 @@ def forward(
     data: Writer,
     error: Writer,
     connect: Callable[[int], socket.socket],
-    disconnected: threading.Event,
+    hangup: Hangup,
 ) -> None:
     """Relay one connection to `port` until both directions end or the client goes away."""
     try:
@@ -76,11 +82,11 @@ def forward(
         except OSError:
             pass
 
-    threading.Thread(target=lambda: disconnected.wait() and shut(), name="portforward-watch", daemon=True).start()
     threading.Thread(target=upstream, name="portforward-up", daemon=True).start()
     try:
-        while chunk := target.recv(CHUNK):
-            data.write(chunk)
+        with hangup.calls(shut):
+            while chunk := target.recv(CHUNK):
+                data.write(chunk)
     except OSError as exc:
         if not closed.is_set():
             error.write(f"reading from port {port} failed: {exc.strerror}".encode())
@@ -94,9 +100,9 @@ def forward(
 class SpdyPairs:
     """Matches the data and error streams a SPDY client opens into connections, and forwards each."""
 
-    def __init__(self, request: PortForwardRequest, disconnected: threading.Event) -> None:
+    def __init__(self, request: PortForwardRequest, hangup: Hangup) -> None:
         self.request = request
-        self.disconnected = disconnected
+        self.hangup = hangup
         self.pending: dict[str, dict[str, Stream]] = {}
         self.lock = threading.Lock()
 
@@ -130,7 +136,7 @@ class SpdyPairs:
             data=pair["data"],
             error=pair["error"],
             connect=self.request.connect,
-            disconnected=self.disconnected,
+            hangup=self.hangup,
         )
 
 
@@ -150,9 +156,7 @@ def websocket_inputs(ports: list[int]) -> list[int]:
     return [2 * index for index in range(len(ports))]
 
 
-def run_websocket(
-    connection: ChannelConnection, request: PortForwardRequest, ports: list[int], disconnected: threading.Event
-) -> None:
+def run_websocket(connection: ChannelConnection, request: PortForwardRequest, ports: list[int], hangup: Hangup) -> None:
     """Forward each port on its channel pair until every one has ended."""
     workers = []
     for index, port in enumerate(ports):
@@ -168,7 +172,7 @@ def run_websocket(
                 "data": data,
                 "error": error,
                 "connect": request.connect,
-                "disconnected": disconnected,
+                "hangup": hangup,
             },
             name="portforward",
             daemon=True,

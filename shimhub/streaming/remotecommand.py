@@ -18,6 +18,7 @@ from attrs import define
 
 from shimhub.errors import ShimhubError
 from shimhub.hooktypes import STDERR, StreamedProcess
+from shimhub.streaming.hangup import Hangup
 from shimhub.streaming.requests import CommandRequest
 from shimhub.streaming.spdy import Inbox, Stream
 from shimhub.streaming.websocket import ChannelConnection
@@ -116,41 +117,37 @@ def _background(target: Callable[..., None], *args: object) -> None:
     threading.Thread(target=target, args=args, name=target.__name__, daemon=True).start()
 
 
-def run(request: CommandRequest, streams: CommandStreams, disconnected: threading.Event) -> None:
-    """Run one exec or attach session to its end; `disconnected` is set when the client goes away."""
+def run(request: CommandRequest, streams: CommandStreams, hangup: Hangup) -> None:
+    """Run one exec or attach session to its end, or until the client hangs up."""
     try:
         process = request.open_process()
     except ShimhubError as exc:
         _write_status(streams, status(message=exc.message))
         return
-    finished = threading.Event()
 
-    def end_when_client_leaves() -> None:
+    def client_left() -> None:
         """A client that leaves ends the session: closing the process wakes the output loop."""
-        disconnected.wait()
-        if not finished.is_set():
-            log.info("%s session: the client went away; ending it", request.kind)
-            process.close()
+        log.info("%s session: the client went away; ending it", request.kind)
+        process.close()
 
-    _background(end_when_client_leaves)
     try:
-        if streams.stdin is not None:
-            _background(_pump_stdin, streams.stdin, process)
-        if streams.resize is not None:
-            _background(_pump_resizes, streams.resize, process)
-        while True:
-            source, data = process.read_output()
-            if not data:
-                break
-            target = streams.stderr if source == STDERR else streams.stdout
-            if target is not None:
-                target.write(data)
-        exit_code = process.wait()
+        with hangup.calls(client_left):
+            if streams.stdin is not None:
+                _background(_pump_stdin, streams.stdin, process)
+            if streams.resize is not None:
+                _background(_pump_resizes, streams.resize, process)
+            while True:
+                source, data = process.read_output()
+                if not data:
+                    break
+                target = streams.stderr if source == STDERR else streams.stdout
+                if target is not None:
+                    target.write(data)
+            exit_code = process.wait()
         _write_status(streams, status(exit_code or 0))
     except OSError as exc:
         _write_status(streams, status(message=f"{request.kind} failed: {exc}"))
     finally:
-        finished.set()
         process.close()
         for inbox in (streams.stdin, streams.resize):
             if inbox is not None:

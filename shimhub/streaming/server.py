@@ -25,6 +25,7 @@ from websockets.sync.server import Server, ServerConnection
 from shimhub.config import StreamingConfig, split_address
 from shimhub.errors import ConfigError, ShimhubError
 from shimhub.streaming import portforward, remotecommand
+from shimhub.streaming.hangup import Hangup
 from shimhub.streaming.idle import close_when_idle
 from shimhub.streaming.requests import CommandRequest, RequestCache, StreamRequest
 from shimhub.streaming.spdy import Session, Stream
@@ -198,25 +199,25 @@ class StreamingServer:
         else:
             inputs = portforward.websocket_inputs(ports)
         channels = ChannelConnection(connection, protocol, inputs)
-        disconnected = threading.Event()
+        hangup = Hangup()
         with self.server.lock:  # so that stopping the server closes it
             self.server.all_connections.add(connection)
 
         def receive() -> None:
             channels.serve()
-            disconnected.set()
+            hangup.set()
 
         threading.Thread(target=receive, name="websocket-receive", daemon=True).start()
-        close_when_idle(channels.activity, self.config.idle_timeout, channels.close, disconnected)
+        close_when_idle(channels.activity, self.config.idle_timeout, channels.close, hangup)
         try:
             if isinstance(request, CommandRequest):
                 streams = remotecommand.websocket_streams(channels, request, protocol)
-                remotecommand.run(request, streams, disconnected)
+                remotecommand.run(request, streams, hangup)
             else:
-                portforward.run_websocket(channels, request, ports, disconnected)
+                portforward.run_websocket(channels, request, ports, hangup)
         finally:
             connection.close()
-            disconnected.set()
+            hangup.set()
             with self.server.lock:
                 self.server.all_connections.discard(connection)
 

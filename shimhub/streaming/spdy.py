@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 
 from attrs import define, field
 
+from shimhub.streaming.hangup import Hangup
 from shimhub.streaming.idle import Activity
 
 log = logging.getLogger(__name__)
@@ -296,7 +297,7 @@ class Session:
         self._write_closed = False
         self.activity = Activity()
         #: Set once the peer's side has ended (EOF, GOAWAY, an error) or the session was torn down.
-        self.closed = threading.Event()
+        self.closed = Hangup()
 
     def send(self, frame: bytes) -> None:
         with self._send_lock:
