@@ -13,28 +13,32 @@ from shimhub_proto.cri.v1 import api_pb2 as cri
 ROOT = Path(__file__).parent.parent
 PROTO_DIR = ROOT / "proto"
 SCHEMA = "shimhub_proto/cri/v1/api.proto"
-GENERATED = ("api_pb2.py", "api_pb2.pyi", "api_pb2_grpc.py")
+#: The schemas spoken over ttrpc to containerd shims: messages only, no gRPC stubs.
+TTRPC_SCHEMAS = sorted(
+    str(path.relative_to(PROTO_DIR))
+    for path in (PROTO_DIR / "shimhub_proto").glob("*/**/*.proto")
+    if "cri" not in path.parts
+)
+
+
+def _generate(out: Path, schemas: list[str], grpc_stubs: bool) -> None:
+    command = [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_DIR}", f"--python_out={out}", f"--pyi_out={out}"]
+    if grpc_stubs:
+        command.append(f"--grpc_python_out={out}")
+    subprocess.run([*command, *(str(PROTO_DIR / schema) for schema in schemas)], check=True)
 
 
 def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
     pytest.importorskip("grpc_tools")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{PROTO_DIR}",
-            f"--python_out={tmp_path}",
-            f"--pyi_out={tmp_path}",
-            f"--grpc_python_out={tmp_path}",
-            str(PROTO_DIR / SCHEMA),
-        ],
-        check=True,
-    )
-    for name in GENERATED:
-        fresh = (tmp_path / "shimhub_proto/cri/v1" / name).read_text()
-        committed = (PROTO_DIR / "shimhub_proto/cri/v1" / name).read_text()
-        assert fresh == committed, f"{name} is stale: run `make proto` (see README)"
+    _generate(tmp_path, [SCHEMA], grpc_stubs=True)
+    _generate(tmp_path, TTRPC_SCHEMAS, grpc_stubs=False)
+    generated = sorted(tmp_path.rglob("*_pb2*.py*"))
+    assert len(generated) == 3 + 2 * len(TTRPC_SCHEMAS)
+    for fresh in generated:
+        committed = PROTO_DIR / fresh.relative_to(tmp_path)
+        assert committed.exists() and fresh.read_text() == committed.read_text(), (
+            f"{committed.name} is stale: run `make proto` (see README)"
+        )
 
 
 RUNTIME_METHODS = {
