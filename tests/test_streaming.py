@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -22,18 +23,27 @@ from tests.kubeapi import KUBECTL, POD, KubeApi
 from tests.shimhubd import wait_for
 from tests.streaming_client import SpdyClient, WebSocketClient, exit_code, upgrade_request
 from tests.test_runc import Pod, exec_sync, runc_config
+from tests.test_shimv2 import SHIM
 
 pytestmark = NEEDS_ROOT
 
 TOKEN_TTL = 3.0
 IDLE_TIMEOUT = 5.0
 TRANSPORTS = ["spdy", "websocket"]
+#: The conmon-monitored runc handler, and the same runc through containerd's shim v2 (stdio through the shim's FIFOs).
+HANDLERS = [
+    "runc",
+    pytest.param(
+        "shim", marks=pytest.mark.skipif(shutil.which(SHIM) is None, reason=f"{SHIM} is not installed (containerd)")
+    ),
+]
 
 
 @pytest.fixture
 def node(daemon_factory, registry):
     streaming = f"[streaming]\ntoken_ttl = {TOKEN_TTL}\nidle_timeout = {IDLE_TIMEOUT}\n"
-    daemon = daemon_factory(runc_config(registry, streaming)).start()
+    shim = f'[runtimes.shim]\nplugin = "shimv2"\n[runtimes.shim.options]\nshim = "{SHIM}"\n'
+    daemon = daemon_factory(runc_config(registry, streaming + shim)).start()
     daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/busybox:1")))
     return daemon
 
@@ -90,9 +100,10 @@ def run_exec(transport: str, pod: Pod, container_id: str, cmd: list[str]) -> tup
     return stdout, stderr, exit_code(status)
 
 
+@pytest.mark.parametrize("handler", HANDLERS)
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_exec_output_and_exit_codes(node, tmp_path: Path, transport: str) -> None:
-    pod = Pod(node, tmp_path)
+def test_exec_output_and_exit_codes(node, tmp_path: Path, transport: str, handler: str) -> None:
+    pod = Pod(node, tmp_path, handler=handler)
     container = pod.run("sleeper", ["sleep", "300"])
     assert run_exec(transport, pod, container, ["echo", "hello", "streams"]) == (b"hello streams\n", b"", 0)
     assert run_exec(transport, pod, container, ["sh", "-c", "echo out; echo err >&2; exit 3"]) == (
@@ -100,13 +111,16 @@ def test_exec_output_and_exit_codes(node, tmp_path: Path, transport: str) -> Non
         b"err\n",
         3,
     )
-    stdout, stderr, code = run_exec(transport, pod, container, ["no-such-command"])
-    assert code != 0 and b"no-such-command" in stdout + stderr
+    url = exec_url(pod, container, ["no-such-command"], stdout=True, stderr=True)
+    stdout, stderr, status = Session(transport, url, stdin=False, stdout=True, stderr=True, tty=False).finish()
+    # runc runs and fails it (a non-zero exit code); a shim refuses to start it (an error): both are failures
+    assert b'"Failure"' in status and b"no-such-command" in stdout + stderr + status
 
 
+@pytest.mark.parametrize("handler", HANDLERS)
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_exec_interactive_stdin_round_trip(node, tmp_path: Path, transport: str) -> None:
-    pod = Pod(node, tmp_path)
+def test_exec_interactive_stdin_round_trip(node, tmp_path: Path, transport: str, handler: str) -> None:
+    pod = Pod(node, tmp_path, handler=handler)
     container = pod.run("sleeper", ["sleep", "300"])
     url = exec_url(pod, container, ["sh", "-c", "while read line; do echo got:$line; done; echo bye"],
                    stdin=True, stdout=True, stderr=True)  # fmt: skip
@@ -120,9 +134,10 @@ def test_exec_interactive_stdin_round_trip(node, tmp_path: Path, transport: str)
     assert stdout.endswith(b"bye\n") and exit_code(status) == 0
 
 
+@pytest.mark.parametrize("handler", HANDLERS)
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_exec_tty_resize_seen_by_stty(node, tmp_path: Path, transport: str) -> None:
-    pod = Pod(node, tmp_path)
+def test_exec_tty_resize_seen_by_stty(node, tmp_path: Path, transport: str, handler: str) -> None:
+    pod = Pod(node, tmp_path, handler=handler)
     container = pod.run("sleeper", ["sleep", "300"])
     url = exec_url(pod, container, ["sh"], stdin=True, stdout=True, tty=True)
     session = Session(transport, url, stdin=True, stdout=True, stderr=False, tty=True)
@@ -140,9 +155,10 @@ def test_exec_tty_resize_seen_by_stty(node, tmp_path: Path, transport: str) -> N
     assert exit_code(status) == 4
 
 
+@pytest.mark.parametrize("handler", HANDLERS)
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_attach_follows_a_container_printing_every_second(node, tmp_path: Path, transport: str) -> None:
-    pod = Pod(node, tmp_path)
+def test_attach_follows_a_container_printing_every_second(node, tmp_path: Path, transport: str, handler: str) -> None:
+    pod = Pod(node, tmp_path, handler=handler)
     container = pod.run("ticker", ["sh", "-c", "i=0; while [ $i -lt 4 ]; do i=$((i+1)); echo tick-$i; sleep 1; done"])
     url = pod.rt.Attach(cri.AttachRequest(container_id=container, stdout=True, stderr=True)).url
     session = Session(transport, url, stdin=False, stdout=True, stderr=True, tty=False)
@@ -153,8 +169,9 @@ def test_attach_follows_a_container_printing_every_second(node, tmp_path: Path, 
     assert pod.wait_exit(container).exit_code == 0
 
 
-def test_attach_with_stdin_reaches_the_container(node, tmp_path: Path) -> None:
-    pod = Pod(node, tmp_path)
+@pytest.mark.parametrize("handler", HANDLERS)
+def test_attach_with_stdin_reaches_the_container(node, tmp_path: Path, handler: str) -> None:
+    pod = Pod(node, tmp_path, handler=handler)
     container = pod.run("reader", ["sh", "-c", "read line; echo container-got:$line"], stdin=True, stdin_once=True)
     url = pod.rt.Attach(cri.AttachRequest(container_id=container, stdin=True, stdout=True, stderr=True)).url
     session = Session("websocket", url, stdin=True, stdout=True, stderr=True, tty=False)
@@ -165,8 +182,9 @@ def test_attach_with_stdin_reaches_the_container(node, tmp_path: Path) -> None:
     assert "container-got:hi-there" in pod.lines("reader")
 
 
-def test_attach_to_a_terminal_container_with_resize(node, tmp_path: Path) -> None:
-    pod = Pod(node, tmp_path)
+@pytest.mark.parametrize("handler", HANDLERS)
+def test_attach_to_a_terminal_container_with_resize(node, tmp_path: Path, handler: str) -> None:
+    pod = Pod(node, tmp_path, handler=handler)
     container = pod.run("shell", ["sh"], tty=True, stdin=True)
     url = pod.rt.Attach(cri.AttachRequest(container_id=container, stdin=True, stdout=True, tty=True)).url
     session = Session("spdy", url, stdin=True, stdout=True, stderr=False, tty=True)
@@ -195,8 +213,9 @@ def _spdy_forward(client: SpdyClient, request_id: int, port: int, payload: bytes
     return data.read_all(), error.read_all()
 
 
-def test_port_forward_over_spdy(node, tmp_path: Path) -> None:
-    pod = Pod(node, tmp_path)
+@pytest.mark.parametrize("handler", HANDLERS)
+def test_port_forward_over_spdy(node, tmp_path: Path, handler: str) -> None:
+    pod = Pod(node, tmp_path, handler=handler)
     web = pod.run("web", HTTPD)
     wait_for(lambda: b":8080" in exec_sync(pod, web, "netstat", "-ltn").stdout, timeout=10)
     url = pod.rt.PortForward(cri.PortForwardRequest(pod_sandbox_id=pod.id, port=[8080])).url

@@ -52,8 +52,14 @@ def hosts_file(hostname: str, ips: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def create(directory: Path, config: cri.PodSandboxConfig, netns: str, ips: list[str], pause: str) -> dict[str, Any]:
-    """Set the pod up in `directory`; return what later containers and teardown need (JSON-serialisable)."""
+def create(
+    directory: Path, config: cri.PodSandboxConfig, netns: str, ips: list[str], pause: str, *, infra: bool = True
+) -> dict[str, Any]:
+    """Set the pod up in `directory`; return what later containers and teardown need (JSON-serialisable).
+
+    Without `infra`, a pod sharing one PID namespace gets no infra process here:
+    the caller runs one and sets ``namespaces["pid"]`` itself.
+    """
     options = config.linux.security_context.namespace_options
     directory.mkdir(parents=True, exist_ok=True, mode=0o711)
     hostname = (config.hostname or config.metadata.name) if options.network != cri.NODE else os.uname().nodename
@@ -83,7 +89,7 @@ def create(directory: Path, config: cri.PodSandboxConfig, netns: str, ips: list[
         data["shm"] = str(shm)
     if options.pid == cri.NODE:
         namespaces["pid"] = ""
-    elif options.pid == cri.POD:
+    elif options.pid == cri.POD and infra:
         data["infra_pid"] = _start_infra(directory, pause)
         namespaces["pid"] = f"/proc/{data['infra_pid']}/ns/pid"
     return data

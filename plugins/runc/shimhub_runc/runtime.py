@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from shimhub import cgroups, netns, plugin_options
-from shimhub.errors import FailedPrecondition, NotFound, PluginFailed
+from shimhub.errors import NotFound, PluginFailed
 from shimhub.hookspecs import hookimpl
 from shimhub.hooktypes import (
     ContainerState,
@@ -39,7 +39,7 @@ from shimhub.hooktypes import (
 )
 from shimhub.records import ContainerRecord, SandboxRecord
 from shimhub_proto.cri.v1 import api_pb2 as cri
-from shimhub_runc import conmon, pod, spec, streams
+from shimhub_runc import conmon, containerspec, pod, spec, streams
 
 OPTIONS: dict[str, Any] = {
     "binary": "runc",
@@ -49,8 +49,6 @@ OPTIONS: dict[str, Any] = {
     "host_network_runtime_args": [],
     "restrict_oom_score_adj": True,
 }
-TERMINATION_LOG = "/dev/termination-log"
-TERMINATION_LOG_LIMIT = 4096
 KILL_WAIT = 10.0
 COMMAND_TIMEOUT = 60.0
 
@@ -91,13 +89,6 @@ def _unsupported_cgroups(binary: str) -> str:
     return ""
 
 
-def _signal_name(config: cri.ContainerConfig, image: Mapping[str, Any]) -> str:
-    if config.stop_signal != cri.RUNTIME_DEFAULT:
-        return cri.Signal.Name(config.stop_signal)
-    configured = str((image.get("config") or {}).get("StopSignal") or "SIGTERM").upper()
-    return configured if configured.startswith("SIG") or configured.isdigit() else f"SIG{configured}"
-
-
 class RuncRuntime:
     """Runs pods and containers with an OCI runtime binary under conmon."""
 
@@ -112,7 +103,7 @@ class RuncRuntime:
         self.bundles = Path()
         self.exits = Path()
         self.attach = Path()
-        self.oom_floor = 0
+        self.oom: containerspec.OomScore | None = None
         self.cgroup_driver = "cgroupfs"
         self.context: PluginContext | None = None
         self.log = logging.getLogger(__name__)
@@ -142,8 +133,7 @@ class RuncRuntime:
         unsupported = _unsupported_cgroups(self.binary)
         if unsupported:
             return Readiness(ready=False, reason=unsupported)
-        with open("/proc/self/oom_score_adj") as own:
-            self.oom_floor = int(own.read())
+        self.oom = containerspec.OomScore(self.options["restrict_oom_score_adj"], self.log)
         version = self._version()
         return Readiness(ready=True, features=self._features(), info={"binary": self.binary, "version": version})
 
@@ -200,12 +190,6 @@ class RuncRuntime:
     def _monitor(self, container: ContainerRecord) -> conmon.Monitor:
         return conmon.Monitor(bundle=self.bundles / container.id, exit_dir=self.exits, socket_dir=self.attach)
 
-    def _oom_score(self, requested: int) -> int:
-        if self.options["restrict_oom_score_adj"] and requested < self.oom_floor:
-            self.log.info("oom_score_adj %d clamped to %d: shimhub itself may not go lower", requested, self.oom_floor)
-            return self.oom_floor
-        return requested
-
     @hookimpl
     def runtime_container_create(
         self,
@@ -215,24 +199,18 @@ class RuncRuntime:
         rootfs: str,
         image: Mapping[str, Any],
     ) -> None:
-        if not rootfs:
-            raise FailedPrecondition("this runtime runs containers from images: the container has no root filesystem")
-        pod_config = sandbox.pod_config()
-        pod_data = sandbox.runtime_data.get("pod")
-        if pod_data is None:
-            raise FailedPrecondition(f"pod sandbox {sandbox.id} was not set up by this runtime")
-        context = pod.context(pod_data, pod_config)
-        cgroup = spec.cgroups_path(self.cgroup_driver, context.cgroup_parent, container.id)
-        oci = spec.build(
+        assert self.oom is not None and self.context is not None
+        oci, cgroup = containerspec.build(
+            sandbox,
+            container,
             config,
-            image,
             rootfs,
-            pod=context,
-            cgroup_path=cgroup,
-            oom_score_adj=self._oom_score(config.linux.resources.oom_score_adj),
+            image,
+            pod_data=sandbox.runtime_data.get("pod"),
+            cgroup_driver=self.cgroup_driver,
+            oom=self.oom,
+            extensions=self.context.extensions,
         )
-        if self.context is not None:
-            self.context.extensions.shimhub_adjust_oci_spec(sandbox=sandbox, container=container, spec=oci)
         monitor = self._monitor(container)
         monitor.bundle.mkdir(mode=0o700)
         (monitor.bundle / "config.json").write_text(json.dumps(oci))
@@ -253,8 +231,8 @@ class RuncRuntime:
                 stdin_once=config.stdin_once,
             ),
             cgroup=cgroup,
-            stop_signal=_signal_name(config, image),
-            termination_log=next((m.host_path for m in config.mounts if m.container_path == TERMINATION_LOG), ""),
+            stop_signal=containerspec.stop_signal(config, image),
+            termination_log=containerspec.termination_log(config),
         )
 
     @hookimpl
@@ -279,7 +257,7 @@ class RuncRuntime:
                 finished_at=finished,
                 exit_code=code,
                 reason=reason,
-                message=self._termination_message(data),
+                message=containerspec.termination_message(data.get("termination_log", "")),
             )
         if alive:
             return ContainerState(
@@ -312,17 +290,6 @@ class RuncRuntime:
             else:
                 states.append(ContainerState(status=ContainerStatus.CREATED, pid=data.get("pid", 0)))
         return states
-
-    @staticmethod
-    def _termination_message(data: Mapping[str, Any]) -> str:
-        path = data.get("termination_log", "")
-        if not path:
-            return ""
-        try:
-            with open(path, "rb") as log:
-                return log.read(TERMINATION_LOG_LIMIT).decode(errors="replace")
-        except OSError:
-            return ""
 
     @hookimpl
     def runtime_container_stop(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: int) -> None:
