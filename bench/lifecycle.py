@@ -5,7 +5,7 @@ with --network host), CreateContainer + StartContainer (busybox from a registry
 on 127.0.0.1), ExecSync, ContainerStats, PodSandboxStats, then StopContainer +
 RemoveContainer + StopPodSandbox + RemovePodSandbox.
 Run as root from a checkout:
-python3 -m bench.lifecycle [--runs 50] [--handler runc|runsc] [--network cni|host]
+python3 -m bench.lifecycle [--runs 50] [--handler runc|runsc|shim] [--network cni|host]
 """
 
 from __future__ import annotations
@@ -83,7 +83,9 @@ def main() -> None:
         (root / "daemon").mkdir()
         config = (
             '[runtimes.runsc]\nplugin = "runc"\n[runtimes.runsc.options]\nbinary = "runsc"\n'
-            f'runtime_args = ["--network=host"]\n{network_config(root, args.network)}[storage]\ndriver = "overlay"\n'
+            f'runtime_args = ["--network=host"]\n'
+            '[runtimes.shim]\nplugin = "shimv2"\n[runtimes.shim.options]\nshim = "containerd-shim-runc-v2"\n'
+            f'{network_config(root, args.network)}[storage]\ndriver = "overlay"\n'
             f'[images]\nsearch_registries = ["{registry.host}"]\n'
             f'[images.registries."{registry.host}"]\ninsecure = true\n'
         )

@@ -50,6 +50,7 @@ from shimhub.hooktypes import (
     StreamedProcess,
 )
 from shimhub.records import ContainerRecord, SandboxRecord
+from shimhub.storage.common import is_mounted, unmount
 from shimhub_proto.containerd.cgroups.v1 import metrics_pb2 as cgroups_v1
 from shimhub_proto.containerd.cgroups.v2 import metrics_pb2 as cgroups_v2
 from shimhub_proto.containerd.runtimeoptions.v1 import options_pb2
@@ -179,8 +180,6 @@ class ShimV2Runtime:
             return Readiness(ready=False, reason=f"pause binary {self.options['pause']!r} not found (Debian catatonit)")
         if self.options["shim_config"] and not os.path.isfile(self.options["shim_config"]):
             return Readiness(ready=False, reason=f"shim configuration {self.options['shim_config']!r} not found")
-        # The -address a shim is given only names its events endpoint and seeds its socket name:
-        # one per handler keeps handlers (and shimhub instances) from sharing shims.
         # One -address per handler (and shimhub instance) keeps them from sharing shims. Events go to
         # an abstract socket: a shim's Go runtime reaches "@name" whatever the length of run_dir.
         address = str(context.run_dir / "shims")
@@ -244,7 +243,18 @@ class ShimV2Runtime:
             if not bundle.exists():
                 return None
             self.log.warning("the shim of task %s is gone: cleaning up with %s delete", task_id[:12], self.binary.path)
-            return self.binary.delete(task_id, bundle, self.options["call_timeout"])
+            try:
+                return self.binary.delete(task_id, bundle, self.options["call_timeout"])
+            except PluginFailed as exc:  # removal goes on: what is left is unmounted and removed below
+                self.log.warning("task %s: %s", task_id[:12], exc)
+                return None
+
+    def _remove_bundle(self, task_id: str) -> None:
+        """Remove a task's bundle, unmounting its root filesystem first if a dead shim left it mounted."""
+        rootfs = self._bundle(task_id) / "rootfs"
+        if is_mounted(str(rootfs)):
+            unmount(str(rootfs))
+        shutil.rmtree(self._bundle(task_id), ignore_errors=True)
 
     def _shutdown(self, task_id: str, address: str) -> None:
         """Let the shim exit if it runs no other task."""
@@ -318,7 +328,7 @@ class ShimV2Runtime:
     @hookimpl
     def runtime_sandbox_remove(self, sandbox: SandboxRecord) -> None:
         self.runtime_sandbox_stop(sandbox)
-        shutil.rmtree(self._bundle(sandbox.id), ignore_errors=True)
+        self._remove_bundle(sandbox.id)
         pod.remove(sandbox.runtime_data.get("pod", {"dir": str(self.pods / sandbox.id)}))
 
     # -- containers ----------------------------------------------------------------
@@ -392,7 +402,7 @@ class ShimV2Runtime:
         except BaseException:
             self._outputs.pop(container.id, None)
             output.close()
-            shutil.rmtree(bundle, ignore_errors=True)
+            self._remove_bundle(container.id)
             raise
         finally:
             output.watch.writers_connected()
@@ -494,7 +504,7 @@ class ShimV2Runtime:
                 self._delete_task(container.id, data["shim"])
             if data["shim"] != sandbox.runtime_data.get("shim"):
                 self._shutdown(container.id, data["shim"])
-        shutil.rmtree(self._bundle(container.id), ignore_errors=True)
+        self._remove_bundle(container.id)
 
     @hookimpl
     def runtime_container_stats(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
