@@ -57,12 +57,6 @@ class Watch:
         """Wait until every FIFO reached its end; False if `timeout` passed first."""
         return self._ended.wait(timeout)
 
-    def drain(self) -> None:
-        """Deliver whatever the FIFOs hold right now, on the calling thread."""
-        with self._relay.lock:
-            for fd in list(self._open):
-                self._read(fd, until_empty=True)
-
     def close(self) -> None:
         """Stop reading and close the FIFOs' read ends (what they still hold is dropped). Idempotent."""
         self.writers_connected()
@@ -71,21 +65,21 @@ class Watch:
                 self._finish(fd, notify=False)
         self._ended.set()
 
-    def _read(self, fd: int, until_empty: bool = False) -> None:
-        while fd in self._open:
-            try:
-                data = os.read(fd, CHUNK)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                log.warning("reading a process's output failed: %s", exc)
-                data = b""
-            if not data:
-                self._finish(fd, notify=True)
-                return
+    def _read(self, fd: int) -> None:
+        """Deliver one chunk of what FIFO `fd` holds (called when the relay saw it readable)."""
+        if fd not in self._open:
+            return  # finished since the relay looked
+        try:
+            data = os.read(fd, CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.warning("reading a process's output failed: %s", exc)
+            data = b""
+        if data:
             self._sinks[fd](data)
-            if not until_empty:
-                return
+        else:
+            self._finish(fd, notify=True)
 
     def _finish(self, fd: int, notify: bool) -> None:
         self._open.discard(fd)

@@ -18,7 +18,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -28,7 +28,8 @@ from shimhub_proto.ttrpc import ttrpc_pb2
 
 HEADER = struct.Struct(">IIBB")
 MAX_DATA = 4 << 20
-REQUEST, RESPONSE, DATA = 1, 2, 3
+#: Message types (ttrpc's Data frames, 3, belong to streaming calls, which are not made).
+REQUEST, RESPONSE = 1, 2
 CONNECT_TIMEOUT = 5.0
 M = TypeVar("M", bound=Message)
 
@@ -58,6 +59,21 @@ def encode_frame(stream_id: int, kind: int, data: bytes, flags: int = 0) -> byte
     if len(data) > MAX_DATA:
         raise errors.InvalidArgument(f"ttrpc message of {len(data)} bytes exceeds the {MAX_DATA}-byte limit")
     return HEADER.pack(len(data), stream_id, kind, flags) + data
+
+
+def read_frame(stream: BinaryIO) -> tuple[int, int, bytes] | None:
+    """The next frame as (stream id, message type, data); None at the end of the connection.
+
+    Raises ValueError for a frame over the size limit: the connection cannot be trusted further.
+    """
+    header = stream.read(HEADER.size)
+    if len(header) < HEADER.size:
+        return None
+    length, stream_id, kind, _flags = HEADER.unpack(header)
+    if length > MAX_DATA:
+        raise ValueError(f"the peer sent a {length}-byte frame, over the {MAX_DATA}-byte limit")
+    data = stream.read(length)
+    return (stream_id, kind, data) if len(data) == length else None
 
 
 def socket_path(address: str) -> str:
@@ -142,37 +158,19 @@ class Client:
     def _read(self) -> None:
         reason = "the server closed the connection"
         try:
-            while True:
-                header = self._receive(HEADER.size)
-                if header is None:
-                    break
-                length, stream_id, kind, _flags = HEADER.unpack(header)
-                if length > MAX_DATA:
-                    reason = f"the server sent a {length}-byte frame, over the {MAX_DATA}-byte limit"
-                    break
-                data = self._receive(length) if length else b""
-                if data is None:
-                    break
-                if kind != RESPONSE:
-                    continue  # no streaming calls are made: stray data frames are ignored
-                with self._lock:
-                    pending = self._pending.pop(stream_id, None)
-                if pending is not None:
-                    pending.data = data
-                    pending.done.set()
-        except (OSError, DecodeError) as exc:
+            with self._socket.makefile("rb") as stream:
+                while (frame := read_frame(stream)) is not None:
+                    stream_id, kind, data = frame
+                    if kind != RESPONSE:
+                        continue  # no streaming calls are made: stray data frames are ignored
+                    with self._lock:
+                        pending = self._pending.pop(stream_id, None)
+                    if pending is not None:
+                        pending.data = data
+                        pending.done.set()
+        except (OSError, ValueError) as exc:
             reason = f"connection lost: {exc}"
         self._fail(reason)
-
-    def _receive(self, size: int) -> bytes | None:
-        chunks, missing = [], size
-        while missing:
-            chunk = self._socket.recv(missing)
-            if not chunk:
-                return None
-            chunks.append(chunk)
-            missing -= len(chunk)
-        return b"".join(chunks)
 
     def _fail(self, reason: str) -> None:
         with self._lock:
@@ -215,25 +213,14 @@ class Receiver:
 
     def _serve(self, connection: socket.socket) -> None:
         ok = ttrpc_pb2.Response().SerializeToString()
-        with connection, connection.makefile("rb") as stream:
-            while True:
-                header = stream.read(HEADER.size)
-                if len(header) < HEADER.size:
-                    return
-                length, stream_id, kind, _flags = HEADER.unpack(header)
-                if length > MAX_DATA:
-                    return
-                data = stream.read(length)
-                if len(data) < length:
-                    return
+        with connection, connection.makefile("rb") as stream, contextlib.suppress(OSError, ValueError):
+            while (frame := read_frame(stream)) is not None:
+                stream_id, kind, data = frame
                 if kind != REQUEST:
                     continue
                 with contextlib.suppress(DecodeError):
                     self._handle(ttrpc_pb2.Request.FromString(data))
-                try:
-                    connection.sendall(encode_frame(stream_id, RESPONSE, ok))
-                except OSError:
-                    return
+                connection.sendall(encode_frame(stream_id, RESPONSE, ok))
 
     def close(self) -> None:
         """Stop accepting connections and remove the socket."""

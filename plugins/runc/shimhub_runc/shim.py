@@ -28,7 +28,6 @@ from shimhub_proto.containerd.task.v2 import shim_pb2 as task
 SERVICE = "containerd.task.v2.Task"
 START_TIMEOUT = 30.0
 LOG = "log"
-LOG_TAIL = 2048
 #: Type URLs of the JSON-encoded OCI values the Task service takes.
 PROCESS_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 RESOURCES_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
@@ -99,16 +98,6 @@ class Binary:
         return task.DeleteResponse.FromString(printed)
 
 
-def log_tail(bundle: Path) -> str:
-    """The last lines a shim logged in `bundle` (to explain a failure)."""
-    try:
-        with open(bundle / LOG, "rb") as log:
-            log.seek(max(0, log.seek(0, os.SEEK_END) - LOG_TAIL))
-            return log.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
 class TaskClient:
     """The Task service of one shim; every call has a deadline, so a hung shim cannot hang shimhub."""
 
@@ -164,9 +153,6 @@ class TaskClient:
 
     def stats(self, task_id: str) -> AnyMessage:
         return self._call("Stats", task.StatsRequest(id=task_id), task.StatsResponse).stats
-
-    def connect(self, task_id: str) -> task.ConnectResponse:
-        return self._call("Connect", task.ConnectRequest(id=task_id), task.ConnectResponse)
 
     def shutdown(self, task_id: str) -> None:
         """Ask the shim to exit once it runs no tasks; the connection then closes."""

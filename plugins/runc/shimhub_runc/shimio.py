@@ -12,6 +12,7 @@ import queue
 import shutil
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from shimhub import fifos
@@ -20,18 +21,49 @@ from shimhub.errors import ShimhubError
 from shimhub.hooktypes import STDERR, STDOUT
 from shimhub_proto.containerd.task.v2 import shim_pb2 as task
 from shimhub_runc.shim import PROCESS_TYPE, TaskClient, json_any
+from shimhub_runc.streams import write_all
 
 #: Chunks an attached client may fall behind before newer output is dropped for it.
 ATTACH_BACKLOG = 1024
 KILL_WAIT = 10.0
 _END = (STDOUT, b"")
+STREAM_NAMES = {STDOUT: "stdout", STDERR: "stderr"}
 
 
-def _stdio(directory: Path, stdin: bool, stderr: bool) -> dict[str, str]:
-    """Create FIFOs for the wanted streams in `directory`; stream name -> path ("" when not wanted)."""
-    directory.mkdir(mode=0o700, exist_ok=True)
-    wanted = {"stdin": stdin, "stdout": True, "stderr": stderr}
-    return {name: fifos.make(directory / name) if on else "" for name, on in wanted.items()}
+class _Stdio:
+    """A process's FIFOs in `directory`: output read through the relay into sinks, stdin held open for writing.
+
+    With `tty` there is no stderr: a terminal carries both outputs.
+    """
+
+    def __init__(
+        self, directory: Path, relay: fifos.OutputRelay, sink: Callable[[int], fifos.Sink], *, stdin: bool, tty: bool
+    ) -> None:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        wanted = {"stdin": stdin, "stdout": True, "stderr": not tty}
+        #: Stream name -> FIFO path ("" when the stream is not wanted), as the shim is told.
+        self.paths = {name: fifos.make(directory / name) if on else "" for name, on in wanted.items()}
+        #: How many output streams there are.
+        self.streams = 1 if tty else 2
+        self._lock = threading.Lock()
+        self._stdin = os.open(self.paths["stdin"], os.O_RDWR | os.O_CLOEXEC) if stdin else -1
+        outputs = {self.paths["stdout"]: sink(STDOUT)}
+        if self.paths["stderr"]:
+            outputs[self.paths["stderr"]] = sink(STDERR)
+        self.watch = relay.watch(outputs)
+
+    def write_input(self, data: bytes) -> None:
+        if self._stdin >= 0:
+            write_all(self._stdin, data)
+
+    def close_input(self) -> bool:
+        """Close the held stdin; False if it was closed already (or never open)."""
+        with self._lock:
+            fd, self._stdin = self._stdin, -1
+        if fd < 0:
+            return False
+        os.close(fd)
+        return True
 
 
 class _Output:
@@ -68,17 +100,15 @@ class ContainerOutput:
     """A container's stdout/stderr FIFOs copied into its CRI log and to attached clients; its held stdin."""
 
     def __init__(self, relay: fifos.OutputRelay, bundle: Path, log_path: str, stdin: bool, tty: bool) -> None:
-        self.paths = _stdio(bundle / "io", stdin=stdin, stderr=not tty)
         self.log = LogFile(log_path)
         self._lock = threading.Lock()
         self._attached: list[_Output] = []
-        sinks = {self.paths["stdout"]: self._sink("stdout", STDOUT)}
-        if self.paths["stderr"]:
-            sinks[self.paths["stderr"]] = self._sink("stderr", STDERR)
-        self._stdin = os.open(self.paths["stdin"], os.O_RDWR | os.O_CLOEXEC) if stdin else -1
-        self.watch = relay.watch(sinks)
+        self._settled = False
+        self.stdio = _Stdio(bundle / "io", relay, self._sink, stdin=stdin, tty=tty)
 
-    def _sink(self, name: str, stream: int) -> fifos.Sink:
+    def _sink(self, stream: int) -> fifos.Sink:
+        name = STREAM_NAMES[stream]
+
         def deliver(data: bytes) -> None:
             self.log.write(name, data)
             with self._lock:
@@ -87,11 +117,17 @@ class ContainerOutput:
 
         return deliver
 
+    def settle(self, timeout: float) -> None:
+        """Once the container exited: wait, the first time only, up to `timeout` for its last output."""
+        if not self._settled:
+            self.stdio.watch.wait(timeout)
+            self._settled = True
+
     def attach(self) -> _Output:
         """A new queue of the container's output from now on."""
-        output = _Output(streams=2 if self.paths["stderr"] else 1, maxsize=ATTACH_BACKLOG)
+        output = _Output(streams=self.stdio.streams, maxsize=ATTACH_BACKLOG)
         with self._lock:
-            if self.watch.wait(0):
+            if self.stdio.watch.wait(0):
                 output = _Output(streams=0)  # the output already ended
             else:
                 self._attached.append(output)
@@ -102,22 +138,10 @@ class ContainerOutput:
             if output in self._attached:
                 self._attached.remove(output)
 
-    def write_input(self, data: bytes) -> None:
-        if self._stdin >= 0:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._stdin, view) :]
-
-    def close_input(self) -> None:
-        with self._lock:
-            fd, self._stdin = self._stdin, -1
-        if fd >= 0:
-            os.close(fd)
-
     def close(self) -> None:
         """Stop copying and close the log. Idempotent."""
-        self.close_input()
-        self.watch.close()
+        self.stdio.close_input()
+        self.stdio.watch.close()
         self.log.close()
 
 
@@ -135,11 +159,11 @@ class AttachedContainer:
         return self._queue.read()
 
     def write_input(self, data: bytes) -> None:
-        self._output.write_input(data)
+        self._output.stdio.write_input(data)
 
     def close_input(self) -> None:
         if self._stdin_once:
-            self._output.close_input()
+            self._output.stdio.close_input()
             self._client.close_stdin(self._id)
 
     def resize(self, width: int, height: int) -> None:
@@ -175,13 +199,9 @@ class ShimExec:
         self._closed = False
         self._exit: int | None = None
         self._created = False
-        paths = _stdio(directory, stdin=stdin, stderr=not tty)
         self._output = _Output(streams=1 if tty else 2)
-        sinks = {paths["stdout"]: self._output.sink(STDOUT)}
-        if paths["stderr"]:
-            sinks[paths["stderr"]] = self._output.sink(STDERR)
-        self._stdin = os.open(paths["stdin"], os.O_RDWR | os.O_CLOEXEC) if stdin else -1
-        self._watch = relay.watch(sinks)
+        self._stdio = _Stdio(directory, relay, self._output.sink, stdin=stdin, tty=tty)
+        paths = self._stdio.paths
         try:
             client.exec(
                 task.ExecProcessRequest(
@@ -200,14 +220,14 @@ class ShimExec:
             self.close()
             raise
         finally:
-            self._watch.writers_connected()
+            self._stdio.watch.writers_connected()
 
     def read_output(self) -> tuple[int, bytes]:
         return self._output.read()
 
     def read_all(self, timeout: float | None) -> tuple[bytes, bytes] | None:
         """All output until the command ends; None if `timeout` passed first."""
-        if not self._watch.wait(timeout):
+        if not self._stdio.watch.wait(timeout):
             return None
         chunks: dict[int, list[bytes]] = {STDOUT: [], STDERR: []}
         while True:
@@ -217,15 +237,10 @@ class ShimExec:
             chunks[stream].append(data)
 
     def write_input(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view and self._stdin >= 0:
-            view = view[os.write(self._stdin, view) :]
+        self._stdio.write_input(data)
 
     def close_input(self) -> None:
-        with self._lock:
-            fd, self._stdin = self._stdin, -1
-        if fd >= 0:
-            os.close(fd)
+        if self._stdio.close_input():
             self._client.close_stdin(self._container, self.exec_id)
 
     def resize(self, width: int, height: int) -> None:
@@ -252,5 +267,5 @@ class ShimExec:
         for step in steps:
             with contextlib.suppress(ShimhubError):  # the exec, or the whole container, is gone already
                 step()
-        self._watch.close()
+        self._stdio.watch.close()
         shutil.rmtree(self._directory, ignore_errors=True)

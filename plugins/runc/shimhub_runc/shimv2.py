@@ -83,6 +83,17 @@ OPTIONS_TYPE = "runtimeoptions.v1.Options"
 SANDBOX_OOM_SCORE = -998
 
 
+def _cri_annotations(kind: str, sandbox_id: str, pod: cri.PodSandboxConfig) -> dict[str, str]:
+    """The annotations that tell a shim what a task is and which pod it belongs to, as containerd sets them."""
+    return {
+        CONTAINER_TYPE: kind,
+        SANDBOX_ID: sandbox_id,
+        SANDBOX_NAME: pod.metadata.name,
+        SANDBOX_NAMESPACE: pod.metadata.namespace,
+        SANDBOX_UID: pod.metadata.uid,
+    }
+
+
 def _timestamp_ns(stamp: Any) -> int:
     return max(0, stamp.seconds * 1_000_000_000 + stamp.nanos)
 
@@ -197,7 +208,7 @@ class ShimV2Runtime:
             if sandbox is None or "shim" not in container.runtime_data:
                 continue
             try:
-                self._follow_output(container, container.runtime_data.get("tty", False)).watch.writers_connected()
+                self._follow_output(container, container.runtime_data.get("tty", False)).stdio.watch.writers_connected()
             except OSError as exc:
                 self.log.warning("container %s: cannot reopen its output FIFOs: %s", container.id[:12], exc)
 
@@ -284,14 +295,7 @@ class ShimV2Runtime:
         oci["root"]["path"] = "rootfs"
         pause = {"destination": PAUSE_PATH, "type": "bind", "source": self.pause, "options": ["rbind", "ro"]}
         oci["mounts"].append(pause)
-        oci["annotations"] = {
-            **config.annotations,
-            CONTAINER_TYPE: "sandbox",
-            SANDBOX_ID: sandbox.id,
-            SANDBOX_NAME: config.metadata.name,
-            SANDBOX_NAMESPACE: config.metadata.namespace,
-            SANDBOX_UID: config.metadata.uid,
-        }
+        oci["annotations"] = {**config.annotations, **_cri_annotations("sandbox", sandbox.id, config)}
         return oci
 
     @hookimpl
@@ -363,18 +367,9 @@ class ShimV2Runtime:
             oom=self.oom,
             extensions=self.context.extensions,
         )
-        pod_config = sandbox.pod_config()
         oci["root"]["path"] = "rootfs"  # where the shim mounts the root filesystem it is handed
-        oci["annotations"].update(
-            {
-                CONTAINER_TYPE: "container",
-                SANDBOX_ID: sandbox.id,
-                SANDBOX_NAME: pod_config.metadata.name,
-                SANDBOX_NAMESPACE: pod_config.metadata.namespace,
-                SANDBOX_UID: pod_config.metadata.uid,
-                CONTAINER_NAME: config.metadata.name,
-            }
-        )
+        oci["annotations"].update(_cri_annotations("container", sandbox.id, sandbox.pod_config()))
+        oci["annotations"][CONTAINER_NAME] = config.metadata.name
         bundle = self._bundle(container.id)
         (bundle / "rootfs").mkdir(parents=True, mode=0o755)
         (bundle / "config.json").write_text(json.dumps(oci))
@@ -394,9 +389,9 @@ class ShimV2Runtime:
                 bundle=str(bundle),
                 rootfs=[mount_pb2.Mount(type="bind", source=rootfs, options=["rbind", "rw"])],
                 terminal=config.tty,
-                stdin=output.paths["stdin"],
-                stdout=output.paths["stdout"],
-                stderr=output.paths["stderr"],
+                stdin=output.stdio.paths["stdin"],
+                stdout=output.stdio.paths["stdout"],
+                stderr=output.stdio.paths["stderr"],
             )
             data["shim"], data["pid"] = self._start_task(container.id, request)
         except BaseException:
@@ -405,7 +400,7 @@ class ShimV2Runtime:
             self._remove_bundle(container.id)
             raise
         finally:
-            output.watch.writers_connected()
+            output.stdio.watch.writers_connected()
 
     @hookimpl
     def runtime_container_start(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
@@ -415,7 +410,7 @@ class ShimV2Runtime:
     def _exited(self, container: ContainerRecord, code: int, finished: int, message: str = "") -> ContainerState:
         output = self._outputs.get(container.id)
         if output is not None:
-            output.watch.wait(OUTPUT_WAIT)  # the shim copies the last output after the process exited
+            output.settle(OUTPUT_WAIT)  # the shim copies the last output after the process exited
         return ContainerState(
             status=ContainerStatus.EXITED,
             started_at=container.runtime_data.get("started_at", 0),

@@ -53,6 +53,13 @@ def exec_argv(runtime: list[str], container_id: str, cmd: list[str], pid_file: P
     return [*runtime, "exec", "--pid-file", str(pid_file), *(["--tty"] if tty else []), container_id, *cmd]
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd`, however many writes it takes."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class ExecProcess:
     """`runc exec` in the foreground: its exit code is the command's.
 
@@ -115,9 +122,7 @@ class ExecProcess:
     def write_input(self, data: bytes) -> None:
         with contextlib.suppress(OSError, ValueError):
             if self.tty:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self.master, view) :]
+                write_all(self.master, data)
             elif self.process.stdin is not None:
                 self.process.stdin.write(data)
                 self.process.stdin.flush()
