@@ -86,6 +86,31 @@ class PluginFailed(ShimhubError):
     code = grpc.StatusCode.INTERNAL
 
 
+_BY_STATUS: dict[grpc.StatusCode, type[ShimhubError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        PermissionDenied,
+        Unimplemented,
+        Unavailable,
+        ResourceExhausted,
+        DeadlineExceeded,
+    )
+}
+
+
+def from_status(code: grpc.StatusCode | int | str, message: str) -> ShimhubError:
+    """The error for a status a peer (a shim, a VM agent) answered with, given as a StatusCode, its number or
+    its name: the same gRPC code where shimhub has one, else INTERNAL."""
+    for status in grpc.StatusCode:
+        if code in (status, status.value[0], status.name):
+            return _BY_STATUS.get(status, PluginFailed)(message)
+    return PluginFailed(message)
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and key."""
 

@@ -22,20 +22,22 @@ _libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
 
 
-def _ip(*args: str) -> None:
+def ip(*args: str) -> str:
+    """Run iproute2's ip with `args`; its output, PluginFailed with ip's message on failure."""
     try:
         done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=TIMEOUT, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise PluginFailed(f"ip {' '.join(args)}: {exc}") from exc
     if done.returncode != 0:
         raise PluginFailed(f"ip {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout
 
 
 def create(name: str) -> str:
     """Create network namespace `name` with its loopback up; return its path."""
-    _ip("netns", "add", name)
+    ip("netns", "add", name)
     try:
-        _ip("-n", name, "link", "set", "lo", "up")
+        ip("-n", name, "link", "set", "lo", "up")
     except PluginFailed:
         delete(str(NETNS_DIR / name))
         raise
@@ -47,7 +49,7 @@ def delete(path: str) -> None:
     pinned = Path(path)
     if pinned.parent != NETNS_DIR or not pinned.exists():
         return
-    _ip("netns", "delete", pinned.name)
+    ip("netns", "delete", pinned.name)
 
 
 @define(frozen=True)

@@ -33,26 +33,6 @@ REQUEST, RESPONSE = 1, 2
 CONNECT_TIMEOUT = 5.0
 M = TypeVar("M", bound=Message)
 
-_BY_CODE: dict[int, type[errors.ShimhubError]] = {
-    cls.code.value[0]: cls
-    for cls in (
-        errors.InvalidArgument,
-        errors.NotFound,
-        errors.AlreadyExists,
-        errors.FailedPrecondition,
-        errors.PermissionDenied,
-        errors.Unimplemented,
-        errors.Unavailable,
-        errors.ResourceExhausted,
-        errors.DeadlineExceeded,
-    )
-}
-
-
-def error_for(code: int, message: str) -> errors.ShimhubError:
-    """The shimhub error for a ttrpc status: same gRPC code where shimhub has one, else INTERNAL."""
-    return _BY_CODE.get(code, errors.PluginFailed)(message)
-
 
 def encode_frame(stream_id: int, kind: int, data: bytes, flags: int = 0) -> bytes:
     """One frame: header and data."""
@@ -145,7 +125,7 @@ class Client:
             raise pending.failure
         result = ttrpc_pb2.Response.FromString(pending.data)
         if result.status.code != grpc.StatusCode.OK.value[0]:
-            raise error_for(result.status.code, f"{method}: {result.status.message}")
+            raise errors.from_status(result.status.code, f"{method}: {result.status.message}")
         return response.FromString(result.payload)
 
     def close(self) -> None:

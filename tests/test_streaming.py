@@ -24,6 +24,7 @@ from tests.shimhubd import wait_for
 from tests.streaming_client import SpdyClient, WebSocketClient, exit_code, upgrade_request
 from tests.test_runc import Pod, exec_sync, runc_config
 from tests.test_shimv2 import SHIM
+from tests.test_vm import VM_MARKS
 
 pytestmark = NEEDS_ROOT
 
@@ -36,6 +37,7 @@ HANDLERS = [
     pytest.param(
         "shim", marks=pytest.mark.skipif(shutil.which(SHIM) is None, reason=f"{SHIM} is not installed (containerd)")
     ),
+    pytest.param("kata", marks=VM_MARKS),
 ]
 
 
@@ -43,6 +45,7 @@ HANDLERS = [
 def node(daemon_factory, registry):
     streaming = f"[streaming]\ntoken_ttl = {TOKEN_TTL}\nidle_timeout = {IDLE_TIMEOUT}\n"
     shim = f'[runtimes.shim]\nplugin = "shimv2"\n[runtimes.shim.options]\nshim = "{SHIM}"\n'
+    shim += '[runtimes.kata]\nplugin = "kata"\n'
     daemon = daemon_factory(runc_config(registry, streaming + shim)).start()
     daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/busybox:1")))
     return daemon

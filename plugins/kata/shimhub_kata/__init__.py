@@ -1,0 +1,3 @@
+"""shimhub runtime plugin for Kata-style VM pods."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,106 @@
+"""VM pods: the kata and clearcontainers runtime plugins on QEMU (KVM when it runs a guest, else TCG)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from shimhub.vm import guest
+from shimhub_proto.cri.v1 import api_pb2 as cri
+from tests.conftest import NEEDS_ROOT
+from tests.leaks import leftovers
+from tests.shimhubd import wait_for
+from tests.test_cni import Network
+from tests.test_runc import Pod
+
+KERNEL = guest.default_kernel()
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+#: What a test needs to run VM pods (KVM or not: without it they run under software emulation).
+VM_MARKS = [
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU is not installed (qemu-system-x86)"),
+    pytest.mark.skipif(not KERNEL, reason="no guest kernel in /boot (linux-image-cloud-amd64)"),
+    pytest.mark.skipif(not os.path.exists(VIRTIOFSD), reason="virtiofsd is not installed (qemu-system-common)"),
+]
+pytestmark = [NEEDS_ROOT, *VM_MARKS]
+ANNOTATIONS = "io.katacontainers.config.hypervisor."
+
+
+def vm_config(network: Network, registry, options: str = "") -> str:
+    handlers = "".join(
+        f'[runtimes.{name}]\nplugin = "{name}"\nallowed_annotations = ["{ANNOTATIONS}"]\n'
+        f"[runtimes.{name}.options]\nmax_vcpus = 2\nmax_memory_mib = 512\n{options}"
+        for name in ("kata", "clearcontainers")
+    )
+    return (
+        f'default_runtime = "kata"\n{handlers}'
+        f'[network]\nbackend = "cni"\n[network.options]\nconf_dir = "{network.conf_dir}"\nbin_dirs = ["/usr/lib/cni"]\n'
+        f'[storage]\ndriver = "overlay"\n'
+        f'[images]\nsearch_registries = ["{registry.open.host}"]\n'
+        f'[images.registries."{registry.open.host}"]\ninsecure = true\n'
+    )
+
+
+@pytest.fixture
+def network(tmp_path: Path):
+    net = Network(tmp_path)
+    net.conflist()
+    yield net
+    net.cleanup()
+
+
+@pytest.fixture
+def node(daemon_factory, registry, network):
+    daemon = daemon_factory(vm_config(network, registry)).start()
+    daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/busybox:1")))
+    return daemon
+
+
+def vm_pod(node, tmp_path: Path, handler: str, **annotations: str) -> Pod:
+    return Pod(node, tmp_path, handler=handler, annotations=annotations)
+
+
+def exec_sync(pod: Pod, container: str, cmd: list[str], timeout: int = 60) -> cri.ExecSyncResponse:
+    return pod.rt.ExecSync(cri.ExecSyncRequest(container_id=container, cmd=cmd, timeout=timeout), timeout=timeout + 30)
+
+
+@pytest.mark.parametrize("handler", ["kata", "clearcontainers"])
+def test_vm_pod_runs_a_container_in_its_own_kernel(node, network, tmp_path: Path, handler: str) -> None:
+    pod = vm_pod(node, tmp_path, handler)
+    status = pod.rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod.id)).status
+    pod_ip = status.network.ip
+    assert pod_ip.startswith(f"10.231.{network.octet}.")
+    root = cri.LinuxContainerConfig(
+        security_context=cri.LinuxContainerSecurityContext(run_as_user=cri.Int64Value(value=0))
+    )
+    main = pod.run(
+        "main", ["sh", "-c", "uname -r; ip -o -4 addr show; hostname; echo to-err >&2; sleep 600"], linux=root
+    )
+    assert wait_for(lambda: "to-err" in pod.output("main"), 60)
+    lines = pod.lines("main")
+    assert lines[0] != os.uname().release, "the container runs on the VM's kernel, not the node's"
+    assert lines[0] == Path(KERNEL).name.removeprefix("vmlinuz-")
+    assert any(f"inet {pod_ip}/" in line for line in lines), "the guest's interface has the pod IP"
+    assert "podhost" in lines
+    assert ("stderr", "F", "to-err") in [tuple(line.split(" ", 3)[1:]) for line in pod.output("main").splitlines()]
+
+    done = exec_sync(pod, main, ["sh", "-c", "cat /etc/hostname; echo oops >&2; exit 3"])
+    assert (done.exit_code, done.stdout, done.stderr) == (3, b"podhost\n", b"oops\n")
+    ping = exec_sync(pod, main, ["ping", "-c", "1", "-W", "5", f"10.231.{network.octet}.1"])
+    assert ping.exit_code == 0, ping.stdout + ping.stderr
+
+    stats = pod.rt.ContainerStats(cri.ContainerStatsRequest(container_id=main)).stats
+    assert stats.memory.working_set_bytes.value > 0
+    assert stats.cpu.usage_core_nano_seconds.value > 0
+
+    short = pod.run("short", ["sh", "-c", "echo bye; exit 7"])
+    final = pod.wait_exit(short, 60)
+    assert (final.exit_code, final.reason) == (7, "Error")
+    assert pod.lines("short") == ["bye"]
+
+    pod.rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod.id), timeout=120)
+    pod.rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id), timeout=120)
+    assert leftovers(node.root, {pod.id}, {main, short}) == {}
+    assert network.allocations() == []
