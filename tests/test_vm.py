@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
+import grpc
+import psutil
 import pytest
 
 from shimhub.vm import guest
@@ -104,3 +109,70 @@ def test_vm_pod_runs_a_container_in_its_own_kernel(node, network, tmp_path: Path
     pod.rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id), timeout=120)
     assert leftovers(node.root, {pod.id}, {main, short}) == {}
     assert network.allocations() == []
+
+
+def test_pod_annotations_tune_the_vm_within_the_handlers_bounds(node, tmp_path: Path) -> None:
+    rt = node.runtime
+    for key, value, expected in (
+        ("default_vcpus", "3", "default_vcpus: 3 is outside 1..2 (the handler's max_vcpus)"),
+        ("default_memory", "64", "default_memory: 64 is outside 128..512 (the handler's max_memory_mib)"),
+        ("default_memory", "lots", "default_memory: 'lots' is not an integer"),
+        ("kernel_params", "quiet init=/bin/sh", "kernel_params: init=/bin/sh may not be set"),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            vm_pod(node, tmp_path, "kata", **{ANNOTATIONS + key: value})
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert expected in refused.value.details()
+    assert not rt.ListPodSandbox(cri.ListPodSandboxRequest()).items
+    assert leftovers(node.root, set(), set()) == {}
+
+    pod = vm_pod(node, tmp_path, "kata", **{ANNOTATIONS + "default_vcpus": "2", ANNOTATIONS + "default_memory": "384"})
+    main = pod.run("main", ["sleep", "600"])
+    assert exec_sync(pod, main, ["nproc"]).stdout == b"2\n"
+    meminfo = exec_sync(pod, main, ["head", "-1", "/proc/meminfo"]).stdout.split()
+    assert 300_000 < int(meminfo[1]) <= 384 * 1024, meminfo
+    kata = json.loads(rt.Status(cri.StatusRequest(verbose=True)).info["status"])["handlers"]["kata"]
+    assert kata["ready"] and kata["info"]["accel"] in ("kvm", "tcg")
+    if kata["info"]["accel"] == "tcg":  # the operator is told why VMs are slow
+        assert kata["info"]["warning"].startswith("software emulation (TCG): ")
+
+
+def test_vm_pods_survive_a_shimhub_restart(node, tmp_path: Path) -> None:
+    pod = vm_pod(node, tmp_path, "kata")
+    steady = pod.run("steady", ["sh", "-c", "echo started; sleep 600"])
+    late = pod.run("late", ["sh", "-c", "sleep 5; echo while-shimhub-was-down; exit 5"])
+    assert wait_for(lambda: "started" in pod.output("steady"), 60)
+    qemu_pids = {p.pid for p in psutil.process_iter(["name"]) if "qemu" in (p.info["name"] or "")}
+    node.stop()
+    time.sleep(8)  # "late" exits and writes while nobody listens
+    node.start()
+    pod.rt = node.runtime
+    assert pod.status(steady).state == cri.CONTAINER_RUNNING
+    final = pod.wait_exit(late, 60)
+    assert final.exit_code == 5
+    assert pod.lines("late") == ["while-shimhub-was-down"]
+    assert exec_sync(pod, steady, ["echo", "still-here"]).stdout == b"still-here\n"
+    node.kill()
+    node.start()
+    pod.rt = node.runtime
+    assert exec_sync(pod, steady, ["echo", "after-kill-9"]).stdout == b"after-kill-9\n"
+    assert qemu_pids == {p.pid for p in psutil.process_iter(["name"]) if "qemu" in (p.info["name"] or "")}
+
+
+def test_a_vm_that_dies_takes_its_containers_and_leaves_nothing(node, tmp_path: Path) -> None:
+    pod = vm_pod(node, tmp_path, "clearcontainers")
+    main = pod.run("main", ["sleep", "600"])
+    assert pod.status(main).state == cri.CONTAINER_RUNNING
+    info = pod.rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod.id, verbose=True)).info
+    qemu_pid = json.loads(info["info"])["runtime_data"]["vm"]["pid"]
+    os.kill(qemu_pid, signal.SIGKILL)
+    final = pod.wait_exit(main, 30)
+    assert (final.exit_code, final.message) == (137, "the pod's VM exited unexpectedly; its containers are gone")
+    with pytest.raises(grpc.RpcError) as refused:
+        exec_sync(pod, main, ["true"])
+    assert refused.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE)
+    pod.rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod.id))
+    pod.rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
+    assert leftovers(node.root, {pod.id}, {main}) == {}
+    assert not list((node.root / "state").rglob("*.ext4.partial"))
+    assert not list((node.root / "state").rglob("disks/*.ext4"))
