@@ -31,7 +31,8 @@ from shimhub.errors import FailedPrecondition
 
 #: Guest kernel modules loaded at boot (with their dependencies, from modules.dep).
 MODULES = ("virtio_pci", "virtio_console", "virtio_blk", "virtio_net", "virtio_scsi", "sd_mod", "virtiofs")
-#: Standard library parts the agent never imports (tests, GUI, tooling).
+#: Standard library parts the agent never imports (tests, GUI, tooling). Compiled modules
+#: (__pycache__) are kept: the guest's Python would otherwise compile every module at every boot.
 STDLIB_SKIP = {
     "test",
     "idlelib",
@@ -42,7 +43,6 @@ STDLIB_SKIP = {
     "pydoc_data",
     "site-packages",
     "dist-packages",
-    "__pycache__",
     "unittest",
     "distutils",
 }
@@ -217,6 +217,7 @@ def _write_image(target: Path) -> None:
             path = root / AGENT_DIR.lstrip("/") / "shimhub" / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content)
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / AGENT_DIR.lstrip("/"))], check=True)
         (root / "etc/passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
         (root / "etc/group").write_text("root:x:0:\n")
         size_mib = 64 + sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink()) // 2**20
@@ -252,14 +253,12 @@ class GuestBuilder:
         sources = _agent_sources()
         with self._lock:
             self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            recipe = Path(__file__).read_bytes().hex()  # a new recipe makes new files
             if not initrd:
-                initrd = str(
-                    self._cached(f"initrd-{_inputs_hash(release, INIT)}.cpio", lambda t: _write_initramfs(release, t))
-                )
+                key = _inputs_hash(release, recipe)
+                initrd = str(self._cached(f"initrd-{key}.cpio", lambda t: _write_initramfs(release, t)))
             if not image:
-                key = _inputs_hash(
-                    sys.version, sys.executable, _runc(), *sorted(sources), *(v.hex() for v in sources.values())
-                )
+                key = _inputs_hash(sys.version, sys.executable, _runc(), recipe, *(v.hex() for v in sources.values()))
                 image = str(self._cached(f"guest-{key}.ext4", _write_image))
         return GuestFiles(kernel=kernel, initrd=initrd, image=image)
 

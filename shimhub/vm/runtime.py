@@ -199,7 +199,6 @@ class VmRuntime:
         self.builder: guest.GuestBuilder | None = None
         self.accel = ""
         self.accel_reason = ""
-        self.oom: containerspec.OomScore | None = None
         self._clients: dict[str, AgentClient] = {}
         self._outputs: dict[str, ContainerOutput] = {}
         self._lock = threading.Lock()
@@ -228,7 +227,6 @@ class VmRuntime:
         self.vms = context.run_dir / "vms"
         self.vms.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.builder = guest.GuestBuilder(context.state_dir / "guest")
-        self.oom = containerspec.OomScore(False, self.log)
         self.options["kernel"] = self.options["kernel"] or guest.default_kernel()
         missing = [
             f"{what} {path!r}"
@@ -449,7 +447,7 @@ class VmRuntime:
         image: Mapping[str, Any],
     ) -> dict[str, Any]:
         """The container's OCI spec as the guest's runc needs it: the VM's namespaces, files from the share."""
-        assert self.oom is not None and self.context is not None
+        assert self.context is not None
         shared = self._shared(sandbox)
         pod_config = sandbox.pod_config()
         context = spec.PodContext(
