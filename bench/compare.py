@@ -30,10 +30,10 @@ import psutil
 
 from bench.lifecycle import cni_conf_dir, timed
 from bench.stats import summary
+from shimhub.testing.daemon import Daemon, pod_config
+from shimhub.testing.registry import Pusher, Registry, busybox_layer
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from shimhub_proto.cri.v1 import api_pb2_grpc
-from tests.registry import Pusher, Registry, busybox_layer
-from tests.shimhubd import Daemon, pod_config
 
 START_TIMEOUT = 30.0
 PAUSE_IMAGE = "bench/pause:1"

@@ -19,9 +19,9 @@ from pathlib import Path
 from bench.stats import summary
 from shimhub import plugins
 from shimhub.hooktypes import PluginContext
+from shimhub.testing.daemon import Daemon
+from shimhub.testing.registry import Pusher, Registry
 from shimhub_proto.cri.v1 import api_pb2 as cri
-from tests.registry import Pusher, Registry
-from tests.shimhubd import Daemon
 
 LAYERS = 4
 LAYER_BYTES = 25 << 20

@@ -22,9 +22,9 @@ import psutil
 
 from bench.lifecycle import BENCH_BRIDGE, network_config, timed
 from bench.stats import summary
+from shimhub.testing.daemon import Daemon, pod_config
+from shimhub.testing.registry import Pusher, Registry, busybox_layer
 from shimhub_proto.cri.v1 import api_pb2 as cri
-from tests.registry import Pusher, Registry, busybox_layer
-from tests.shimhubd import Daemon, pod_config
 
 
 def _pss_mib(pid: int) -> float:

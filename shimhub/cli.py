@@ -62,7 +62,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    """List the installed plugins and whether each loads."""
+    """List the installed plugins and whether each loads; with --check, self-test one on this node."""
+    if args.check:
+        return _check_plugin(args)
     found = plugins.discover()
     if args.json:
         print(json.dumps([attrs.asdict(info) for info in found], indent=2))
@@ -73,6 +75,26 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if not found:
         print("no plugins installed")
     return 0 if all(info.status == "ok" for info in found) else 1
+
+
+def _check_plugin(args: argparse.Namespace) -> int:
+    """Set plugin (or handler) `args.check` up as shimhub would and print what is missing."""
+    from shimhub import selfcheck
+
+    logging.getLogger("shimhub").setLevel(logging.ERROR)  # the verdicts below say it once
+    cfg = _load_config(args)
+    uses = selfcheck.uses(cfg, args.check)
+    if not uses:
+        print(f"shimhub: no runtime handler and no installed plugin is named {args.check!r} (see `shimhub plugins`)")
+        return 2
+    verdicts = [selfcheck.check(cfg, use) for use in uses]
+    for verdict in verdicts:
+        print(f"{verdict.role}: {'ready' if verdict.ok else 'NOT READY'}")
+        if verdict.problem:
+            print(f"  missing: {verdict.problem}")
+        for key, value in sorted(verdict.info.items()):
+            print(f"  {key}: {value}")
+    return 0 if all(verdict.ok for verdict in verdicts) else 1
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -162,8 +184,11 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--default", action="store_true", help="print the embedded default configuration")
     show.set_defaults(func=cmd_config)
 
-    listing = sub.add_parser("plugins", help=cmd_plugins.__doc__)
+    listing = with_config(sub.add_parser("plugins", help=cmd_plugins.__doc__))
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.add_argument(
+        "--check", metavar="NAME", help="set up plugin or runtime handler NAME on this node and print what is missing"
+    )
     listing.set_defaults(func=cmd_plugins)
 
     for name, func in (("status", cmd_status), ("inspect", cmd_inspect)):

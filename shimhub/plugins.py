@@ -65,6 +65,11 @@ def _entry_points(kind: str) -> list[EntryPoint]:
     return sorted(unique.values(), key=lambda ep: ep.name)
 
 
+def installed(kind: str, name: str) -> bool:
+    """Whether a distribution provides plugin `name` of `kind` (nothing is imported)."""
+    return any(entry_point.name == name for entry_point in _entry_points(kind))
+
+
 def load_class(kind: str, name: str) -> tuple[type, str]:
     """Import the class behind plugin `name` of `kind`; return it with a label for messages."""
     found = [ep for ep in _entry_points(kind) if ep.name == name]

@@ -6,24 +6,23 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.shimhubd import Daemon
+from shimhub.testing.daemon import Daemon
 
 HERE = Path(__file__).parent
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, /run)")
 
 
-@pytest.fixture(scope="session")
-def plugin_python(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A fresh virtual environment (seeing shimhub's own install) with the third-party
-    test plugin distribution `shimhub-procrun` pip-installed into it; its python."""
-    base = tmp_path_factory.mktemp("plugin-venv")
-    source = base / "src"
-    shutil.copytree(HERE / "plugins" / "procrun", source)
+EXAMPLE_PLUGIN = HERE.parent / "docs" / "examples" / "procrun"
+
+
+def install_in_venv(source: Path, base: Path) -> str:
+    """A fresh virtual environment under `base` (seeing shimhub's own install) with the
+    distribution at `source` pip-installed into it, as a plugin author would; its python."""
     venv = base / "venv"
     # No pip of its own: ensurepip's old setuptools would shadow the one the build needs.
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
@@ -36,10 +35,9 @@ def plugin_python(tmp_path_factory: pytest.TempPathFactory) -> str:
             "--python",
             python,
             "install",
-            "--quiet",
+            "-q",
             "--no-deps",
             "--no-build-isolation",
-            "--no-index",
             str(source),
         ],
         check=True,
@@ -47,44 +45,22 @@ def plugin_python(tmp_path_factory: pytest.TempPathFactory) -> str:
     return python
 
 
+@pytest.fixture(scope="session")
+def plugin_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A virtual environment with the example third-party plugin `shimhub-procrun` installed; its python."""
+    base = tmp_path_factory.mktemp("plugin-venv")
+    shutil.copytree(EXAMPLE_PLUGIN, base / "src")
+    return install_in_venv(base / "src", base)
+
+
 @pytest.fixture
-def daemon_factory(tmp_path: Path, plugin_python: str) -> Iterator:
-    """Make daemons under a test's temporary directory; all are stopped at the end."""
-    made: list[Daemon] = []
+def daemon_factory(shimhub_daemon_factory, plugin_python: str) -> Callable[..., Daemon]:
+    """The kit's daemon factory, running daemons with the Python that has the example plugin installed."""
 
     def make(config: str, name: str = "d", python: str | None = None, env: dict[str, str] | None = None) -> Daemon:
-        root = tmp_path / name
-        root.mkdir(exist_ok=True)
-        daemon = Daemon(root, config, python or plugin_python, env)
-        made.append(daemon)
-        return daemon
+        return shimhub_daemon_factory(config, name, python or plugin_python, env)
 
-    yield make
-    problems = {}
-    for daemon in made:
-        problems.update(_remove_everything(daemon))
-        daemon.stop()
-        daemon.kill()
-    assert not problems, f"the test left things behind: {problems}"
-
-
-def _remove_everything(daemon: Daemon) -> dict[str, object]:
-    """Remove every pod through the CRI, as the kubelet would, then report anything left on the node."""
-    from shimhub_proto.cri.v1 import api_pb2 as cri
-    from tests.leaks import leftovers
-
-    stopped = daemon.proc is None or daemon.proc.poll() is not None or daemon.channel is None
-    if stopped:
-        if not list((daemon.root / "state" / "sandboxes").glob("*.json")):
-            return {}
-        daemon.start()  # the test stopped it with pods left: a restart must find them again
-    rt = daemon.runtime
-    sandboxes = {p.id for p in rt.ListPodSandbox(cri.ListPodSandboxRequest()).items}
-    containers = {c.id for c in rt.ListContainers(cri.ListContainersRequest()).containers}
-    for sandbox_id in sandboxes:
-        rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
-    found = leftovers(daemon.root, sandboxes, containers)
-    return {f"{daemon.root.name}: {kind}": items for kind, items in found.items()}
+    return make
 
 
 PROC_CONFIG = """
@@ -108,7 +84,9 @@ class RegistryFixture:
     USER, PASSWORD = "alice", "wonderland"
 
     def __init__(self, root: Path) -> None:
-        from tests.registry import Pusher, Registry, TokenService, busybox_layer, tar
+        from shimhub.testing.layers import tar
+        from shimhub.testing.registry import Pusher, Registry, busybox_layer
+        from tests.registry import TokenService
 
         storage = root / "storage"
         self.open = Registry(root, storage)

@@ -7,9 +7,9 @@ import json
 import grpc
 import pytest
 
+from shimhub.testing.daemon import host_network, pod_config
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT
-from tests.shimhubd import host_network, pod_config
 
 pytestmark = NEEDS_ROOT
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shimhub.testing.daemon import host_network, pod_config, wait_for
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT, image_config
-from tests.shimhubd import host_network, pod_config, wait_for
 
 pytestmark = NEEDS_ROOT
 
@@ -228,7 +228,7 @@ def test_container_runs_from_its_image_on_each_driver(
             == cri.CONTAINER_EXITED
         )
     )
-    assert (tmp_path / "logs" / "app.log").read_text() == "hello from the image\n"
+    assert (tmp_path / "logs" / "app.log").read_text().endswith(" stdout F hello from the image\n")
 
     # Removing the image while the container uses it keeps the container's layers.
     daemon.images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=image_ref)))

@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shimhub.testing.daemon import host_network, pod_config, wait_for
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT
-from tests.shimhubd import host_network, pod_config, wait_for
 
 pytestmark = NEEDS_ROOT
 
@@ -201,6 +201,9 @@ def test_plugin_failure_reaches_the_client_without_a_traceback(daemon, tmp_path:
     container_id = make_container(rt, pod_id, pod, ["/nonexistent/binary"])
     code, details = rpc_error(rt.StartContainer, cri.StartContainerRequest(container_id=container_id))
     assert code == grpc.StatusCode.INTERNAL
-    assert details.startswith("runtime plugin 'proc' failed in runtime_container_start: FileNotFoundError:")
+    assert details.startswith(
+        "runtime plugin 'proc' failed in runtime_container_start: RuntimeError: the command did not start: "
+        "FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/binary'"
+    )
     assert "Traceback" not in details
     assert "Traceback" in daemon.log()  # the operator gets it

@@ -9,9 +9,9 @@ import grpc
 import pytest
 
 from shimhub.hookspecs import API_VERSION
+from shimhub.testing.daemon import host_network, pod_config
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT
-from tests.shimhubd import host_network, pod_config
 
 pytestmark = NEEDS_ROOT
 
@@ -124,14 +124,14 @@ def test_two_distributions_claiming_one_name(daemon_factory, tmp_path: Path) -> 
     assert served.returncode == 2
     assert "2 distributions provide runtime plugin 'proc'" in served.stderr
     assert "distribution shimhub-impostor 0.1" in served.stderr
-    assert "distribution shimhub-procrun 1.0.0" in served.stderr
+    assert "distribution shimhub-procrun 1.1.0" in served.stderr
 
 
 def test_invalid_plugin_options_stop_startup(daemon_factory) -> None:
     daemon = daemon_factory('[runtimes.p]\nplugin = "proc"\n[runtimes.p.options]\ncolour = "red"\n')
     served = daemon.command("serve", "--config", str(daemon.config_path))
     assert served.returncode == 2
-    assert "[runtimes.p.options]: unknown option(s) colour; known: nsenter" in served.stderr
+    assert "[runtimes.p.options]: unknown option(s) colour; known: chroot, nsenter" in served.stderr
 
 
 def test_missing_plugin_and_missing_binary_only_disable_their_handlers(daemon_factory) -> None:

@@ -11,9 +11,9 @@ import grpc
 import pytest
 
 from shimhub import cgroups
+from shimhub.testing.daemon import Pod, wait_for
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT
-from tests.shimhubd import pod_config, wait_for
 from tests.test_cni import Network
 
 pytestmark = NEEDS_ROOT
@@ -36,55 +36,6 @@ def node(daemon_factory, registry):
     daemon = daemon_factory(runc_config(registry)).start()
     daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/busybox:1")))
     return daemon
-
-
-class Pod:
-    """A pod on a node, with helpers to run containers in it."""
-
-    def __init__(self, node, tmp_path: Path, handler: str = "runc", **fields: object) -> None:
-        self.rt = node.runtime
-        self.logs = tmp_path / "logs"
-        # As the kubelet does: PID namespaces per container unless the pod asks to share one.
-        fields.setdefault(
-            "linux",
-            cri.LinuxPodSandboxConfig(
-                security_context=cri.LinuxSandboxSecurityContext(
-                    namespace_options=cri.NamespaceOption(pid=cri.CONTAINER)
-                )
-            ),
-        )
-        self.config = pod_config(log_directory=str(self.logs), hostname="podhost", **fields)
-        request = cri.RunPodSandboxRequest(config=self.config, runtime_handler=handler)
-        self.id = self.rt.RunPodSandbox(request).pod_sandbox_id
-
-    def create(self, name: str, command: list[str] | None = None, **fields: object) -> str:
-        config = cri.ContainerConfig(
-            metadata=cri.ContainerMetadata(name=name),
-            image=cri.ImageSpec(image="test/busybox:1"),
-            command=command or [],
-            log_path=f"{name}.log",
-            **fields,
-        )
-        request = cri.CreateContainerRequest(pod_sandbox_id=self.id, config=config, sandbox_config=self.config)
-        return self.rt.CreateContainer(request).container_id
-
-    def run(self, name: str, command: list[str] | None = None, **fields: object) -> str:
-        container_id = self.create(name, command, **fields)
-        self.rt.StartContainer(cri.StartContainerRequest(container_id=container_id))
-        return container_id
-
-    def status(self, container_id: str) -> cri.ContainerStatus:
-        return self.rt.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id)).status
-
-    def wait_exit(self, container_id: str, timeout: float = 20) -> cri.ContainerStatus:
-        return wait_for(lambda: (s := self.status(container_id)).state == cri.CONTAINER_EXITED and s, timeout)
-
-    def output(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text()
-
-    def lines(self, name: str) -> list[str]:
-        """The log's messages, without the CRI timestamp/stream/tag prefix."""
-        return [line.split(" ", 3)[3] for line in self.output(name).splitlines()]
 
 
 def test_container_from_image_with_cri_log_and_exit_code(node, tmp_path: Path) -> None:

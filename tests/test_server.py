@@ -12,9 +12,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shimhub.testing.daemon import pod_config, wait_for
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT, PROC_CONFIG
-from tests.shimhubd import pod_config, wait_for
 
 pytestmark = NEEDS_ROOT
 

@@ -12,10 +12,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shimhub.testing.daemon import Pod, wait_for
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT
-from tests.shimhubd import wait_for
-from tests.test_runc import Pod
 
 SHIM = "containerd-shim-runc-v2"
 pytestmark = [

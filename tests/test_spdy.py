@@ -12,7 +12,7 @@ import pytest
 from shimhub.errors import ResourceExhausted
 from shimhub.streaming import spdy
 from shimhub.streaming.requests import PortForwardRequest, RequestCache
-from tests.shimhubd import wait_for
+from shimhub.testing.daemon import wait_for
 
 
 def test_the_header_dictionary_is_the_drafts() -> None:

@@ -17,12 +17,12 @@ import grpc
 import psutil
 import pytest
 
+from shimhub.testing.daemon import Pod, wait_for
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT
 from tests.kubeapi import KUBECTL, POD, KubeApi
-from tests.shimhubd import wait_for
 from tests.streaming_client import SpdyClient, WebSocketClient, exit_code, upgrade_request
-from tests.test_runc import Pod, exec_sync, runc_config
+from tests.test_runc import exec_sync, runc_config
 from tests.test_shimv2 import SHIM
 from tests.test_vm import VM_MARKS
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shimhub.testing.daemon import pod_config, wait_for
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT
-from tests.shimhubd import pod_config, wait_for
 
 pytestmark = NEEDS_ROOT
 
@@ -28,7 +28,7 @@ backend = "host"
 def test_listed_by_shimhub_plugins(daemon_factory) -> None:
     listing = daemon_factory(CONFIG).command("plugins")
     line = next(line for line in listing.stdout.splitlines() if " proc " in line)
-    assert line.split()[:4] == ["runtime", "proc", "shimhub-procrun", "1.0.0"]
+    assert line.split()[:4] == ["runtime", "proc", "shimhub-procrun", "1.1.0"]
     assert "[ok]" in line
     assert listing.returncode == 0, listing.stdout + listing.stderr
 
@@ -61,7 +61,7 @@ def test_selected_by_runtime_handler_and_runs_a_container(daemon_factory, tmp_pa
     assert final.exit_code == 7
     assert final.reason == "Error"
     assert final.log_path == str(logs / "hello" / "0.log")
-    output = (logs / "hello" / "0.log").read_text().splitlines()
+    output = [line.split(" ", 3)[3] for line in (logs / "hello" / "0.log").read_text().splitlines()]
     assert output[0] == "hello from proc"
     # The pod has its own network namespace (from the host backend): only loopback is in it.
     assert output[1].strip() == "1"

@@ -13,8 +13,8 @@ import pytest
 from shimhub import plugins
 from shimhub.hooktypes import PluginContext
 from shimhub.storage.unpack import UnsafeLayer, Whiteouts, unpack
+from shimhub.testing.layers import tar
 from tests.conftest import NEEDS_ROOT
-from tests.layers import tar
 
 pytestmark = NEEDS_ROOT
 

@@ -13,13 +13,12 @@ import grpc
 import psutil
 import pytest
 
+from shimhub.testing.daemon import Pod, wait_for
+from shimhub.testing.leaks import leftovers
 from shimhub.vm import guest
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT
-from tests.leaks import leftovers
-from tests.shimhubd import wait_for
 from tests.test_cni import Network
-from tests.test_runc import Pod
 
 KERNEL = guest.default_kernel()
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"

@@ -237,8 +237,9 @@ class Agent:
 
     def call_start(self, id: str) -> dict[str, Any]:
         process = self._process(id)
+        started = time.time_ns()  # before: the process may have exited by the time `start` returns
         _run(*RUNC, "start", id)
-        process.started_at = time.time_ns()
+        process.started_at = started
         return {}
 
     def call_state(self, id: str) -> dict[str, Any]:

@@ -237,8 +237,9 @@ class RuncRuntime:
 
     @hookimpl
     def runtime_container_start(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
+        started = time.time_ns()  # before: the process may have exited by the time `start` returns
         self._run("start", container.id)
-        container.runtime_data["started_at"] = time.time_ns()
+        container.runtime_data["started_at"] = started
 
     @hookimpl
     def runtime_container_state(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerState:

@@ -404,8 +404,9 @@ class ShimV2Runtime:
 
     @hookimpl
     def runtime_container_start(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
+        started = time.time_ns()  # before: the process may have exited by the time `Start` returns
         self._client(container.runtime_data["shim"]).start(container.id)
-        container.runtime_data["started_at"] = time.time_ns()
+        container.runtime_data["started_at"] = started
 
     def _exited(self, container: ContainerRecord, code: int, finished: int, message: str = "") -> ContainerState:
         output = self._outputs.get(container.id)

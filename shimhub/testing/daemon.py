@@ -7,14 +7,22 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 
+from shimhub.testing.leaks import leftovers
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from shimhub_proto.cri.v1 import api_pb2_grpc
 
 START_TIMEOUT = 20.0
+#: Seconds a pod or container start may take (VM pods boot a guest, under emulation on some nodes).
+POD_TIMEOUT = 180.0
+#: The image the kit's registry holds: the node's static busybox and its applets in /bin.
+BUSYBOX = "test/busybox:1"
+T = TypeVar("T")
 
 
 class Daemon:
@@ -109,9 +117,93 @@ class Daemon:
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
+        """SIGKILL, as a crash would, and wait."""
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+    def restart(self, how: str = "sigterm") -> Daemon:
+        """Stop (gracefully with "sigterm", as a crash with "sigkill") and start again."""
+        if how == "sigterm":
+            code = self.stop()
+            assert code == 0, f"shimhub exited with {code} on SIGTERM:\n{self.log()}"
+        else:
+            self.kill()
+        return self.start()
+
+    def remove_everything(self) -> dict[str, list[str]]:
+        """Remove every pod through the CRI, as the kubelet would; return what is still on the node."""
+        stopped = self.proc is None or self.proc.poll() is not None or self.channel is None
+        if stopped:
+            if not list((self.root / "state" / "sandboxes").glob("*.json")):
+                return {}
+            self.start()  # stopped with pods left: a restart must find them again
+        sandboxes = {p.id for p in self.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items}
+        containers = {c.id for c in self.runtime.ListContainers(cri.ListContainersRequest()).containers}
+        for sandbox_id in sandboxes:
+            self.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=120)
+        found = leftovers(self.root, sandboxes, containers)
+        return {f"{self.root.name}: {kind}": items for kind, items in found.items()}
+
+
+class Pod:
+    """A pod on a running daemon, with helpers to run containers from an image in it.
+
+    Logs go under `directory`/logs. Containers get their own PID namespace unless
+    `linux` says otherwise, as the kubelet asks by default.
+    """
+
+    def __init__(self, daemon: Daemon, directory: Path, handler: str = "", image: str = BUSYBOX, **fields: Any) -> None:
+        self.rt = daemon.runtime
+        self.image = image
+        self.logs = directory / "logs"
+        fields.setdefault(
+            "linux",
+            cri.LinuxPodSandboxConfig(
+                security_context=cri.LinuxSandboxSecurityContext(
+                    namespace_options=cri.NamespaceOption(pid=cri.CONTAINER)
+                )
+            ),
+        )
+        self.config = pod_config(log_directory=str(self.logs), hostname="podhost", **fields)
+        request = cri.RunPodSandboxRequest(config=self.config, runtime_handler=handler)
+        self.id = self.rt.RunPodSandbox(request, timeout=POD_TIMEOUT).pod_sandbox_id
+
+    def create(self, name: str, command: list[str] | None = None, **fields: Any) -> str:
+        """Create container `name` from the pod's image, logging to `name`.log."""
+        config = cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name=name),
+            image=cri.ImageSpec(image=self.image),
+            command=command or [],
+            log_path=f"{name}.log",
+            **fields,
+        )
+        request = cri.CreateContainerRequest(pod_sandbox_id=self.id, config=config, sandbox_config=self.config)
+        return self.rt.CreateContainer(request, timeout=POD_TIMEOUT).container_id
+
+    def run(self, name: str, command: list[str] | None = None, **fields: Any) -> str:
+        """Create and start container `name`."""
+        container_id = self.create(name, command, **fields)
+        self.rt.StartContainer(cri.StartContainerRequest(container_id=container_id), timeout=POD_TIMEOUT)
+        return container_id
+
+    def status(self, container_id: str) -> cri.ContainerStatus:
+        return self.rt.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id)).status
+
+    def wait_exit(self, container_id: str, timeout: float = 20) -> cri.ContainerStatus:
+        """The container's status once it has exited."""
+        return wait_for(lambda: (s := self.status(container_id)).state == cri.CONTAINER_EXITED and s, timeout)
+
+    def output(self, name: str) -> str:
+        """Container `name`'s log file, as written."""
+        return (self.logs / f"{name}.log").read_text()
+
+    def lines(self, name: str) -> list[str]:
+        """The log's messages, without the CRI timestamp/stream/tag prefix."""
+        return [line.split(" ", 3)[3] for line in self.output(name).splitlines()]
 
 
 def pod_config(name: str = "pod", uid: str = "uid-1", attempt: int = 0, **fields: object) -> cri.PodSandboxConfig:
@@ -128,7 +220,7 @@ def host_network() -> cri.LinuxPodSandboxConfig:
     )
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05) -> T:
     """Poll `predicate` until it returns something truthy; return that, or fail after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
