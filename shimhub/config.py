@@ -79,6 +79,8 @@ class ImagesConfig:
     platform: str = ""
     #: Seconds to wait for a registry to answer (per request, not per whole download).
     timeout: float = 30.0
+    #: Most bytes one layer may unpack to (0 = no limit): a small gzip of zeros must not fill the disk.
+    max_layer_bytes: int = 32 << 30
     registries: dict[str, RegistryConfig] = field(factory=dict)
 
 

@@ -9,9 +9,17 @@ import time
 from typing import TYPE_CHECKING
 
 from shimhub.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from shimhub.faults import crash_point
 from shimhub.hooktypes import ContainerState, ContainerStatus, ExecResult, StreamedProcess
 from shimhub.pods import new_id
-from shimhub.records import SANDBOX_READY, ContainerRecord, SandboxRecord, proto_to_dict
+from shimhub.records import (
+    PENDING_CREATE,
+    PENDING_REMOVE,
+    SANDBOX_READY,
+    ContainerRecord,
+    SandboxRecord,
+    proto_to_dict,
+)
 from shimhub.streaming.requests import CommandRequest
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
@@ -98,6 +106,7 @@ class ContainerManager:
             log_path=log_path,
             request_digest=digest,
             image_ref=image.id if image else "",
+            pending=PENDING_CREATE,
         )
         plugin_config = cri.ContainerConfig()
         plugin_config.CopyFrom(config)
@@ -106,14 +115,17 @@ class ContainerManager:
         with daemon.locks.hold(sandbox.id), daemon.locks.hold(record.id):
             if sandbox.state != SANDBOX_READY:
                 raise FailedPrecondition(f"pod sandbox {sandbox.id} stopped while the container was being created")
+            if image is not None:
+                record.storage_driver, driver = daemon.storage_for(sandbox.handler)
             daemon.store.save_container(record)
+            crash_point("create_container:saved")
             try:
                 if image is not None:
-                    record.storage_driver, driver = daemon.storage_for(sandbox.handler)
                     daemon.images.provide_layers(image, record.storage_driver, driver)
                     storage = driver.require()
                     storage.call("storage_rootfs_create", container_id=record.id, layer_id=_hex(image.top_layer))
                     record.rootfs = storage.call("storage_rootfs_mount", container_id=record.id)
+                    crash_point("create_container:rootfs")
                     daemon.store.save_container(record)
                 plugin.call(
                     "runtime_container_create",
@@ -123,12 +135,21 @@ class ContainerManager:
                     rootfs=record.rootfs,
                     image=image.config if image else {},
                 )
+                crash_point("create_container:runtime")
+                record.pending = ""
                 daemon.store.save_container(record)
             except BaseException:
                 self._undo(sandbox, record)
                 raise
         daemon.emit("container_created", sandbox, record)
         return record.id
+
+    def roll_back(self, record: ContainerRecord) -> None:
+        """Undo the creation of a container that a crash interrupted (after a restart)."""
+        with self.daemon.locks.hold(record.id):
+            self._undo(self._sandbox_of(record), record)
+        self.daemon.container_names.release(record.name, record.id)
+        log.warning("container %s (%s): creation interrupted by a crash, rolled back", record.id[:12], record.name)
 
     def _undo(self, sandbox: SandboxRecord, record: ContainerRecord) -> None:
         """Best-effort removal of a container whose creation failed."""
@@ -184,6 +205,8 @@ class ContainerManager:
             return
         sandbox = self._sandbox_of(record)
         with self.daemon.locks.hold(record.id):
+            record.pending = PENDING_REMOVE
+            self.daemon.store.save_container(record)
             if self._refresh(sandbox, record).status == ContainerStatus.RUNNING:
                 self.stop(record.id, timeout=0)
             plugin = self.daemon.handlers.get(sandbox.handler).installed()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from shimhub.images.store import ImageRecord
 from shimhub.locks import KeyedLocks
 from shimhub.names import NameRegistry
 from shimhub.pods import PodManager
-from shimhub.records import ContainerRecord, SandboxRecord
+from shimhub.records import PENDING_CREATE, PENDING_REMOVE, ContainerRecord, SandboxRecord
 from shimhub.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class Daemon:
         config_module.set_log_level(config.log_level)
         for directory in (config.state_dir, config.run_dir):
             Path(directory).mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Others may pass through (as into /var/lib/containerd) but not list it; each driver's own is 0700.
+        Path(config.storage.root).mkdir(parents=True, exist_ok=True, mode=0o711)
         self.store = StateStore(Path(config.state_dir))
         self.locks = KeyedLocks()
         self.pod_names = NameRegistry("pod sandbox")
@@ -100,7 +103,11 @@ class Daemon:
     def pull_image(self, image: str, creds: Credentials | None) -> ImageRecord:
         """Pull an image and unpack it into the default storage driver."""
         started = time.monotonic()
-        record = self.images.pull(image, creds, self.storage_drivers)
+        try:
+            record = self.images.pull(image, creds, self.storage_drivers)
+        except BaseException:
+            self.collect_garbage()  # the blobs and layers of a refused image
+            raise
         telemetry.PULL_SECONDS.observe(time.monotonic() - started)
         telemetry.PULL_BYTES.inc(record.size)
         return record
@@ -170,7 +177,34 @@ class Daemon:
                     sandboxes=[s for s in sandboxes if s.id in mine],
                     containers=[c for c in containers if c.sandbox_id in mine],
                 )
-        log.info("recovered %d pod sandboxes and %d containers", len(sandboxes), len(containers))
+        self._finish_pending(sandboxes, containers)
+        log.info(
+            "recovered %d pod sandboxes and %d containers", len(self.store.sandboxes()), len(self.store.containers())
+        )
+
+    def _finish_pending(self, sandboxes: list[SandboxRecord], containers: list[ContainerRecord]) -> None:
+        """Roll back creations and finish removals that a crash interrupted; drop what crashed pulls left.
+
+        One that fails again is logged and left pending: the kubelet's next removal finishes it.
+        """
+        steps: list[tuple[str, Callable[[], None]]] = []
+        for container in containers:
+            if container.pending == PENDING_CREATE:
+                steps.append((f"container {container.id}", partial(self.containers.roll_back, container)))
+            elif container.pending == PENDING_REMOVE:
+                steps.append((f"container {container.id}", partial(self.containers.remove, container.id)))
+        for sandbox in sandboxes:
+            if sandbox.pending == PENDING_CREATE:
+                steps.append((f"pod sandbox {sandbox.id}", partial(self.pods.roll_back, sandbox)))
+            elif sandbox.pending == PENDING_REMOVE:
+                steps.append((f"pod sandbox {sandbox.id}", partial(self.pods.remove, sandbox.id)))
+        for what, step in steps:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - one object must not keep the node's runtime down
+                log.error("%s: could not finish what a crash interrupted: %s", what, exc)
+        self.images.drop_interrupted_layers(self.storage_drivers)
+        self.collect_garbage()
 
     def reload(self, new: Config) -> None:
         """Apply what can change while running: runtime handlers and the log level."""

@@ -33,6 +33,11 @@ def ip(*args: str) -> str:
     return done.stdout
 
 
+def pod_path(sandbox_id: str) -> str:
+    """Where a network backend pins pod `sandbox_id`'s namespace (so teardown finds it without a record)."""
+    return str(NETNS_DIR / f"shimhub-{sandbox_id[:20]}")
+
+
 def create(name: str) -> str:
     """Create network namespace `name` with its loopback up; return its path."""
     ip("netns", "add", name)

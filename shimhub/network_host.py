@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from shimhub import netns
@@ -35,8 +36,8 @@ class HostNetwork:
 
     @hookimpl
     def network_pod_setup(self, sandbox: SandboxRecord, config: cri.PodSandboxConfig) -> PodNetwork:
-        return PodNetwork(netns_path=netns.create(f"shimhub-{sandbox.id[:20]}"))
+        return PodNetwork(netns_path=netns.create(Path(netns.pod_path(sandbox.id)).name))
 
     @hookimpl
     def network_pod_teardown(self, sandbox: SandboxRecord, network: PodNetwork) -> None:
-        netns.delete(network.netns_path)
+        netns.delete(network.netns_path or netns.pod_path(sandbox.id))  # no path: shimhub crashed in setup

@@ -15,8 +15,16 @@ import time
 from typing import TYPE_CHECKING
 
 from shimhub.errors import FailedPrecondition, InvalidArgument
+from shimhub.faults import crash_point
 from shimhub.hooktypes import PodNetwork
-from shimhub.records import SANDBOX_NOTREADY, SANDBOX_READY, SandboxRecord, proto_to_dict
+from shimhub.records import (
+    PENDING_CREATE,
+    PENDING_REMOVE,
+    SANDBOX_NOTREADY,
+    SANDBOX_READY,
+    SandboxRecord,
+    proto_to_dict,
+)
 from shimhub.streaming import portforward
 from shimhub.streaming.requests import PortForwardRequest
 from shimhub_proto.cri.v1 import api_pb2 as cri
@@ -73,6 +81,7 @@ class PodManager:
             config=proto_to_dict(config),
             request_digest=digest,
             network_released=True,
+            pending=PENDING_CREATE,
         )
         plugin_config = cri.PodSandboxConfig()
         plugin_config.CopyFrom(config)
@@ -80,14 +89,19 @@ class PodManager:
         plugin_config.annotations.update(handler.allowed_annotations(config.annotations))
         with daemon.locks.hold(record.id):
             daemon.store.save_sandbox(record)
+            crash_point("run_pod:saved")
             try:
                 if not record.host_network:
-                    network = daemon.network.require().call("network_pod_setup", sandbox=record, config=plugin_config)
-                    record.network = network
-                    record.network_released = False
+                    backend = daemon.network.require()
+                    record.network_released = False  # from here on, a rollback tears the network down
+                    daemon.store.save_sandbox(record)
+                    record.network = backend.call("network_pod_setup", sandbox=record, config=plugin_config)
+                    crash_point("run_pod:network")
                     daemon.store.save_sandbox(record)
                 plugin.call("runtime_sandbox_run", sandbox=record, config=plugin_config, network=record.network)
+                crash_point("run_pod:sandbox")
                 record.state = SANDBOX_READY
+                record.pending = ""
                 daemon.store.save_sandbox(record)
             except BaseException:
                 self._undo(record)
@@ -95,6 +109,13 @@ class PodManager:
         log.info("pod sandbox %s (%s) ready on handler %s", record.id[:12], record.name, handler_name)
         daemon.emit("sandbox_ready", record)
         return record.id
+
+    def roll_back(self, record: SandboxRecord) -> None:
+        """Undo the creation of a sandbox that a crash interrupted (after a restart)."""
+        with self.daemon.locks.hold(record.id):
+            self._undo(record)
+        self.daemon.pod_names.release(record.name, record.id)
+        log.warning("pod sandbox %s (%s): creation interrupted by a crash, rolled back", record.id[:12], record.name)
 
     def _undo(self, record: SandboxRecord) -> None:
         """Best-effort removal of a sandbox whose creation failed."""
@@ -137,12 +158,17 @@ class PodManager:
         if record is None:
             return
         with self.daemon.locks.hold(record.id):
+            record.pending = PENDING_REMOVE
+            self.daemon.store.save_sandbox(record)
             for container in self.daemon.store.containers(record.id):
                 self.daemon.containers.remove(container.id)
+            crash_point("remove_pod:containers")
             if record.state == SANDBOX_READY:
                 self.stop(record.id)
             self.daemon.handlers.get(record.handler).installed().call("runtime_sandbox_remove", sandbox=record)
+            crash_point("remove_pod:runtime")
             self._release_network(record)
+            crash_point("remove_pod:network")
             self.daemon.store.delete_sandbox(record.id)
             self.daemon.pod_names.release(record.name, record.id)
         self.daemon.locks.forget(record.id)

@@ -24,6 +24,10 @@ def proto_to_dict(message: Any) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
+#: `pending` values: a creation or a removal that had not finished when the record was saved.
+PENDING_CREATE, PENDING_REMOVE = "create", "remove"
+
+
 @define
 class SandboxRecord:
     """One pod sandbox."""
@@ -43,6 +47,9 @@ class SandboxRecord:
     network_released: bool = False
     #: Whatever the runtime plugin chose to keep (JSON-serialisable).
     runtime_data: dict[str, Any] = field(factory=dict)
+    #: The change under way when the record was saved: PENDING_CREATE, PENDING_REMOVE or "".
+    #: After a crash, shimhub rolls back an unfinished creation and finishes a removal.
+    pending: str = ""
 
     #: `config` parsed, kept for the list and status calls (not persisted).
     _parsed: cri.PodSandboxConfig | None = field(default=None, init=False, eq=False, repr=False)
@@ -81,6 +88,8 @@ class ContainerRecord:
     storage_driver: str = ""
     state: ContainerState = field(factory=lambda: ContainerState(status=ContainerStatus.CREATED))
     runtime_data: dict[str, Any] = field(factory=dict)
+    #: As for sandboxes: PENDING_CREATE, PENDING_REMOVE or "".
+    pending: str = ""
 
     #: `config` parsed, kept for the list and status calls (not persisted).
     _parsed: cri.ContainerConfig | None = field(default=None, init=False, eq=False, repr=False)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from shimhub.testing import DaemonFactory
 from shimhub.testing.daemon import Daemon
 
 HERE = Path(__file__).parent
@@ -53,14 +56,89 @@ def plugin_python(tmp_path_factory: pytest.TempPathFactory) -> str:
     return install_in_venv(base / "src", base)
 
 
-@pytest.fixture
-def daemon_factory(shimhub_daemon_factory, plugin_python: str) -> Callable[..., Daemon]:
+class ProcDaemonFactory(DaemonFactory):
     """The kit's daemon factory, running daemons with the Python that has the example plugin installed."""
 
-    def make(config: str, name: str = "d", python: str | None = None, env: dict[str, str] | None = None) -> Daemon:
-        return shimhub_daemon_factory(config, name, python or plugin_python, env)
+    def __init__(self, kit: DaemonFactory, python: str) -> None:
+        super().__init__(kit.directory)
+        self.daemons = kit.daemons
+        self.python = python
 
-    return make
+    def __call__(
+        self, config: str, name: str = "d", python: str | None = None, env: dict[str, str] | None = None
+    ) -> Daemon:
+        return super().__call__(config, name, python or self.python, env)
+
+
+@pytest.fixture
+def daemon_factory(shimhub_daemon_factory: DaemonFactory, plugin_python: str) -> ProcDaemonFactory:
+    """Daemons that can run the example `proc` runtime; the kit's fixture removes and checks them at the end."""
+    return ProcDaemonFactory(shimhub_daemon_factory, plugin_python)
+
+
+class Network:
+    """A CNI config directory for one test: its own bridge, subnets and IPAM directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.conf_dir = root / "net.d"
+        self.conf_dir.mkdir(parents=True)
+        self.ipam = root / "ipam"
+        self.bridge = f"sht{secrets.token_hex(4)}"
+        self.octet = 100 + secrets.randbelow(150)
+        self.subnet = f"10.231.{self.octet}.0/24"
+
+    def conflist(self, name: str = "10-test.conflist", plugins: list | None = None, **overrides: object) -> Path:
+        document = {
+            "cniVersion": "1.0.0",
+            "name": "shimtest",
+            "plugins": plugins
+            if plugins is not None
+            else [
+                {
+                    "type": "bridge",
+                    "bridge": self.bridge,
+                    "isGateway": True,
+                    "ipMasq": False,
+                    "ipam": {
+                        "type": "host-local",
+                        "dataDir": str(self.ipam),
+                        "ranges": [[{"subnet": self.subnet}], [{"subnet": f"fd00:231:{self.octet:x}::/64"}]],
+                    },
+                },
+                {"type": "portmap", "capabilities": {"portMappings": True}},
+            ],
+            **overrides,
+        }
+        path = self.conf_dir / name
+        path.write_text(json.dumps(document))
+        return path
+
+    def table(self) -> str:
+        """The daemon's `[network]` table for this network."""
+        options = f'conf_dir = "{self.conf_dir}"\nbin_dirs = ["/usr/lib/cni"]\n'
+        return f'[network]\nbackend = "cni"\n[network.options]\n{options}'
+
+    def daemon_config(self) -> str:
+        return f'default_runtime = "proc"\n[runtimes.proc]\nplugin = "proc"\n{self.table()}'
+
+    def allocations(self) -> list[str]:
+        """Addresses host-local has handed out (one file per address; its bookkeeping files start otherwise)."""
+        if not self.ipam.exists():
+            return []
+        return [p.name for p in self.ipam.rglob("*") if p.is_file() and (p.name[0].isdigit() or ":" in p.name)]
+
+    def cleanup(self) -> None:
+        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True, check=False)
+
+
+@pytest.fixture
+def network(daemon_factory: ProcDaemonFactory, tmp_path: Path) -> Iterator[Network]:
+    """A CNI network (no conflist written yet); at the end the test's pods are removed and no IP may stay allocated."""
+    net = Network(tmp_path)
+    yield net
+    assert not daemon_factory.remove_everything()
+    net.cleanup()
+    assert net.allocations() == [], "pod removal left IP allocations"
 
 
 PROC_CONFIG = """
@@ -138,6 +216,11 @@ class RegistryFixture:
         tampered[-5] ^= 0xFF
         data.write_bytes(bytes(tampered))
         self.corrupt_layer = layer_digest
+
+    def config(self) -> str:
+        """The `[images]` tables that pull short names from the open registry over plain HTTP."""
+        host = self.open.host
+        return f'[images]\nsearch_registries = ["{host}"]\n[images.registries."{host}"]\ninsecure = true\n'
 
     def _layer_digests(self, repository: str, manifest_digest: str) -> list[str]:
         import json

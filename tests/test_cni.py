@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -24,66 +23,6 @@ pytestmark = [
         not os.path.exists("/usr/lib/cni/bridge"), reason="containernetworking-plugins is not installed"
     ),
 ]
-
-
-class Network:
-    """A CNI config directory for one test: its own bridge, subnets and IPAM directory."""
-
-    def __init__(self, root: Path) -> None:
-        self.conf_dir = root / "net.d"
-        self.conf_dir.mkdir(parents=True)
-        self.ipam = root / "ipam"
-        self.bridge = f"sht{secrets.token_hex(4)}"
-        self.octet = 100 + secrets.randbelow(150)
-        self.subnet = f"10.231.{self.octet}.0/24"
-
-    def conflist(self, name: str = "10-test.conflist", plugins: list | None = None, **overrides: object) -> Path:
-        document = {
-            "cniVersion": "1.0.0",
-            "name": "shimtest",
-            "plugins": plugins
-            if plugins is not None
-            else [
-                {
-                    "type": "bridge",
-                    "bridge": self.bridge,
-                    "isGateway": True,
-                    "ipMasq": False,
-                    "ipam": {
-                        "type": "host-local",
-                        "dataDir": str(self.ipam),
-                        "ranges": [[{"subnet": self.subnet}], [{"subnet": f"fd00:231:{self.octet:x}::/64"}]],
-                    },
-                },
-                {"type": "portmap", "capabilities": {"portMappings": True}},
-            ],
-            **overrides,
-        }
-        path = self.conf_dir / name
-        path.write_text(json.dumps(document))
-        return path
-
-    def daemon_config(self) -> str:
-        return (
-            f'default_runtime = "proc"\n[runtimes.proc]\nplugin = "proc"\n[network]\nbackend = "cni"\n'
-            f'[network.options]\nconf_dir = "{self.conf_dir}"\nbin_dirs = ["/usr/lib/cni"]\n'
-        )
-
-    def allocations(self) -> list[str]:
-        """Addresses host-local has handed out (one file per address; its bookkeeping files start otherwise)."""
-        if not self.ipam.exists():
-            return []
-        return [p.name for p in self.ipam.rglob("*") if p.is_file() and (p.name[0].isdigit() or ":" in p.name)]
-
-    def cleanup(self) -> None:
-        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True, check=False)
-
-
-@pytest.fixture
-def network(tmp_path: Path):
-    net = Network(tmp_path)
-    yield net
-    net.cleanup()
 
 
 def run_pod(rt, name: str, **fields: object) -> str:

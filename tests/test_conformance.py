@@ -8,8 +8,7 @@ from typing import Any, ClassVar
 import pytest
 
 from shimhub.testing import NetworkConformance, RuntimeConformance, StorageConformance
-from tests.conftest import NEEDS_ROOT
-from tests.test_cni import Network
+from tests.conftest import NEEDS_ROOT, Network
 from tests.test_vm import VM_MARKS
 
 pytestmark = NEEDS_ROOT
@@ -54,13 +53,6 @@ class TestCni(NetworkConformance):
         network: Network = request.getfixturevalue("network")
         network.conflist()
         return {"conf_dir": str(network.conf_dir), "bin_dirs": ["/usr/lib/cni"]}
-
-
-@pytest.fixture
-def network(tmp_path: Path):
-    net = Network(tmp_path)
-    yield net
-    net.cleanup()
 
 
 class TestVfs(StorageConformance):

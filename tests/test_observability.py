@@ -17,8 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shimhub.testing.daemon import Pod, wait_for
 from shimhub_proto.cri.v1 import api_pb2 as cri
-from tests.conftest import NEEDS_ROOT
-from tests.test_cni import Network
+from tests.conftest import NEEDS_ROOT, Network
 from tests.test_runc import exec_sync, runc_config, security
 
 pytestmark = NEEDS_ROOT

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import grpc
@@ -42,9 +41,7 @@ def test_pods_and_containers_survive_a_restart(daemon_factory, tmp_path: Path, h
     if how == "sigterm":
         assert daemon.stop() == 0
     else:
-        daemon.signal(signal.SIGKILL)
-        daemon.proc.wait(10)
-        daemon.channel = None
+        daemon.kill()
     daemon.start()
     rt = daemon.runtime
 

@@ -13,8 +13,7 @@ import pytest
 from shimhub import cgroups
 from shimhub.testing.daemon import Pod, wait_for
 from shimhub_proto.cri.v1 import api_pb2 as cri
-from tests.conftest import NEEDS_ROOT
-from tests.test_cni import Network
+from tests.conftest import NEEDS_ROOT, Network
 
 pytestmark = NEEDS_ROOT
 
@@ -26,8 +25,7 @@ def runc_config(registry, extra: str = "") -> str:
         f'runtime_args = ["--network=host"]\n'
         f'[runtimes.crun]\nplugin = "runc"\n[runtimes.crun.options]\nbinary = "crun"\n'
         f'[network]\nbackend = "host"\n[storage]\ndriver = "overlay"\n'
-        f'[images]\nsearch_registries = ["{registry.open.host}"]\n'
-        f'[images.registries."{registry.open.host}"]\ninsecure = true\n{extra}'
+        f"{registry.config()}{extra}"
     )
 
 
@@ -216,12 +214,9 @@ def test_containers_survive_a_shimhub_restart(node, tmp_path: Path) -> None:
     pod = Pod(node, tmp_path)
     server = pod.run("server", ["sh", "-c", "echo started; sleep 300"])
     short = pod.run("short", ["sh", "-c", "sleep 2; exit 9"])
-    node.signal(__import__("signal").SIGKILL)
-    node.proc.wait(10)
-    node.channel = None
+    node.kill()
     time.sleep(2.5)
     node.start()
-    pod.rt = node.runtime
     assert pod.status(server).state == cri.CONTAINER_RUNNING
     final = pod.wait_exit(short)
     assert final.exit_code == 9  # conmon recorded it while shimhub was down

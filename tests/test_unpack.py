@@ -67,6 +67,19 @@ def test_hardlinks_outside_the_layer_are_refused(target: Path, link_name: str) -
     assert not (target / "stolen").exists()
 
 
+@pytest.mark.parametrize(("kind", "numbers"), [("chardev", (1, 1)), ("blockdev", (8, 0))])
+def test_device_nodes_are_refused(target: Path, kind: str, numbers: tuple[int, int]) -> None:
+    """/dev/mem (1:1) or the node's first disk (8:0) in an image would be a way out of a container."""
+    with pytest.raises(UnsafeLayer, match=f"{numbers[0]}:{numbers[1]}; images may not carry device nodes"):
+        unpack(io.BytesIO(tar(("dev/disk", kind, numbers))), str(target), Whiteouts.APPLY)
+    assert not (target / "dev" / "disk").exists()
+
+
+def test_inert_overlay_whiteout_device_is_kept(target: Path) -> None:
+    unpack(io.BytesIO(tar(("gone", "chardev", (0, 0)))), str(target), Whiteouts.APPLY)
+    assert os.stat(target / "gone").st_rdev == os.makedev(0, 0)
+
+
 def test_garbage_and_size_limit(target: Path) -> None:
     with pytest.raises(UnsafeLayer, match="not a valid tar archive"):
         unpack(io.BytesIO(b"\x00not a tar" * 100), str(target), Whiteouts.APPLY)

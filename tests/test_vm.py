@@ -17,8 +17,7 @@ from shimhub.testing.daemon import Pod, wait_for
 from shimhub.testing.leaks import leftovers
 from shimhub.vm import guest
 from shimhub_proto.cri.v1 import api_pb2 as cri
-from tests.conftest import NEEDS_ROOT
-from tests.test_cni import Network
+from tests.conftest import NEEDS_ROOT, Network
 
 KERNEL = guest.default_kernel()
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -33,26 +32,13 @@ ANNOTATIONS = "io.katacontainers.config.hypervisor."
 
 
 def vm_config(network: Network, registry, options: str = "") -> str:
+    network.conflist()
     handlers = "".join(
         f'[runtimes.{name}]\nplugin = "{name}"\nallowed_annotations = ["{ANNOTATIONS}"]\n'
         f"[runtimes.{name}.options]\nmax_vcpus = 2\nmax_memory_mib = 512\n{options}"
         for name in ("kata", "clearcontainers")
     )
-    return (
-        f'default_runtime = "kata"\n{handlers}'
-        f'[network]\nbackend = "cni"\n[network.options]\nconf_dir = "{network.conf_dir}"\nbin_dirs = ["/usr/lib/cni"]\n'
-        f'[storage]\ndriver = "overlay"\n'
-        f'[images]\nsearch_registries = ["{registry.open.host}"]\n'
-        f'[images.registries."{registry.open.host}"]\ninsecure = true\n'
-    )
-
-
-@pytest.fixture
-def network(tmp_path: Path):
-    net = Network(tmp_path)
-    net.conflist()
-    yield net
-    net.cleanup()
+    return f'default_runtime = "kata"\n{handlers}{network.table()}[storage]\ndriver = "overlay"\n{registry.config()}'
 
 
 @pytest.fixture
@@ -145,7 +131,6 @@ def test_vm_pods_survive_a_shimhub_restart(node, tmp_path: Path) -> None:
     node.stop()
     time.sleep(8)  # "late" exits and writes while nobody listens
     node.start()
-    pod.rt = node.runtime
     assert pod.status(steady).state == cri.CONTAINER_RUNNING
     final = pod.wait_exit(late, 60)
     assert final.exit_code == 5
@@ -153,7 +138,6 @@ def test_vm_pods_survive_a_shimhub_restart(node, tmp_path: Path) -> None:
     assert exec_sync(pod, steady, ["echo", "still-here"]).stdout == b"still-here\n"
     node.kill()
     node.start()
-    pod.rt = node.runtime
     assert exec_sync(pod, steady, ["echo", "after-kill-9"]).stdout == b"after-kill-9\n"
     assert qemu_pids == {p.pid for p in psutil.process_iter(["name"]) if "qemu" in (p.info["name"] or "")}
 

@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +25,8 @@ from typing import IO, Any
 
 from shimhub.backends import Backend
 from shimhub.config import ImagesConfig
-from shimhub.errors import FailedPrecondition, InvalidArgument
+from shimhub.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from shimhub.faults import crash_point
 from shimhub.hooktypes import FilesystemUsage
 from shimhub.images import manifest, reference
 from shimhub.images.content import BlobMismatch, ContentStore
@@ -33,19 +35,31 @@ from shimhub.images.store import ImageRecord, ImageStore, Layer
 from shimhub.locks import KeyedLocks
 
 log = logging.getLogger(__name__)
+#: Suffix of the marker of a layer a driver is applying (see provide_layers).
+APPLYING = ".applying"
 
 READ_CHUNK = 1 << 20
 
 
-class _HashingReader:
-    """A read-only stream that hashes what passes through it."""
+class LayerTooLarge(ResourceExhausted):
+    """A layer unpacks to more than the node allows (images.max_layer_bytes)."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
+
+class _HashingReader:
+    """A read-only stream that hashes what passes through it and refuses more than `limit` bytes (0: no limit)."""
+
+    def __init__(self, raw: IO[bytes], what: str, limit: int) -> None:
         self.raw = raw
+        self.what = what
+        self.limit = limit
         self.hasher = hashlib.sha256()
+        self.count = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self.raw.read(size)
+        self.count += len(data)
+        if self.limit and self.count > self.limit:
+            raise LayerTooLarge(f"{self.what} unpacks to more than {self.limit} bytes (images.max_layer_bytes)")
         self.hasher.update(data)
         return data
 
@@ -112,6 +126,8 @@ class ImageManager:
         self.platform = manifest.node_platform(config.platform)
         self._layer_locks = KeyedLocks()
         self._gc_lock = threading.Lock()
+        #: Blob digests and layer chain ids that pulls in progress hold (see _pin).
+        self._pinned: Counter[str] = Counter()
 
     def pull(self, image: str, creds: Credentials | None, drivers: dict[str, Backend]) -> ImageRecord:
         """Pull `image` and unpack it into the default storage driver (when that driver is ready)."""
@@ -132,17 +148,34 @@ class ImageManager:
             parsed = manifest.parse(body, content_type, where)
             if isinstance(parsed, list):
                 raise InvalidArgument(f"{where}: an index entry for {chosen.platform} is itself an index")
-        record = self._fetch(ref, parsed, creds, where)
-        if ref.tag:
-            record.repo_tags = sorted({*record.repo_tags, ref.tagged()})
-        record.repo_digests = sorted({*record.repo_digests, ref.with_digest(top_digest)})
-        record.pulled_at = time.time_ns()
-        self.images.put(record)
-        driver = drivers.get(self.default_driver)
-        if driver is not None and driver.readiness().ready:
-            self.provide_layers(record, self.default_driver, driver)
+        pins: Counter[str] = Counter([parsed.config.digest, *(layer.digest for layer in parsed.layers)])
+        self._pin(pins)
+        try:
+            record = self._fetch(ref, parsed, creds, where)
+            chains = Counter(layer.chain_id for layer in record.layers)
+            self._pin(chains)
+            pins += chains
+            if ref.tag:
+                record.repo_tags = sorted({*record.repo_tags, ref.tagged()})
+            record.repo_digests = sorted({*record.repo_digests, ref.with_digest(top_digest)})
+            record.pulled_at = time.time_ns()
+            driver = drivers.get(self.default_driver)
+            if driver is not None and driver.readiness().ready:
+                self.provide_layers(record, self.default_driver, driver)  # a refused layer lists no image
+            self.images.put(record)
+        finally:
+            self._pin(pins, -1)
         log.info("pulled %s as %s", where, record.id)
         return record
+
+    def _pin(self, items: Counter[str], sign: int = 1) -> None:
+        """Keep garbage collection off the blobs and layers of a pull in progress (sign -1 lets go)."""
+        with self._gc_lock:
+            if sign > 0:
+                self._pinned.update(items)
+            else:
+                self._pinned.subtract(items)
+                self._pinned = +self._pinned  # drops what no pull holds any more
 
     def _fetch(
         self, ref: reference.Reference, parsed: manifest.Manifest, creds: Credentials | None, where: str
@@ -167,6 +200,7 @@ class ImageManager:
 
         def download(layer: manifest.Descriptor) -> None:
             self.content.fetch(layer.digest, layer.size, lambda: self.registry.blob(ref, layer.digest, creds), "layer")
+            crash_point("pull:blob")
 
         with ThreadPoolExecutor(self.config.max_concurrent_downloads, thread_name_prefix="pull") as pool:
             for future in [pool.submit(download, layer) for layer in parsed.layers]:
@@ -199,26 +233,46 @@ class ImageManager:
             mark = self._mark(driver_name, layer.chain_id)
             with self._layer_locks.hold(f"{driver_name}/{layer.chain_id}"):
                 if not mark.exists():
-                    self._apply(plugin, layer, parent)
+                    applying = mark.with_suffix(APPLYING)
+                    applying.touch()  # a crash before the mark leaves this: the next start removes the layer
+                    try:
+                        self._apply(plugin, layer, parent)
+                    except BaseException:
+                        applying.unlink()  # the driver removes what it had unpacked of a layer it failed
+                        raise
+                    crash_point("pull:layer")
                     mark.write_text(parent)  # the parent's chain id: garbage collection removes children first
+                    applying.unlink()
             parent = _hex(layer.chain_id)
 
     def _apply(self, plugin: Any, layer: Layer, parent: str) -> None:
         if not self.content.has(layer.blob_digest):
             raise FailedPrecondition(f"layer blob {layer.blob_digest} is missing from the content store; pull again")
         with _decompressed(self.content.path(layer.blob_digest), layer.media_type) as stream:
-            reader = _HashingReader(stream)
+            reader = _HashingReader(stream, f"layer {layer.blob_digest}", self.config.max_layer_bytes)
             plugin.call("storage_layer_apply", layer_id=_hex(layer.chain_id), parent_id=parent, diff=reader)
             try:
                 actual = reader.drain()
             except (OSError, EOFError) as exc:
                 actual = f"unreadable ({exc})"
+            except LayerTooLarge:
+                plugin.call("storage_layer_remove", layer_id=_hex(layer.chain_id))
+                raise
         if actual != layer.diff_id:
             plugin.call("storage_layer_remove", layer_id=_hex(layer.chain_id))
             raise BlobMismatch(
                 f"layer {layer.blob_digest}: uncompressed content {actual} does not match the "
                 f"image config's diff_id {layer.diff_id}"
             )
+
+    def drop_interrupted_layers(self, drivers: dict[str, Backend]) -> None:
+        """At startup: remove the layers a crash interrupted while a driver was applying them."""
+        for applying in self.layer_marks.glob(f"*/*{APPLYING}"):
+            driver = drivers.get(applying.parent.name)
+            if driver is not None and driver.plugin is not None:
+                driver.plugin.call("storage_layer_remove", layer_id=applying.stem)
+            applying.unlink()
+            log.warning("removed layer %s: a crash interrupted its unpacking", applying.stem[:12])
 
     def collect_garbage(self, drivers: dict[str, Backend], images_in_use: Iterable[str]) -> None:
         """Remove layers and blobs that no image and no container (of `images_in_use`) needs."""
@@ -230,11 +284,14 @@ class ImageManager:
                     self.images.delete(record.id)
                 else:
                     kept.append(record)
-            kept_chains = {layer.chain_id for record in kept for layer in record.layers}
+            pinned = set(self._pinned)
+            kept_chains = {layer.chain_id for record in kept for layer in record.layers} | pinned
             kept_blobs = {layer.blob_digest for record in kept for layer in record.layers} | {r.id for r in kept}
+            kept_blobs |= pinned
             for driver_dir in self.layer_marks.glob("*"):
                 driver = drivers.get(driver_dir.name)
-                unused = [m for m in driver_dir.iterdir() if f"sha256:{m.name}" not in kept_chains]
+                marks = [m for m in driver_dir.iterdir() if m.suffix != APPLYING]
+                unused = [m for m in marks if f"sha256:{m.name}" not in kept_chains]
                 # Children before parents: a driver may refuse to remove a layer another builds on.
                 for mark in sorted(unused, key=_depth, reverse=True):
                     if driver is not None and driver.plugin is not None:

@@ -90,6 +90,7 @@ class DriverBase:
         self.options = plugin_options.validated(options, self.option_defaults)
         self.root = Path(root) / context.name
         self.context = context
+        remove_tree(self.root / "tmp")  # what a crash left half unpacked
         for sub in ("layers", "containers", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -111,6 +112,22 @@ class DriverBase:
     def scratch(self) -> Path:
         """A fresh temporary directory on the driver's filesystem."""
         return Path(tempfile.mkdtemp(dir=self.root / "tmp"))
+
+    def publish(self, target: Path, fill: Callable[[Path], None]) -> bool:
+        """Create directory `target` at once: `fill` a scratch directory, then rename it.
+
+        If `fill` fails, nothing is left. Returns False when `target` existed already.
+        """
+        if target.exists():
+            return False
+        work = self.scratch()
+        try:
+            fill(work)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        os.rename(work, target)
+        return True
 
     def unpack_into(self, diff: IO[bytes], target: Path) -> None:
         """Unpack a layer tar into `target` with this driver's whiteout form."""
@@ -142,15 +159,13 @@ class UnionDriverBase(DriverBase):
         `describe(directory)` writes the driver's own files next to `diff` before the
         layer appears. Returns False when the layer existed already.
         """
-        target = self.layer_dir(layer_id)
-        if target.exists():
-            return False
-        work = self.scratch()
-        (work / "diff").mkdir(mode=0o755)
-        self.unpack_into(diff, work / "diff")
-        describe(work)
-        os.rename(work, target)
-        return True
+
+        def fill(work: Path) -> None:
+            (work / "diff").mkdir(mode=0o755)
+            self.unpack_into(diff, work / "diff")
+            describe(work)
+
+        return self.publish(self.layer_dir(layer_id), fill)
 
     @hookimpl
     def storage_rootfs_unmount(self, container_id: str) -> None:

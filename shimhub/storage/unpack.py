@@ -229,9 +229,16 @@ def _extract(archive: tarfile.TarFile, member: tarfile.TarInfo, path: str, root:
             raise UnsafeLayer(f"layer entry {member.name!r} links to {member.linkname!r}, which is not in the layer")
         os.link(source_path, path, follow_symlinks=False)
         return  # a hardlink shares its target's metadata
+    elif member.ischr() and (member.devmajor, member.devminor) == (0, 0):
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(0, 0))  # an overlay-style whiteout: opens nothing
     elif member.ischr() or member.isblk():
-        kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
-        os.mknod(path, 0o600 | kind, os.makedev(member.devmajor, member.devminor))
+        # An image has no business creating device nodes on the node (the runtime makes /dev);
+        # one for the node's disk would be a way out for a container given device access.
+        kind = "character" if member.ischr() else "block"
+        raise UnsafeLayer(
+            f"layer entry {member.name!r} is a {kind} device {member.devmajor}:{member.devminor}; "
+            "images may not carry device nodes"
+        )
     elif member.isfifo():
         os.mkfifo(path, 0o600)
     else:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import IO, Any
 
 from shimhub.hookspecs import hookimpl
@@ -26,13 +26,13 @@ class VfsDriver(DriverBase):
 
     @hookimpl
     def storage_layer_apply(self, layer_id: str, parent_id: str, diff: IO[bytes]) -> FilesystemUsage:
-        target = self.layer_dir(layer_id)
-        if not target.exists():
-            work = self.scratch()
+        def fill(work: Path) -> None:
             if parent_id:
                 copy_tree(str(self.require_layer(parent_id)), str(work))
             self.unpack_into(diff, work)
-            os.rename(work, target)
+
+        target = self.layer_dir(layer_id)
+        self.publish(target, fill)
         return tree_usage(str(target))
 
     @hookimpl

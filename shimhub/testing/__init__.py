@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -38,7 +38,7 @@ from shimhub.testing.registry import Pusher, Registry, busybox_layer
 from shimhub.testing.runtime_suite import RuntimeConformance
 from shimhub.testing.storage_suite import StorageConformance
 
-__all__ = ["BUSYBOX", "KitRegistry", "NetworkConformance", "RuntimeConformance", "StorageConformance"]
+__all__ = ["BUSYBOX", "DaemonFactory", "KitRegistry", "NetworkConformance", "RuntimeConformance", "StorageConformance"]
 
 
 class KitRegistry:
@@ -69,22 +69,38 @@ def shimhub_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KitRe
     registry.stop()
 
 
-@pytest.fixture
-def shimhub_daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """Make daemons under the test's temporary directory; at the end all pods are removed and nothing may be left."""
-    made: list[Daemon] = []
+class DaemonFactory:
+    """Makes daemons under one directory and keeps them (`daemons`) for the end of the test."""
 
-    def make(config: str, name: str = "d", python: str = sys.executable, env: dict[str, str] | None = None) -> Daemon:
-        root = tmp_path / name
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.daemons: list[Daemon] = []
+
+    def __call__(
+        self, config: str, name: str = "d", python: str = sys.executable, env: dict[str, str] | None = None
+    ) -> Daemon:
+        """A daemon (not started) rooted at `directory`/`name` with this configuration."""
+        root = self.directory / name
         root.mkdir(exist_ok=True)
         daemon = Daemon(root, config, python, env)
-        made.append(daemon)
+        self.daemons.append(daemon)
         return daemon
 
-    yield make
-    problems: dict[str, list[str]] = {}
-    for daemon in made:
-        problems.update(daemon.remove_everything())
+    def remove_everything(self) -> dict[str, list[str]]:
+        """Remove every pod of every daemon made; what is left on the node."""
+        problems: dict[str, list[str]] = {}
+        for daemon in self.daemons:
+            problems.update(daemon.remove_everything())
+        return problems
+
+
+@pytest.fixture
+def shimhub_daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
+    """Make daemons under the test's temporary directory; at the end all pods are removed and nothing may be left."""
+    factory = DaemonFactory(tmp_path)
+    yield factory
+    problems = factory.remove_everything()
+    for daemon in factory.daemons:
         daemon.stop()
         daemon.kill()
     assert not problems, f"the test left things behind: {problems}"

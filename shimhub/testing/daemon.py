@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from shimhub.testing.leaks import leftovers
+from shimhub.testing.leaks import NodeSnapshot, leftovers
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from shimhub_proto.cri.v1 import api_pb2_grpc
 
@@ -46,6 +46,8 @@ class Daemon:
         self.write_config(config)
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel: grpc.Channel | None = None
+        #: The node before this daemon ran anything: what remove_everything compares with.
+        self.before = NodeSnapshot()
 
     def write_config(self, text: str) -> None:
         """Write the main config file, and a last drop-in keeping socket and directories under `root`."""
@@ -145,7 +147,7 @@ class Daemon:
         containers = {c.id for c in self.runtime.ListContainers(cri.ListContainersRequest()).containers}
         for sandbox_id in sandboxes:
             self.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=120)
-        found = leftovers(self.root, sandboxes, containers)
+        found = leftovers(self.root, sandboxes, containers, self.before)
         return {f"{self.root.name}: {kind}": items for kind, items in found.items()}
 
 
@@ -157,7 +159,7 @@ class Pod:
     """
 
     def __init__(self, daemon: Daemon, directory: Path, handler: str = "", image: str = BUSYBOX, **fields: Any) -> None:
-        self.rt = daemon.runtime
+        self.daemon = daemon
         self.image = image
         self.logs = directory / "logs"
         fields.setdefault(
@@ -171,6 +173,11 @@ class Pod:
         self.config = pod_config(log_directory=str(self.logs), hostname="podhost", **fields)
         request = cri.RunPodSandboxRequest(config=self.config, runtime_handler=handler)
         self.id = self.rt.RunPodSandbox(request, timeout=POD_TIMEOUT).pod_sandbox_id
+
+    @property
+    def rt(self) -> api_pb2_grpc.RuntimeServiceStub:
+        """The daemon's runtime service, on its current connection (it changes on restart)."""
+        return self.daemon.runtime
 
     def create(self, name: str, command: list[str] | None = None, **fields: Any) -> str:
         """Create container `name` from the pod's image, logging to `name`.log."""

@@ -7,7 +7,7 @@ import tarfile
 
 
 def tar(*entries: tuple) -> bytes:
-    """A tar of (name, kind, data) entries; kind is file, dir, symlink, hardlink, chardev or fifo.
+    """A tar of (name, kind, data) entries; kind is file, dir, symlink, hardlink, chardev, blockdev or fifo.
 
     For file, data is the content (str); for symlink and hardlink, the target;
     an optional fourth item is a dict of TarInfo attributes (mode, uid, pax_headers, …).
@@ -30,8 +30,9 @@ def tar(*entries: tuple) -> bytes:
                 info.type, info.linkname = tarfile.SYMTYPE, data
             elif kind == "hardlink":
                 info.type, info.linkname = tarfile.LNKTYPE, data
-            elif kind == "chardev":
-                info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, *data
+            elif kind in ("chardev", "blockdev"):
+                info.type = tarfile.CHRTYPE if kind == "chardev" else tarfile.BLKTYPE
+                info.devmajor, info.devminor = data
             elif kind == "fifo":
                 info.type = tarfile.FIFOTYPE
             for key, value in extra.items():

@@ -1,9 +1,50 @@
-"""What a test may leave behind: nothing. Checks for mounts, namespaces, cgroups, processes and records."""
+"""What a test may leave behind: nothing.
+
+`leftovers` looks for what a daemon rooted at a directory left on the node: mounts
+under the root, processes naming it, cgroups and network namespaces of its pods,
+records, and temporary files (half-written records, half-downloaded blobs,
+half-unpacked layers). Given a `NodeSnapshot` taken before the test, it also
+finds network namespaces created since and processes started since that run in a
+network or PID namespace made since and are no descendants of the test run:
+container processes that lost their parent, whatever their command line says.
+"""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+
+import psutil
+from attrs import define, field
+
+NETNS_DIR = Path("/run/netns")
+
+
+def _netns_names() -> set[str]:
+    return set(os.listdir(NETNS_DIR)) if NETNS_DIR.is_dir() else set()
+
+
+def _namespace(pid: int, kind: str) -> int | None:
+    """The inode of process `pid`'s namespace of `kind` (net, pid), None if it is gone."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
+    except OSError:
+        return None
+
+
+def _namespaces_in_use() -> set[int]:
+    """Network and PID namespaces that some process is in."""
+    return {ns for pid in psutil.pids() for kind in ("net", "pid") if (ns := _namespace(pid, kind)) is not None}
+
+
+@define
+class NodeSnapshot:
+    """What was on the node before a test: named network namespaces, the namespaces processes were in, the time."""
+
+    netns: set[str] = field(factory=_netns_names)
+    namespaces: set[int] = field(factory=_namespaces_in_use)
+    taken_at: float = field(factory=time.time)
 
 
 def _mounts_under(root: Path) -> list[str]:
@@ -23,6 +64,21 @@ def _processes_mentioning(root: Path) -> list[str]:
     return found
 
 
+def _stray_processes(before: NodeSnapshot) -> list[str]:
+    """Live processes started since `before`, not under this test run, in a network or PID namespace made since."""
+    ours = {os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))}
+    found = []
+    for process in psutil.process_iter(["pid", "create_time", "status", "cmdline"]):
+        info = process.info
+        if info["pid"] in ours or info["create_time"] < before.taken_at or info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        namespaces = {_namespace(info["pid"], kind) for kind in ("net", "pid")} - {None}
+        if namespaces <= before.namespaces:
+            continue
+        found.append(f"{info['pid']}: {' '.join(info['cmdline'] or [])[:120]}")
+    return found
+
+
 def _cgroups(ids: set[str]) -> list[str]:
     found = []
     for controller in Path("/sys/fs/cgroup").glob("*/shimhub"):
@@ -30,17 +86,27 @@ def _cgroups(ids: set[str]) -> list[str]:
     return found
 
 
-def leftovers(root: Path, sandbox_ids: set[str], container_ids: set[str]) -> dict[str, list[str]]:
+def _temporary_files(root: Path) -> list[str]:
+    """Half-written records (*.tmp), half-downloaded blobs (ingest/) and half-unpacked layers (<driver>/tmp/)."""
+    state, storage = root / "state", root / "storage"
+    found = [*state.rglob("*.tmp"), *state.glob("**/ingest/*"), *storage.glob("*/tmp/*")]
+    return sorted(str(path) for path in found)
+
+
+def leftovers(
+    root: Path, sandbox_ids: set[str], container_ids: set[str], before: NodeSnapshot | None = None
+) -> dict[str, list[str]]:
     """Everything still on the node from a daemon rooted at `root` whose objects had these ids."""
+    netns = _netns_names()
     found = {
         "mounts": _mounts_under(root),
         "processes": _processes_mentioning(root),
         "cgroups": _cgroups(container_ids),
-        "netns": [
-            n
-            for n in (os.listdir("/run/netns") if os.path.isdir("/run/netns") else [])
-            if any(n == f"shimhub-{i[:20]}" for i in sandbox_ids)
-        ],
+        "netns": sorted(n for n in netns if any(n == f"shimhub-{i[:20]}" for i in sandbox_ids)),
         "records": [str(p) for p in (root / "state").glob("*/*.json") if p.parent.name in ("sandboxes", "containers")],
+        "temporary files": _temporary_files(root),
     }
+    if before is not None:
+        found["netns"] = sorted(set(found["netns"]) | {n for n in netns - before.netns if n.startswith("shimhub-")})
+        found["stray processes"] = _stray_processes(before)
     return {kind: items for kind, items in found.items() if items}

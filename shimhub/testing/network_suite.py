@@ -159,3 +159,18 @@ class NetworkConformance:
             again, renewed = pod_setup(restarted, "kept-again")
             assert renewed.ips, "network_pod_setup after a restart: no pod IP"
             assert again.id != sandbox.id
+
+    def test_teardown_after_a_crash_during_setup(
+        self, new_backend: Callable[[], LoadedPlugin], pod_setup: PodSetup
+    ) -> None:
+        """network_pod_teardown with an empty PodNetwork: shimhub died before it could save what setup returned."""
+        sandbox, network = pod_setup(new_backend(), "crashed")
+        restarted = new_backend()
+        restarted.call("network_pod_teardown", sandbox=sandbox, network=PodNetwork())
+        assert not namespace_alive(network.netns_path), (
+            "network_pod_teardown: given no PodNetwork (a crash during setup), the namespace was left; "
+            "find it from the sandbox id"
+        )
+        if self.gives_addresses:
+            again, renewed = pod_setup(restarted, "after-crash")
+            assert renewed.ips and again.id != sandbox.id, "network_pod_setup after a crash: no pod IP"

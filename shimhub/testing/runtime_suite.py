@@ -225,7 +225,6 @@ class RuntimeConformance:
         for container in (server, job):
             wait_for(lambda c=container: pod.status(c).state == cri.CONTAINER_RUNNING, self.patience)
         node.daemon.restart(how)
-        pod.rt = node.rt
         assert pod.status(server).state == cri.CONTAINER_RUNNING, f"runtime_recover: lost a running container ({how})"
         final = pod.wait_exit(job, self.patience)
         assert final.exit_code == 5, (

@@ -161,7 +161,7 @@ class CniNetwork:
         network, problem = self.configs.network()
         if network is None:
             raise FailedPrecondition(f"pod network is not ready: {problem}")
-        path = netns.create(f"shimhub-{sandbox.id[:20]}")
+        path = netns.create(Path(netns.pod_path(sandbox.id)).name)
         args = self._args(sandbox, config)
         capabilities = capability_values(config)
         cached = {
@@ -208,13 +208,14 @@ class CniNetwork:
 
     @hookimpl
     def network_pod_teardown(self, sandbox: SandboxRecord, network: PodNetwork) -> None:
+        path = network.netns_path or netns.pod_path(sandbox.id)  # no path: shimhub crashed during setup
         cache_file = self.cache / f"{sandbox.id}.json"
         try:
             cached = json.loads(cache_file.read_text())
         except FileNotFoundError:
-            netns.delete(network.netns_path)  # nothing was added, or it was all deleted already
+            netns.delete(path)  # nothing was added, or it was all deleted already
             return
-        self._delete(sandbox.id, network.netns_path, cached)
+        self._delete(sandbox.id, path, cached)
 
     @hookimpl
     def network_pod_check(self, sandbox: SandboxRecord, network: PodNetwork) -> None:

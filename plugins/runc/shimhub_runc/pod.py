@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from shimhub.errors import FailedPrecondition
-from shimhub.storage.common import is_mounted, run, unmount
+from shimhub.storage.common import run, unmount
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from shimhub_runc.spec import PodContext
 
@@ -133,17 +133,21 @@ def context(data: dict[str, Any], config: cri.PodSandboxConfig) -> PodContext:
 
 
 def stop(data: dict[str, Any]) -> None:
-    """Stop the infra process and release the pod's namespaces and /dev/shm. Idempotent."""
+    """Stop the infra process and release the pod's namespaces and /dev/shm. Idempotent.
+
+    The pod's directory alone is enough: after a crash, `data` may hold nothing but "dir".
+    """
+    if not data.get("dir"):
+        return
+    directory = Path(data["dir"])
     pid = data.pop("infra_pid", None)
+    recorded = directory / "infra.pid"
+    if not pid and recorded.exists():
+        pid = recorded.read_text().strip()
     if pid:
         _kill_infra(int(pid))
-    directory = Path(data.get("dir", ""))
-    for name in ("ipc", "uts"):
-        pinned = directory / name
-        if pinned.exists() and is_mounted(str(pinned)):
-            run("umount", str(pinned))
-    if data.get("shm"):
-        unmount(data["shm"])
+    for name in ("ipc", "uts", "shm"):
+        unmount(str(directory / name))
 
 
 def _kill_infra(pid: int) -> None:
