@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import logging
 import os
 import secrets
 import subprocess
@@ -23,9 +22,10 @@ import pytest
 
 from shimhub import plugins
 from shimhub.config import converter
-from shimhub.hooktypes import PluginContext, PodNetwork
+from shimhub.hooktypes import PodNetwork
 from shimhub.plugins import LoadedPlugin
 from shimhub.records import SandboxRecord, proto_to_dict
+from shimhub.testing.context import scratch_context
 from shimhub.testing.daemon import pod_config
 
 #: Set up a pod on a backend: `(backend, name)` -> (the pod's record, its network).
@@ -71,14 +71,7 @@ class NetworkConformance:
 
         def make() -> LoadedPlugin:
             loaded = plugins.load("network", self.backend)
-            context = PluginContext(
-                name=self.backend,
-                state_dir=tmp_path / "state",
-                run_dir=tmp_path / "run",
-                log=logging.getLogger(f"shimhub.testing.{self.backend}"),
-                cgroup_driver="cgroupfs",
-                extensions=None,
-            )
+            context = scratch_context(self.backend, tmp_path)
             readiness = loaded.call("network_setup", options=options, context=context)
             if not readiness.ready:
                 pytest.skip(f"network_setup: {self.backend} is not ready on this node: {readiness.reason}")

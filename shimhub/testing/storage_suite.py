@@ -9,7 +9,6 @@ with its reason.
 from __future__ import annotations
 
 import io
-import logging
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,9 +16,9 @@ from typing import Any, ClassVar
 import pytest
 
 from shimhub import plugins
-from shimhub.hooktypes import PluginContext
 from shimhub.plugins import LoadedPlugin
 from shimhub.storage.common import is_mounted
+from shimhub.testing.context import scratch_context
 from shimhub.testing.layers import tar
 
 #: A base layer with every kind of entry an image may hold (device nodes it may not: unpacking refuses them).
@@ -66,14 +65,7 @@ class StorageConformance:
         root = self.root(request, tmp_path)
         root.mkdir(parents=True)
         loaded = plugins.load("storage", self.driver)
-        context = PluginContext(
-            name=self.driver,
-            state_dir=tmp_path / "state",
-            run_dir=tmp_path / "run",
-            log=logging.getLogger(f"shimhub.testing.{self.driver}"),
-            cgroup_driver="cgroupfs",
-            extensions=None,
-        )
+        context = scratch_context(self.driver, tmp_path)
         readiness = loaded.call("storage_setup", root=str(root), options=dict(self.options), context=context)
         if not readiness.ready:
             pytest.skip(f"storage_setup: {self.driver} is not ready on this node: {readiness.reason}")
