@@ -33,9 +33,18 @@ def ip(*args: str) -> str:
     return done.stdout
 
 
+#: Names of pod network namespaces start with this.
+POD_PREFIX = "shimhub-"
+
+
+def pod_name(sandbox_id: str) -> str:
+    """The name a network backend gives pod `sandbox_id`'s namespace (so teardown finds it without a record)."""
+    return f"{POD_PREFIX}{sandbox_id[:20]}"
+
+
 def pod_path(sandbox_id: str) -> str:
-    """Where a network backend pins pod `sandbox_id`'s namespace (so teardown finds it without a record)."""
-    return str(NETNS_DIR / f"shimhub-{sandbox_id[:20]}")
+    """Where pod `sandbox_id`'s namespace is pinned."""
+    return str(NETNS_DIR / pod_name(sandbox_id))
 
 
 def create(name: str) -> str:

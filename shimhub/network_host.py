@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from shimhub import netns
@@ -36,7 +35,7 @@ class HostNetwork:
 
     @hookimpl
     def network_pod_setup(self, sandbox: SandboxRecord, config: cri.PodSandboxConfig) -> PodNetwork:
-        return PodNetwork(netns_path=netns.create(Path(netns.pod_path(sandbox.id)).name))
+        return PodNetwork(netns_path=netns.create(netns.pod_name(sandbox.id)))
 
     @hookimpl
     def network_pod_teardown(self, sandbox: SandboxRecord, network: PodNetwork) -> None:

@@ -223,8 +223,6 @@ class RegistryFixture:
         return f'[images]\nsearch_registries = ["{host}"]\n[images.registries."{host}"]\ninsecure = true\n'
 
     def _layer_digests(self, repository: str, manifest_digest: str) -> list[str]:
-        import json
-
         hexd = manifest_digest[7:]
         blob = self.storage / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
         return [layer["digest"] for layer in json.loads(blob.read_bytes())["layers"]]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shimhub import netns
 from shimhub.testing.daemon import pod_config, wait_for
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT
@@ -141,13 +141,11 @@ def test_teardown_after_a_restart(daemon_factory, network) -> None:
     daemon = daemon_factory(network.daemon_config()).start()
     pod_id = run_pod(daemon.runtime, "survivor")
     assert len(network.allocations()) == 2
-    daemon.signal(signal.SIGKILL)
-    daemon.proc.wait(10)
-    daemon.channel = None
+    daemon.kill()
     daemon.start()
     daemon.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
     assert network.allocations() == []
-    assert not Path(f"/run/netns/shimhub-{pod_id[:20]}").exists()
+    assert not Path(netns.pod_path(pod_id)).exists()
     daemon.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))  # idempotent
 
 
@@ -161,7 +159,7 @@ def test_a_hundred_pods_leave_nothing_behind(daemon_factory, network) -> None:
         rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
     took = time.monotonic() - started
     assert network.allocations() == []
-    assert not [n for n in os.listdir("/run/netns") if any(n == f"shimhub-{p[:20]}" for p in pod_ids)]
+    assert not set(os.listdir(netns.NETNS_DIR)) & {netns.pod_name(p) for p in pod_ids}
     links = subprocess.run(
         ["ip", "-o", "link", "show", "master", network.bridge], capture_output=True, text=True, check=True
     ).stdout

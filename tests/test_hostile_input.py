@@ -113,14 +113,15 @@ class FuzzNode:
     def remove_new(self, before: tuple[Any, ...]) -> None:
         """Remove what an accepted case created (pods, containers, images)."""
         pods, containers, images = (dict(part) if i < 2 else part for i, part in enumerate(before))
+        now_pods, now_containers, now_images = self.snapshot()
         rt = self.daemon.runtime
-        for container_id, _ in self.snapshot()[1]:
+        for container_id, _ in now_containers:
             if container_id not in containers:
                 rt.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id))
-        for pod_id, _ in self.snapshot()[0]:
+        for pod_id, _ in now_pods:
             if pod_id not in pods:
                 rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
-        for image_id in self.snapshot()[2]:
+        for image_id in now_images:
             if image_id not in images:
                 self.daemon.images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=image_id)))
 
@@ -162,7 +163,7 @@ def values(node: FuzzNode, field: FieldDescriptor, depth: int) -> st.SearchStrat
         return st.sampled_from(INTS[field.type])
     if field.name == "image":
         return st.sampled_from(node.references())
-    if field.name.endswith("id") or field.name in ("container_id", "pod_sandbox_id"):
+    if field.name.endswith("id"):
         return st.sampled_from(node.ids())
     if field.name in PATH_FIELDS:
         return st.sampled_from(PATHS)

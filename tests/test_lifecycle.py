@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shimhub import netns
 from shimhub.testing.daemon import host_network, pod_config, wait_for
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT
@@ -43,10 +44,10 @@ def status_of(rt, container_id: str) -> cri.ContainerStatus:
 def test_pod_network_namespace_lives_until_stop(daemon, tmp_path: Path) -> None:
     rt = daemon.runtime
     pod_id, _ = make_pod(rt, tmp_path)
-    netns = Path("/run/netns") / f"shimhub-{pod_id[:20]}"
-    assert netns.exists()
+    pinned = Path(netns.pod_path(pod_id))
+    assert pinned.exists()
     rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
-    assert not netns.exists()
+    assert not pinned.exists()
     status = rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status
     assert status.state == cri.SANDBOX_NOTREADY
     rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))  # idempotent

@@ -164,18 +164,20 @@ class ImageManager:
                 self.provide_layers(record, self.default_driver, driver)  # a refused layer lists no image
             self.images.put(record)
         finally:
-            self._pin(pins, -1)
+            self._unpin(pins)
         log.info("pulled %s as %s", where, record.id)
         return record
 
-    def _pin(self, items: Counter[str], sign: int = 1) -> None:
-        """Keep garbage collection off the blobs and layers of a pull in progress (sign -1 lets go)."""
+    def _pin(self, items: Counter[str]) -> None:
+        """Keep garbage collection off the blobs and layers of a pull in progress."""
         with self._gc_lock:
-            if sign > 0:
-                self._pinned.update(items)
-            else:
-                self._pinned.subtract(items)
-                self._pinned = +self._pinned  # drops what no pull holds any more
+            self._pinned.update(items)
+
+    def _unpin(self, items: Counter[str]) -> None:
+        """Let go of what `_pin` held; what no pull holds any more is collectable again."""
+        with self._gc_lock:
+            self._pinned.subtract(items)
+            self._pinned = +self._pinned
 
     def _fetch(
         self, ref: reference.Reference, parsed: manifest.Manifest, creds: Credentials | None, where: str

@@ -18,11 +18,11 @@ from pathlib import Path
 import psutil
 from attrs import define, field
 
-NETNS_DIR = Path("/run/netns")
+from shimhub import netns
 
 
 def _netns_names() -> set[str]:
-    return set(os.listdir(NETNS_DIR)) if NETNS_DIR.is_dir() else set()
+    return set(os.listdir(netns.NETNS_DIR)) if netns.NETNS_DIR.is_dir() else set()
 
 
 def _namespace(pid: int, kind: str) -> int | None:
@@ -97,16 +97,17 @@ def leftovers(
     root: Path, sandbox_ids: set[str], container_ids: set[str], before: NodeSnapshot | None = None
 ) -> dict[str, list[str]]:
     """Everything still on the node from a daemon rooted at `root` whose objects had these ids."""
-    netns = _netns_names()
+    names = _netns_names()
     found = {
         "mounts": _mounts_under(root),
         "processes": _processes_mentioning(root),
         "cgroups": _cgroups(container_ids),
-        "netns": sorted(n for n in netns if any(n == f"shimhub-{i[:20]}" for i in sandbox_ids)),
+        "netns": sorted(names & {netns.pod_name(i) for i in sandbox_ids}),
         "records": [str(p) for p in (root / "state").glob("*/*.json") if p.parent.name in ("sandboxes", "containers")],
         "temporary files": _temporary_files(root),
     }
     if before is not None:
-        found["netns"] = sorted(set(found["netns"]) | {n for n in netns - before.netns if n.startswith("shimhub-")})
+        made = {n for n in names - before.netns if n.startswith(netns.POD_PREFIX)}
+        found["netns"] = sorted(set(found["netns"]) | made)
         found["stray processes"] = _stray_processes(before)
     return {kind: items for kind, items in found.items() if items}

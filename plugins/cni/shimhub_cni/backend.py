@@ -161,7 +161,7 @@ class CniNetwork:
         network, problem = self.configs.network()
         if network is None:
             raise FailedPrecondition(f"pod network is not ready: {problem}")
-        path = netns.create(Path(netns.pod_path(sandbox.id)).name)
+        path = netns.create(netns.pod_name(sandbox.id))
         args = self._args(sandbox, config)
         capabilities = capability_values(config)
         cached = {
