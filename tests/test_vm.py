@@ -81,6 +81,15 @@ def test_vm_pod_runs_a_container_in_its_own_kernel(node, network, tmp_path: Path
     ping = exec_sync(pod, main, ["ping", "-c", "1", "-W", "5", f"10.231.{network.octet}.1"])
     assert ping.exit_code == 0, ping.stdout + ping.stderr
 
+    # The guest booted from an RTC with whole seconds; shimhub sets its clock, so times reported from inside
+    # the VM (a container's start and finish) compare with the node's.
+    asked = time.time()
+    # A file's change time in the guest's tmpfs is the guest's wall clock (%Y: seconds, %y: with the fraction).
+    stamp = exec_sync(pod, main, ["sh", "-c", "touch /dev/shm/now && stat -c '%Y %y' /dev/shm/now"])
+    seconds, _, time_of_day, _ = stamp.stdout.decode().split()
+    guest_time = int(seconds) + float("0." + time_of_day.partition(".")[2])
+    assert asked - 0.05 <= guest_time <= time.time(), f"guest clock off by {guest_time - asked:+.3f} s"
+
     stats = pod.rt.ContainerStats(cri.ContainerStatsRequest(container_id=main)).stats
     assert stats.memory.working_set_bytes.value > 0
     assert stats.cpu.usage_core_nano_seconds.value > 0

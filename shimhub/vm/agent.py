@@ -112,6 +112,12 @@ class Agent:
     def call_ping(self) -> dict[str, Any]:
         return {"kernel": os.uname().release, "pid": os.getpid()}
 
+    def call_clock(self, step_ns: int = 0) -> dict[str, Any]:
+        """The guest's wall clock, after stepping it by `step_ns` (the RTC it booted from has whole seconds)."""
+        if step_ns:
+            time.clock_settime_ns(time.CLOCK_REALTIME, time.time_ns() + step_ns)
+        return {"now_ns": time.time_ns()}
+
     def call_setup_pod(
         self, hostname: str, interfaces: list[dict[str, Any]], routes: list[dict[str, str]], share: bool
     ) -> dict[str, Any]:
