@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -72,6 +75,38 @@ def _number(path: Path) -> int | None:
 def _flat_keyed(path: Path) -> dict[str, int]:
     text = _read(path) or ""
     return {key: int(value) for key, value in (line.split()[:2] for line in text.splitlines() if line.strip())}
+
+
+def _directories(cgroups_path: str, root: Path) -> list[Path]:
+    """A cgroup's directories, in every hierarchy that has it (v2, or each v1 controller's)."""
+    relative = expand(cgroups_path)
+    return [d for d in [root / relative, *root.glob(f"*/{relative}")] if (d / "cgroup.procs").exists()]
+
+
+def processes(cgroups_path: str, root: Path = ROOT) -> set[int]:
+    """The pids in a cgroup."""
+    found: set[int] = set()
+    for directory in _directories(cgroups_path, root):
+        found.update(int(pid) for pid in (_read(directory / "cgroup.procs") or "").split())
+    return found
+
+
+def destroy(cgroups_path: str, timeout: float, root: Path = ROOT) -> int:
+    """SIGKILL every process in a cgroup, wait (at most `timeout` seconds) until none is left and remove the
+    cgroup; return how many processes there were (0: the cgroup was empty or gone)."""
+    found = processes(cgroups_path, root)
+    deadline = time.monotonic() + timeout
+    left = found
+    while left and time.monotonic() < deadline:
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
+        left = processes(cgroups_path, root)
+    for directory in _directories(cgroups_path, root):
+        with contextlib.suppress(OSError):  # still busy, or it has child cgroups: left for its owner to report
+            directory.rmdir()
+    return len(found)
 
 
 def usage(cgroups_path: str, root: Path = ROOT) -> ContainerUsage:

@@ -8,9 +8,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from shimhub import cgroups
+from shimhub.testing.daemon import wait_for
+from shimhub.testing.leaks import exited
 from tests.conftest import NEEDS_ROOT
 
 pytestmark = NEEDS_ROOT
@@ -95,3 +98,27 @@ def test_usage_from_real_cgroup_v1_controllers() -> None:
     assert usage.memory_limit_bytes is None  # no limit set
     assert not any(d.exists() for d in directories)
     assert os.path.basename(cgroups.expand(f"/{name}")) == name
+
+
+def test_destroy_kills_every_process_and_removes_the_cgroup() -> None:
+    name = f"shimhub-test-{secrets.token_hex(4)}"
+    directory = cgroups.ROOT / name if cgroups.mode() == "unified" else cgroups.ROOT / "pids" / name
+    directory.mkdir()
+    parent = subprocess.Popen(["sh", "-c", "read go; sleep 300 & sleep 300 & wait"], stdin=subprocess.PIPE)
+    try:
+        (directory / "cgroup.procs").write_text(str(parent.pid))
+        assert parent.stdin is not None
+        parent.stdin.write(b"go\n")
+        parent.stdin.flush()  # the children start inside the cgroup
+        members = wait_for(lambda: len(found := cgroups.processes(f"/{name}")) == 3 and found, timeout=10)
+        children = [psutil.Process(pid) for pid in members - {parent.pid}]
+        assert cgroups.destroy(f"/{name}", timeout=5) == 3
+        assert parent.wait(5) == -9
+        assert all(exited(child) for child in children)
+        assert not directory.exists()
+        assert cgroups.destroy(f"/{name}", timeout=5) == 0, "a cgroup that is gone has nothing to kill"
+    finally:
+        parent.kill()
+        parent.wait(5)
+        if directory.exists():
+            directory.rmdir()

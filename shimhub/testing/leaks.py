@@ -79,6 +79,14 @@ def _stray_processes(before: NodeSnapshot) -> list[str]:
     return found
 
 
+def exited(process: psutil.Process) -> bool:
+    """Whether `process` has exited (a zombie has: only its parent has yet to collect it)."""
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def _cgroups(ids: set[str]) -> list[str]:
     found = []
     for controller in Path("/sys/fs/cgroup").glob("*/shimhub"):

@@ -36,7 +36,7 @@ from typing import Any
 
 from google.protobuf.any_pb2 import Any as AnyMessage
 
-from shimhub import fifos, netns, plugin_options, ttrpc
+from shimhub import cgroups, fifos, netns, plugin_options, ttrpc
 from shimhub.errors import DeadlineExceeded, FailedPrecondition, NotFound, PluginFailed, ShimhubError, Unavailable
 from shimhub.hookspecs import hookimpl
 from shimhub.hooktypes import (
@@ -254,11 +254,26 @@ class ShimV2Runtime:
             if not bundle.exists():
                 return None
             self.log.warning("the shim of task %s is gone: cleaning up with %s delete", task_id[:12], self.binary.path)
-            try:
-                return self.binary.delete(task_id, bundle, self.options["call_timeout"])
-            except PluginFailed as exc:  # removal goes on: what is left is unmounted and removed below
-                self.log.warning("task %s: %s", task_id[:12], exc)
-                return None
+            return self._clean_up_after_shim(task_id)
+
+    def _clean_up_after_shim(self, task_id: str) -> task.DeleteResponse | None:
+        """Kill what is left of task `task_id` whose shim is gone; the shim's answer, or None if it failed.
+
+        The shim binary's `delete` runs `runc delete --force` but succeeds even when runc failed (e.g. its state
+        is gone), so whatever is still in the task's cgroup is killed and the cgroup removed afterwards. Removal
+        goes on after a failure: the bundle is unmounted and removed later."""
+        assert self.binary is not None
+        bundle = self._bundle(task_id)
+        deleted = None
+        try:
+            deleted = self.binary.delete(task_id, bundle, self.options["call_timeout"])
+        except PluginFailed as exc:
+            self.log.warning("task %s: cleanup after its shim failed: %s", task_id[:12], exc)
+        cgroup = json.loads((bundle / "config.json").read_text())["linux"]["cgroupsPath"]
+        survivors = cgroups.destroy(cgroup, KILL_WAIT)
+        if survivors:
+            self.log.warning("task %s: %d process(es) outlived its shim's cleanup: killed", task_id[:12], survivors)
+        return deleted
 
     def _remove_bundle(self, task_id: str) -> None:
         """Remove a task's bundle, unmounting its root filesystem first if a dead shim left it mounted."""
@@ -446,20 +461,14 @@ class ShimV2Runtime:
         address = data["shim"]
         self._forget(address)
         _remove_dead_socket(address)
-        code = 128 + signal.SIGKILL
-        assert self.binary is not None
-        try:
-            deleted = self.binary.delete(container.id, self._bundle(container.id), self.options["call_timeout"])
-            code = deleted.exit_status or code
-        except PluginFailed as exc:
-            self.log.warning("container %s: cleanup after its shim failed: %s", container.id[:12], exc)
-        data["shim_lost"] = {
-            "exit_code": code,
+        deleted = self._clean_up_after_shim(container.id)
+        data["shim_lost"] = lost = {
+            "exit_code": (deleted and deleted.exit_status) or 128 + signal.SIGKILL,
             "finished_at": time.time_ns(),
             "message": f"the container's shim exited unexpectedly ({reason}); the container was killed",
         }
-        self.log.warning("container %s: %s", container.id[:12], data["shim_lost"]["message"])
-        return self._exited(container, code, data["shim_lost"]["finished_at"], data["shim_lost"]["message"])
+        self.log.warning("container %s: %s", container.id[:12], lost["message"])
+        return self._exited(container, lost["exit_code"], lost["finished_at"], lost["message"])
 
     def _kill(self, task_id: str, address: str, signals: list[tuple[str, float]]) -> bool:
         """Send each signal in turn until the task exits; True once it has (or is gone)."""
