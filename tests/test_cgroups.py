@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
@@ -105,6 +106,7 @@ def test_destroy_kills_every_process_and_removes_the_cgroup() -> None:
     directory = cgroups.ROOT / name if cgroups.mode() == "unified" else cgroups.ROOT / "pids" / name
     directory.mkdir()
     parent = subprocess.Popen(["sh", "-c", "read go; sleep 300 & sleep 300 & wait"], stdin=subprocess.PIPE)
+    family = psutil.Process(parent.pid)
     try:
         (directory / "cgroup.procs").write_text(str(parent.pid))
         assert parent.stdin is not None
@@ -118,6 +120,9 @@ def test_destroy_kills_every_process_and_removes_the_cgroup() -> None:
         assert not directory.exists()
         assert cgroups.destroy(f"/{name}", timeout=5) == 0, "a cgroup that is gone has nothing to kill"
     finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in family.children():
+                child.kill()
         parent.kill()
         parent.wait(5)
         if directory.exists():

@@ -462,8 +462,9 @@ class ShimV2Runtime:
         self._forget(address)
         _remove_dead_socket(address)
         deleted = self._clean_up_after_shim(container.id)
+        code = deleted.exit_status if deleted is not None else 0
         data["shim_lost"] = lost = {
-            "exit_code": (deleted and deleted.exit_status) or 128 + signal.SIGKILL,
+            "exit_code": code or 128 + signal.SIGKILL,
             "finished_at": time.time_ns(),
             "message": f"the container's shim exited unexpectedly ({reason}); the container was killed",
         }
