@@ -219,8 +219,7 @@ class RegistryFixture:
 
     def config(self) -> str:
         """The `[images]` tables that pull short names from the open registry over plain HTTP."""
-        host = self.open.host
-        return f'[images]\nsearch_registries = ["{host}"]\n[images.registries."{host}"]\ninsecure = true\n'
+        return self.open.images_config()
 
     def _layer_digests(self, repository: str, manifest_digest: str) -> list[str]:
         hexd = manifest_digest[7:]
@@ -241,6 +240,16 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryFixtu
     fixture = RegistryFixture(tmp_path_factory.mktemp("registry"))
     yield fixture
     fixture.stop()
+
+
+def assert_image_store_empty(daemon: Daemon, driver: str) -> None:
+    """No blob, no layer mark (nor marker of one being applied), no layer or scratch directory of `driver`."""
+    state = daemon.root / "state" / "images"
+    assert list((state / "content").rglob("sha256/*")) == [], "a blob is left"
+    assert [p for p in (state / "layers").rglob("*") if p.is_file()] == [], "a layer mark or marker is left"
+    storage = daemon.root / "storage" / driver
+    assert list((storage / "layers").iterdir()) == [], "a layer is left"
+    assert list((storage / "tmp").iterdir()) == [], "a half-unpacked layer is left"
 
 
 def image_config(registry: RegistryFixture, driver: str = "vfs", extra: str = "") -> str:

@@ -33,7 +33,7 @@ from shimhub.testing.daemon import Daemon, pod_config
 from shimhub.testing.layers import tar
 from shimhub.testing.registry import Pusher
 from shimhub_proto.cri.v1 import api_pb2 as cri
-from tests.conftest import NEEDS_ROOT, image_config
+from tests.conftest import NEEDS_ROOT, assert_image_store_empty, image_config
 
 pytestmark = NEEDS_ROOT
 
@@ -339,14 +339,6 @@ def hostile_node(daemon_factory, registry, driver: str) -> Daemon:
     return daemon_factory(config).start()
 
 
-def store_is_empty(daemon: Daemon, driver: str) -> None:
-    state = daemon.root / "state" / "images"
-    assert list((state / "content" / "blobs" / "sha256").iterdir()) == [], "no blob of the refused image"
-    assert [p for p in (state / "layers").rglob("*") if p.is_file()] == [], "no layer of it"
-    storage = daemon.root / "storage" / driver
-    assert list((storage / "layers").iterdir()) == [] and list((storage / "tmp").iterdir()) == []
-
-
 @pytest.mark.parametrize("driver", ["vfs", "overlay"])
 @pytest.mark.parametrize(
     "name",
@@ -369,7 +361,7 @@ def test_hostile_image_is_refused_and_leaves_nothing(daemon_factory, registry, h
     assert refused.value.code() == code, refused.value.details()
     assert words in refused.value.details()
     assert daemon.images.ListImages(cri.ListImagesRequest()).images == []
-    store_is_empty(daemon, driver)
+    assert_image_store_empty(daemon, driver)
     assert not Path("/escaped").exists()
 
 
@@ -384,7 +376,7 @@ def test_symlinks_in_an_image_lead_only_inside_it(daemon_factory, registry, host
     assert set(planted) == {"planted", "planted-too"}, "the writes landed inside the image"
     assert all(layers in p.parents for p in planted.values())
     daemon.images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=image_id)))
-    store_is_empty(daemon, driver)
+    assert_image_store_empty(daemon, driver)
 
 
 # -- access ---------------------------------------------------------------------------------------

@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from shimhub import netns
 from shimhub.testing.daemon import host_network, pod_config, wait_for
+from shimhub.testing.leaks import exited
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT
 
@@ -189,11 +191,10 @@ def test_removing_a_pod_removes_its_containers_and_processes(daemon, tmp_path: P
     info = rt.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id, verbose=True)).info["info"]
     pid = json.loads(info)["runtime_data"]["pid"]
     os.kill(pid, 0)
+    process = psutil.Process(pid)
     rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
     assert rt.ListContainers(cri.ListContainersRequest()).containers == []
-    wait_for(
-        lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
-    )
+    wait_for(lambda: exited(process))
 
 
 def test_plugin_failure_reaches_the_client_without_a_traceback(daemon, tmp_path: Path) -> None:

@@ -19,11 +19,12 @@ import grpc
 import psutil
 import pytest
 
+from shimhub import netns
 from shimhub.testing.daemon import Daemon, Pod, pod_config, wait_for
 from shimhub.testing.leaks import leftovers
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from shimhub_proto.cri.v1 import api_pb2_grpc
-from tests.conftest import NEEDS_ROOT, Network
+from tests.conftest import NEEDS_ROOT, Network, assert_image_store_empty
 
 pytestmark = [
     NEEDS_ROOT,
@@ -175,7 +176,7 @@ def traces(ids: set[str]) -> list[str]:
         command = " ".join(process.info["cmdline"] or [])
         if process.info["status"] != psutil.STATUS_ZOMBIE and any(n in command for n in names):
             found.append(command)
-    for place in [*Path("/sys/fs/cgroup").glob("*/shimhub/*"), *Path("/run/netns").glob("*")]:
+    for place in [*Path("/sys/fs/cgroup").glob("*/shimhub/*"), *netns.NETNS_DIR.glob("*")]:
         if any(n in place.name for n in names):
             found.append(str(place))
     return found
@@ -252,10 +253,7 @@ def test_a_crash_inside_an_rpc_is_rolled_back_or_finished(
         )
     elif rpc == "pull":
         assert [i.repo_tags for i in images.ListImages(cri.ListImagesRequest()).images] == [], "no half-pulled image"
-        state = daemon.root / "state" / "images"
-        assert list((state / "content").rglob("sha256/*")) == [], "no blob of the interrupted pull"
-        assert [p for p in (state / "layers").rglob("*") if p.is_file()] == [], "no layer mark or marker"
-        assert list((daemon.root / "storage" / "overlay" / "layers").iterdir()) == []
+        assert_image_store_empty(daemon, "overlay")
         pulled = images.PullImage(pull, timeout=120).image_ref
         assert images.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image=OTHER_IMAGE))).image.id == pulled
     else:

@@ -30,9 +30,7 @@ def shim_config(registry, handler: str = "") -> str:
     return (
         f'default_runtime = "shim"\n[runtimes.shim]\nplugin = "shimv2"\n{handler}'
         f'[runtimes.shim.options]\nshim = "{SHIM}"\n'
-        f'[network]\nbackend = "host"\n[storage]\ndriver = "overlay"\n'
-        f'[images]\nsearch_registries = ["{registry.open.host}"]\n'
-        f'[images.registries."{registry.open.host}"]\ninsecure = true\n'
+        f'[network]\nbackend = "host"\n[storage]\ndriver = "overlay"\n{registry.config()}'
     )
 
 

@@ -52,7 +52,7 @@ class KitRegistry:
 
     def config(self) -> str:
         """The `[images]` tables that make a daemon pull short names from this registry over plain HTTP."""
-        return f'[images]\nsearch_registries = ["{self.host}"]\n[images.registries."{self.host}"]\ninsecure = true\n'
+        return self.registry.images_config()
 
     def stop(self) -> None:
         self.registry.stop()

@@ -33,9 +33,14 @@ def _namespace(pid: int, kind: str) -> int | None:
         return None
 
 
+def _namespaces_of(pid: int) -> set[int]:
+    """The inodes of process `pid`'s network and PID namespaces (empty if it is gone)."""
+    return {ns for kind in ("net", "pid") if (ns := _namespace(pid, kind)) is not None}
+
+
 def _namespaces_in_use() -> set[int]:
     """Network and PID namespaces that some process is in."""
-    return {ns for pid in psutil.pids() for kind in ("net", "pid") if (ns := _namespace(pid, kind)) is not None}
+    return {ns for pid in psutil.pids() for ns in _namespaces_of(pid)}
 
 
 @define
@@ -72,8 +77,7 @@ def _stray_processes(before: NodeSnapshot) -> list[str]:
         info = process.info
         if info["pid"] in ours or info["create_time"] < before.taken_at or info["status"] == psutil.STATUS_ZOMBIE:
             continue
-        namespaces = {_namespace(info["pid"], kind) for kind in ("net", "pid")} - {None}
-        if namespaces <= before.namespaces:
+        if _namespaces_of(info["pid"]) <= before.namespaces:
             continue
         found.append(f"{info['pid']}: {' '.join(info['cmdline'] or [])[:120]}")
     return found

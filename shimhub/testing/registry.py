@@ -65,6 +65,10 @@ class Registry:
                 time.sleep(0.05)
         raise RuntimeError(f"docker-registry did not start on {self.host}")
 
+    def images_config(self) -> str:
+        """The `[images]` tables that make a daemon pull short names from this registry over plain HTTP."""
+        return f'[images]\nsearch_registries = ["{self.host}"]\n[images.registries."{self.host}"]\ninsecure = true\n'
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
