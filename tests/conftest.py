@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -76,6 +77,14 @@ def daemon_factory(shimhub_daemon_factory: DaemonFactory, plugin_python: str) ->
     return ProcDaemonFactory(shimhub_daemon_factory, plugin_python)
 
 
+def _unrouted_octet() -> int:
+    """A random N in 100..249 whose 10.231.N.0/24 the node has no route to: a bridge that an aborted run left
+    with the same subnet would take the replies to this test's pods."""
+    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=True).stdout
+    routed = {int(octet) for octet in re.findall(r"^10\.231\.(\d+)\.", routes, re.MULTILINE)}
+    return secrets.choice([octet for octet in range(100, 250) if octet not in routed])
+
+
 class Network:
     """A CNI config directory for one test: its own bridge, subnets and IPAM directory."""
 
@@ -84,7 +93,7 @@ class Network:
         self.conf_dir.mkdir(parents=True)
         self.ipam = root / "ipam"
         self.bridge = f"sht{secrets.token_hex(4)}"
-        self.octet = 100 + secrets.randbelow(150)
+        self.octet = _unrouted_octet()
         self.subnet = f"10.231.{self.octet}.0/24"
 
     def conflist(self, name: str = "10-test.conflist", plugins: list | None = None, **overrides: object) -> Path:
@@ -136,8 +145,10 @@ def network(daemon_factory: ProcDaemonFactory, tmp_path: Path) -> Iterator[Netwo
     """A CNI network (no conflist written yet); at the end the test's pods are removed and no IP may stay allocated."""
     net = Network(tmp_path)
     yield net
-    assert not daemon_factory.remove_everything()
-    net.cleanup()
+    try:
+        assert not daemon_factory.remove_everything()
+    finally:
+        net.cleanup()  # the bridge goes even when pods were left: the next test must not meet its subnet
     assert net.allocations() == [], "pod removal left IP allocations"
 
 
