@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 from typing import TYPE_CHECKING
 
+from shimhub import resources
 from shimhub.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from shimhub.faults import crash_point
 from shimhub.hooktypes import ContainerState, ContainerStatus, ExecResult, StreamedProcess
@@ -97,6 +99,11 @@ class ContainerManager:
         image = daemon.images.images.find(config.image.image) if config.image.image else None
         if config.image.image and image is None:
             raise NotFound(f"image {config.image.image!r} is not present on the node; pull it first")
+        names = (
+            daemon.images.images.names(image, config.image.user_specified_image, config.image.image)
+            if image
+            else ("", "")
+        )
         record = ContainerRecord(
             id=new_id(),
             sandbox_id=sandbox.id,
@@ -106,12 +113,15 @@ class ContainerManager:
             log_path=log_path,
             request_digest=digest,
             image_ref=image.id if image else "",
+            image_name=names[0],
+            image_repo_digest=names[1],
             pending=PENDING_CREATE,
         )
         plugin_config = cri.ContainerConfig()
         plugin_config.CopyFrom(config)
         plugin_config.annotations.clear()
         plugin_config.annotations.update(handler.allowed_annotations(config.annotations))
+        resources.fit(plugin_config.linux.resources)
         with daemon.locks.hold(sandbox.id), daemon.locks.hold(record.id):
             if sandbox.state != SANDBOX_READY:
                 raise FailedPrecondition(f"pod sandbox {sandbox.id} stopped while the container was being created")
@@ -163,6 +173,9 @@ class ContainerManager:
             self._remove_rootfs(record)
         except Exception:
             log.exception("cleanup of failed container %s: root filesystem removal failed", record.id[:12])
+        if record.log_path:  # the kubelet counts attempts from the log files it finds
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(record.log_path)
         self.daemon.store.delete_container(record.id)
 
     def _remove_rootfs(self, record: ContainerRecord) -> None:
@@ -302,14 +315,17 @@ class ContainerManager:
             stderr=result.stderr[:EXEC_OUTPUT_LIMIT],
         )
 
-    def update_resources(self, container_id: str, resources: cri.LinuxContainerResources) -> None:
+    def update_resources(self, container_id: str, limits: cri.LinuxContainerResources) -> None:
         """Apply new resource limits and remember them for ContainerStatus."""
         record = self.daemon.store.container(container_id)
         sandbox = self._sandbox_of(record)
         with self.daemon.locks.hold(record.id):
             plugin = self.daemon.handlers.get(sandbox.handler).require()
-            plugin.call("runtime_container_update", sandbox=sandbox, container=record, resources=resources)
-            record.set_resources(resources)
+            enforced = cri.LinuxContainerResources()
+            enforced.CopyFrom(limits)
+            resources.fit(enforced)
+            plugin.call("runtime_container_update", sandbox=sandbox, container=record, resources=enforced)
+            record.set_resources(limits)
             self.daemon.store.save_container(record)
 
     def reopen_log(self, container_id: str) -> None:

@@ -14,6 +14,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
+from shimhub import resources
 from shimhub.errors import FailedPrecondition, InvalidArgument
 from shimhub.faults import crash_point
 from shimhub.hooktypes import PodNetwork
@@ -87,6 +88,7 @@ class PodManager:
         plugin_config.CopyFrom(config)
         plugin_config.annotations.clear()
         plugin_config.annotations.update(handler.allowed_annotations(config.annotations))
+        resources.fit(plugin_config.linux.resources)
         with daemon.locks.hold(record.id):
             daemon.store.save_sandbox(record)
             crash_point("run_pod:saved")
@@ -175,12 +177,15 @@ class PodManager:
         log.info("pod sandbox %s (%s) removed", record.id[:12], record.name)
         self.daemon.emit("sandbox_removed", record)
 
-    def update_resources(self, sandbox_id: str, resources: cri.LinuxContainerResources) -> None:
-        """Hand new pod-level resources to the runtime."""
+    def update_resources(self, sandbox_id: str, limits: cri.LinuxContainerResources) -> None:
+        """Hand new pod-level resources, those the node can enforce, to the runtime."""
         record = self.daemon.store.sandbox(sandbox_id)
+        enforced = cri.LinuxContainerResources()
+        enforced.CopyFrom(limits)
+        resources.fit(enforced)
         with self.daemon.locks.hold(record.id):
             plugin = self.daemon.handlers.get(record.handler).require()
-            plugin.call("runtime_sandbox_update", sandbox=record, resources=resources)
+            plugin.call("runtime_sandbox_update", sandbox=record, resources=enforced)
 
     def port_forward_request(self, request: cri.PortForwardRequest) -> PortForwardRequest:
         """Check a PortForward and prepare the connections made when its streaming client connects."""

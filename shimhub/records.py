@@ -81,7 +81,12 @@ class ContainerRecord:
     #: Absolute path of the container's CRI log ("" when the kubelet asked for none).
     log_path: str = ""
     request_digest: str = ""
+    #: The image's id (config digest).
     image_ref: str = ""
+    #: The image's tag the container was created from, and a repository digest of it (for the CRI's
+    #: ContainerStatus.image and image_ref); empty for records written before they were kept.
+    image_name: str = ""
+    image_repo_digest: str = ""
     #: Mount point of the root filesystem ("" for a container without an image).
     rootfs: str = ""
     #: The storage driver holding the root filesystem.

@@ -10,7 +10,7 @@ from typing import Any
 from attrs import define, field
 
 from shimhub.config import converter
-from shimhub.errors import InvalidArgument
+from shimhub.errors import InvalidArgument, ShimhubError
 from shimhub.images import reference
 from shimhub.state import write_atomically
 
@@ -72,6 +72,26 @@ class ImageStore:
     def all(self, include_removed: bool = False) -> list[ImageRecord]:
         """Every image (and those kept for containers after removal, if asked)."""
         return [r for r in self._images.values() if include_removed or not r.removed]
+
+    def names(self, record: ImageRecord, *asked: str) -> tuple[str, str]:
+        """(image, image_ref) for a container's status, as containerd gives them.
+
+        image: the tag the container was asked for by (the first of `asked` that is one
+        of the image's tags), else its first tag; image_ref: a repository digest of the
+        same repository, else the first; the image id where there is neither.
+        """
+        tag = next((t for t in map(self._tagged, asked) if t and t in record.repo_tags), "")
+        tag = tag or (record.repo_tags[0] if record.repo_tags else record.id)
+        repository = tag.rpartition(":")[0] if tag in record.repo_tags else ""
+        digest = next((d for d in record.repo_digests if d.partition("@")[0] == repository), "")
+        return tag, digest or (record.repo_digests[0] if record.repo_digests else record.id)
+
+    def _tagged(self, name: str) -> str:
+        """`name` as a full registry/repository:tag; "" for ids, digests and what does not parse."""
+        try:
+            return reference.parse(name, self.search_registries).tagged() if name else ""
+        except ShimhubError:
+            return ""
 
     def find(self, name: str) -> ImageRecord | None:
         """The image `name` refers to: an id, a unique id prefix, a tag or a digest reference."""

@@ -107,6 +107,18 @@ def sandbox_status(record: SandboxRecord) -> cri.PodSandboxStatus:
     )
 
 
+def _image_spec(record: ContainerRecord, config: cri.ContainerConfig) -> cri.ImageSpec:
+    """The image a container runs, named by the tag it was created from (as containerd does)."""
+    if not record.image_name:
+        return config.image
+    return cri.ImageSpec(
+        image=record.image_name,
+        annotations=config.image.annotations,
+        user_specified_image=config.image.user_specified_image,
+        runtime_handler=config.image.runtime_handler,
+    )
+
+
 def container_summary(record: ContainerRecord, state: ContainerState) -> cri.Container:
     """The Container list entry of a container."""
     config = record.container_config()
@@ -114,8 +126,8 @@ def container_summary(record: ContainerRecord, state: ContainerState) -> cri.Con
         id=record.id,
         pod_sandbox_id=record.sandbox_id,
         metadata=config.metadata,
-        image=config.image,
-        image_ref=record.image_ref,
+        image=_image_spec(record, config),
+        image_ref=record.image_repo_digest or record.image_ref,
         image_id=record.image_ref,
         state=_CONTAINER_STATES[state.status],
         created_at=record.created_at,
@@ -175,8 +187,8 @@ def container_status(record: ContainerRecord, state: ContainerState) -> cri.Cont
         started_at=state.started_at,
         finished_at=state.finished_at,
         exit_code=state.exit_code,
-        image=config.image,
-        image_ref=record.image_ref,
+        image=_image_spec(record, config),
+        image_ref=record.image_repo_digest or record.image_ref,
         image_id=record.image_ref,
         reason=state.reason,
         message=state.message,
@@ -312,13 +324,16 @@ class RuntimeService:
     ) -> cri.PodSandboxStatusResponse:
         record = self.daemon.store.sandbox(request.pod_sandbox_id)
         statuses = [
-            container_status(*self.daemon.containers.state(container.id))
-            for container in self.daemon.store.containers(record.id)
+            container_status(*self.daemon.containers.state(container.id)) for container in self._newest_first(record.id)
         ]
         info = {"info": _json(record)} if request.verbose else {}
         return cri.PodSandboxStatusResponse(
             status=sandbox_status(record), containers_statuses=statuses, info=info, timestamp=time.time_ns()
         )
+
+    def _newest_first(self, sandbox_id: str) -> list[ContainerRecord]:
+        """A pod's containers, the newest first: the kubelet takes the first status with a container's name."""
+        return sorted(self.daemon.store.containers(sandbox_id), key=lambda record: record.created_at, reverse=True)
 
     def _sandboxes(self, query: cri.PodSandboxFilter) -> list[SandboxRecord]:
         return [
@@ -518,11 +533,9 @@ class RuntimeService:
             return
         statuses = [
             container_status(record, record.state)
-            for record in self.daemon.store.containers(sandbox.id)
-            if record.id != container.id
+            for record in self._newest_first(sandbox.id)
+            if record.id != container.id or kind != cri.CONTAINER_DELETED_EVENT
         ]
-        if kind != cri.CONTAINER_DELETED_EVENT:
-            statuses.append(container_status(container, container.state))
         self.events.publish(
             cri.ContainerEventResponse(
                 container_id=container.id,

@@ -165,8 +165,11 @@ def capabilities(security: cri.LinuxContainerSecurityContext) -> list[str]:
         normalise(security.capabilities.add_capabilities),
         normalise(security.capabilities.drop_capabilities),
     )
-    current = set(held_capabilities()) if "ALL" in added else set(DEFAULT_CAPABILITIES) | (added - {"ALL"})
-    current = set() if "ALL" in dropped else current - dropped
+    # "ALL" first, so that single names still count: drop ALL + add NET_BIND_SERVICE keeps that one.
+    current = set(held_capabilities()) if "ALL" in added else set(DEFAULT_CAPABILITIES)
+    if "ALL" in dropped:
+        current = set()
+    current = (current | (added - {"ALL"})) - dropped
     unknown = sorted(current - set(ALL_CAPABILITIES))
     if unknown:
         raise InvalidArgument(f"unknown capabilities: {', '.join(unknown)}")
