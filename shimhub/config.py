@@ -130,6 +130,8 @@ class Config:
     #: host:port of the HTTP endpoint serving Prometheus metrics and inspect data ("" = off).
     metrics_address: str = ""
     streaming: StreamingConfig = field(factory=StreamingConfig)
+    #: Give containers that set no seccomp profile the runtime default one (the CRI says unconfined).
+    seccomp_use_default_when_empty: bool = False
 
 
 def _strict_converter() -> cattrs.Converter:

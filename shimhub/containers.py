@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from shimhub import resources
 from shimhub.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from shimhub.faults import crash_point
-from shimhub.hooktypes import ContainerState, ContainerStatus, ExecResult, StreamedProcess
+from shimhub.hooktypes import STDERR, STDOUT, ContainerState, ContainerStatus, ExecResult, StreamedProcess
 from shimhub.pods import new_id
 from shimhub.records import (
     PENDING_CREATE,
@@ -23,6 +23,7 @@ from shimhub.records import (
     proto_to_dict,
 )
 from shimhub.streaming.requests import CommandRequest
+from shimhub.validation import check_identity
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
 if TYPE_CHECKING:
@@ -31,8 +32,43 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Most output ExecSync returns per stream; the rest is dropped (as the CRI asks).
-EXEC_OUTPUT_LIMIT = 16 * 1024 * 1024
+#: Most output ExecSync returns per stream; the rest is dropped (as the CRI asks). Both streams together
+#: stay under the 16 MiB message limit of the kubelet's CRI client.
+EXEC_OUTPUT_LIMIT = 8 * 1024 * 1024 - 64 * 1024
+
+
+def collect(process: StreamedProcess, timeout: float | None, limit: int) -> ExecResult:
+    """Read an exec'd process's output until it ends, keeping at most `limit` bytes a stream; its exit code.
+
+    Past `timeout` seconds the process is closed (killed, and gone when close returns) and the result
+    says it timed out.
+    """
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        process.close()
+
+    timer = threading.Timer(timeout, expire) if timeout is not None else None
+    kept = {STDOUT: bytearray(), STDERR: bytearray()}
+    try:
+        if timer is not None:
+            timer.start()
+        while True:
+            stream, data = process.read_output()
+            if not data:
+                break
+            room = limit - len(kept[stream])
+            if room > 0:
+                kept[stream] += data[:room]
+        code = process.wait()
+    finally:
+        if timer is not None:
+            timer.cancel()
+        process.close()
+    if expired.is_set():
+        return ExecResult(exit_code=-1, timed_out=True)
+    return ExecResult(exit_code=code or 0, stdout=bytes(kept[STDOUT]), stderr=bytes(kept[STDERR]))
 
 
 def _hex(digest: str) -> str:
@@ -77,6 +113,7 @@ class ContainerManager:
             raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
         if not config.metadata.name:
             raise InvalidArgument("container metadata.name is empty")
+        check_identity(config.linux.security_context, "container")
         pod_config = sandbox.pod_config()
         log_path = resolve_log_path(pod_config.log_directory, config.log_path)
         name = container_name(config.metadata, pod_config.metadata)
@@ -122,6 +159,12 @@ class ContainerManager:
         plugin_config.annotations.clear()
         plugin_config.annotations.update(handler.allowed_annotations(config.annotations))
         resources.fit(plugin_config.linux.resources)
+        security = plugin_config.linux.security_context
+        if not security.HasField("seccomp") and not security.seccomp_profile_path:
+            unconfined = not daemon.config.seccomp_use_default_when_empty
+            security.seccomp.profile_type = (
+                cri.SecurityProfile.Unconfined if unconfined else cri.SecurityProfile.RuntimeDefault
+            )
         with daemon.locks.hold(sandbox.id), daemon.locks.hold(record.id):
             if sandbox.state != SANDBOX_READY:
                 raise FailedPrecondition(f"pod sandbox {sandbox.id} stopped while the container was being created")
@@ -296,19 +339,21 @@ class ContainerManager:
         return sandbox, record, self.daemon.handlers.get(sandbox.handler).require()
 
     def exec_sync(self, container_id: str, cmd: list[str], timeout: int) -> ExecResult:
-        """Run `cmd` in a running container and wait for it."""
+        """Run `cmd` in a running container and wait for it; past `timeout` it is killed, with all it started,
+        before DEADLINE_EXCEEDED is answered. Output past EXEC_OUTPUT_LIMIT per stream is read and dropped."""
         if not cmd:
             raise InvalidArgument("ExecSync needs a command")
         sandbox, record, plugin = self._running(container_id)
-        result = plugin.call(
-            "runtime_exec_sync",
-            sandbox=sandbox,
-            container=record,
-            cmd=list(cmd),
-            timeout=float(timeout) if timeout > 0 else None,
-        )
+        seconds = float(timeout) if timeout > 0 else None
+        if plugin.implements("runtime_exec"):
+            process = plugin.call(
+                "runtime_exec", sandbox=sandbox, container=record, cmd=list(cmd), tty=False, stdin=False
+            )
+            result = collect(process, seconds, EXEC_OUTPUT_LIMIT)
+        else:
+            result = plugin.call("runtime_exec_sync", sandbox=sandbox, container=record, cmd=list(cmd), timeout=seconds)
         if result.timed_out:
-            raise DeadlineExceeded(f"command {cmd[0]!r} in container {record.id} timed out after {timeout} s")
+            raise DeadlineExceeded(f"command {cmd[0][:64]!r} in container {record.id} timed out after {timeout} s")
         return ExecResult(
             exit_code=result.exit_code,
             stdout=result.stdout[:EXEC_OUTPUT_LIMIT],

@@ -173,7 +173,11 @@ class RuntimeSpec:
     def runtime_exec_sync(
         self, sandbox: SandboxRecord, container: ContainerRecord, cmd: list[str], timeout: float | None
     ) -> ExecResult:
-        """Run `cmd` in the container and wait for it, killing it after `timeout` seconds. Optional."""
+        """Run `cmd` in the container and wait for it, killing it after `timeout` seconds. Optional.
+
+        Only for plugins without ``runtime_exec``: where that hook exists, shimhub runs
+        ExecSync through it, reading the output with its own bounds and deadline.
+        """
 
     @hookspec(firstresult=True)
     def runtime_exec(

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import subprocess
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from attrs import define
 
+from shimhub import namespaces
 from shimhub.errors import PluginFailed, Unavailable
 
 NETNS_DIR = Path("/run/netns")
 TIMEOUT = 10.0
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
 
 
@@ -93,24 +90,13 @@ def _run_inside(path: str, work: Callable[[], T], name: str) -> T:
     /proc/<pid>/ns/net; a thread's own namespace is left with the thread.
     Sockets created there stay in that namespace afterwards.
     """
-    result: list[T] = []
-    problem: list[Exception] = []
 
-    def inside() -> None:
-        try:
-            with open(path) as namespace:
-                if _libc.setns(namespace.fileno(), CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns {path}: {os.strerror(ctypes.get_errno())}")
-            result.append(work())
-        except Exception as exc:  # noqa: BLE001 - re-raised on the caller's thread
-            problem.append(exc)
+    def inside() -> T:
+        with open(path) as namespace:
+            namespaces.check(namespaces.libc.setns(namespace.fileno(), namespaces.CLONE_NEWNET), f"setns {path}")
+        return work()
 
-    thread = threading.Thread(target=inside, name=name)
-    thread.start()
-    thread.join()
-    if problem:
-        raise problem[0]
-    return result[0]
+    return namespaces.on_own_thread(inside, name)
 
 
 def interface_counters(path: str) -> list[InterfaceCounters]:

@@ -28,6 +28,7 @@ from shimhub.records import (
 )
 from shimhub.streaming import portforward
 from shimhub.streaming.requests import PortForwardRequest
+from shimhub.validation import check_hostname, check_identity
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
 if TYPE_CHECKING:
@@ -58,6 +59,8 @@ class PodManager:
         for field_name in ("name", "namespace", "uid"):
             if not getattr(metadata, field_name):
                 raise InvalidArgument(f"pod sandbox metadata.{field_name} is empty")
+        check_hostname(config.hostname)
+        check_identity(config.linux.security_context, "pod sandbox")
         handler = self.daemon.handlers.select(runtime_handler, config.annotations)
         handler.require()
 
@@ -88,6 +91,7 @@ class PodManager:
         plugin_config.CopyFrom(config)
         plugin_config.annotations.clear()
         plugin_config.annotations.update(handler.allowed_annotations(config.annotations))
+        plugin_config.hostname = config.hostname or socket.gethostname()
         resources.fit(plugin_config.linux.resources)
         with daemon.locks.hold(record.id):
             daemon.store.save_sandbox(record)

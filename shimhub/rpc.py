@@ -4,13 +4,16 @@
 descriptor. A method the servicer defines is called as
 ``servicer.Method(request, context)``; one it does not define answers
 UNIMPLEMENTED naming the method. Every call is logged with its duration at
-debug level; a ShimhubError becomes its gRPC status; any other exception is
-logged with its traceback and answers INTERNAL with a one-line message.
+debug level; a ShimhubError becomes its gRPC status, logged with the method and
+the object it names (warning; error for INTERNAL; debug for NOT_FOUND); any
+other exception is logged with its traceback and answers INTERNAL with a
+one-line message. Repeats of one failure are counted rather than logged.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,12 +42,63 @@ def _record(path: str, started: float, exc: BaseException | None) -> None:
     telemetry.RPC_CALLS.labels(path, _code(exc)).inc()
 
 
-def _fail(context: grpc.ServicerContext, path: str, exc: BaseException) -> None:
+#: Fields naming the object a request is about, in the order they are looked for.
+_OBJECT_FIELDS = ("container_id", "pod_sandbox_id")
+#: Seconds during which a repeat of the same failure (method, code, message) is counted, not logged.
+REPEAT_WINDOW = 10.0
+_repeats: dict[tuple[str, str, str], tuple[float, int]] = {}
+_repeats_guard = threading.Lock()
+
+
+def _about(request: Any) -> str:
+    """The object a request names, for the log: a container or sandbox id, or an image."""
+    for name in _OBJECT_FIELDS:
+        value = getattr(request, name, "")
+        if value:
+            return f"{name.removesuffix('_id').replace('_', ' ')} {value[:64]}"
+    image = getattr(request, "image", None)
+    if image is not None and getattr(image, "image", ""):
+        return f"image {image.image[:128]!r}"
+    return ""
+
+
+def _log_failure(level: int, path: str, about: str, code: str, message: str, *, exc: BaseException | None) -> None:
+    """Log a failed call at `level`; a repeat within REPEAT_WINDOW is counted and said with the next line."""
+    key = (path, code, message[:200])
+    now = time.monotonic()
+    with _repeats_guard:
+        last, suppressed = _repeats.get(key, (0.0, 0))
+        if now - last < REPEAT_WINDOW:
+            _repeats[key] = (last, suppressed + 1)
+            return
+        _repeats[key] = (now, 0)
+        if len(_repeats) > 1000:
+            _repeats.clear()
+    again = f" (and {suppressed} times more in the last {REPEAT_WINDOW:.0f} s)" if suppressed else ""
+    log.log(level, "%s%s failed: %s: %s%s", path, f" ({about})" if about else "", code, message, again, exc_info=exc)
+
+
+#: Longest status message sent or logged: a request field echoed in an error must not make it huge.
+MAX_MESSAGE = 4096
+
+
+def _bounded(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE else f"{message[:MAX_MESSAGE]}... ({len(message)} characters)"
+
+
+def _fail(context: grpc.ServicerContext, path: str, request: Any, exc: BaseException) -> None:
+    about = _about(request)
     if isinstance(exc, ShimhubError):
-        log.debug("%s: %s: %s", path, exc.code.name, exc.message)
-        context.abort(exc.code, exc.message)
-    log.error("%s: internal error", path, exc_info=exc)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {path}: {type(exc).__name__}: {exc}")
+        # NOT_FOUND is how the kubelet learns an object is gone: routine, not worth a line by default.
+        level = logging.DEBUG if exc.code == grpc.StatusCode.NOT_FOUND else logging.WARNING
+        if exc.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+            level = logging.ERROR
+        message = _bounded(exc.message)
+        _log_failure(level, path, about, exc.code.name, message, exc=None)
+        context.abort(exc.code, message)
+    message = _bounded(f"{type(exc).__name__}: {exc}")
+    _log_failure(logging.ERROR, path, about, "INTERNAL", message, exc=exc)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {path}: {message}")
 
 
 def _unary(path: str, impl: Callable[..., Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
@@ -55,7 +109,7 @@ def _unary(path: str, impl: Callable[..., Any]) -> Callable[[Any, grpc.ServicerC
             return impl(request, context)
         except Exception as exc:  # noqa: BLE001 - every error is mapped to a status here
             failure = exc
-            _fail(context, path, exc)
+            _fail(context, path, request, exc)
         finally:
             _record(path, started, failure)
 
@@ -70,7 +124,7 @@ def _streaming(path: str, impl: Callable[..., Iterator[Any]]) -> Callable[[Any, 
             yield from impl(request, context)
         except Exception as exc:  # noqa: BLE001 - every error is mapped to a status here
             failure = exc
-            _fail(context, path, exc)
+            _fail(context, path, request, exc)
         finally:
             _record(path, started, failure)
 

@@ -26,9 +26,7 @@ from tests.conftest import NEEDS_ROOT
 
 pytestmark = NEEDS_ROOT
 
-RECORDINGS = Path(
-    os.environ.get("SHIMHUB_KUBELET_CRI", Path(__file__).resolve().parents[2] / "shared" / "kubelet-cri")
-)
+RECORDINGS = Path(os.environ.get("SHIMHUB_KUBELET_CRI", Path(__file__).resolve().parents[2] / "shared" / "kubelet-cri"))
 IMAGE = "test/busybox:1"
 HOST_PORT = 18090
 
@@ -145,9 +143,7 @@ def _cgroup_value(pid: int, controller: str, name: str) -> str:
 
 
 def _pid(kubelet: Kubelet, container_id: str) -> int:
-    answer = kubelet.daemon.runtime.ContainerStatus(
-        cri.ContainerStatusRequest(container_id=container_id, verbose=True)
-    )
+    answer = kubelet.daemon.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id, verbose=True))
     return int(json.loads(answer.info["info"])["runtime_data"]["pid"])
 
 
@@ -199,13 +195,15 @@ def test_crash_looping_container_attempts_and_log_files(kubelet: Kubelet) -> Non
         final = wait_for(lambda cid=container_id: (s := kubelet.status(cid)).state == cri.CONTAINER_EXITED and s, 30)
         assert (final.exit_code, final.reason, final.metadata.attempt) == (1, "Error", attempt)
         pod = kubelet.daemon.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id))
-        assert [s.id for s in pod.containers_statuses][0] == container_id, "newest attempt first"
+        assert pod.containers_statuses[0].id == container_id, "newest attempt first"
         if previous:  # the kubelet keeps only the latest exited instance
             kubelet.daemon.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=previous))
         previous = container_id
-    logs = Path(kubelet.daemon.runtime.PodSandboxStatus(
-        cri.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id)
-    ).status.metadata.name)  # only to keep the name handy in a failure message
+    logs = Path(
+        kubelet.daemon.runtime.PodSandboxStatus(
+            cri.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id)
+        ).status.metadata.name
+    )  # only to keep the name handy in a failure message
     log_dir = kubelet.root / "pods"
     attempts = sorted(p.name for p in log_dir.rglob("fail/*.log"))
     assert attempts == [f"{n}.log" for n in range(5)], logs

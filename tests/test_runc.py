@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -179,10 +180,21 @@ def test_seccomp(node, tmp_path: Path) -> None:
     blocked = pod.run("blocked", ["mkdir", "/tmp/d"], linux=security(seccomp=localhost))
     assert pod.wait_exit(blocked).exit_code == 1
     assert pod.lines("blocked") == ["mkdir: can't create directory '/tmp/d': Operation not permitted"]
-    # RuntimeDefault refuses unshare(2) even to a process with CAP_SYS_ADMIN; Unconfined does not.
+    # RuntimeDefault refuses unshare(2) even to a process with CAP_SYS_ADMIN; Unconfined, and no profile
+    # at all (the CRI's meaning of an unset field), do not.
     caps = cri.Capability(add_capabilities=["SYS_ADMIN"])
     root = cri.Int64Value(value=0)
-    default = pod.run("default", ["unshare", "-u", "true"], linux=security(capabilities=caps, run_as_user=root))
+    runtime_default = cri.SecurityProfile(profile_type=cri.SecurityProfile.RuntimeDefault)
+    default = pod.run(
+        "default",
+        ["unshare", "-u", "true"],
+        linux=security(capabilities=caps, run_as_user=root, seccomp=runtime_default),
+    )
+    unset = pod.run(
+        "unset",
+        ["sh", "-c", "grep Seccomp: /proc/self/status; unshare -u true"],
+        linux=security(capabilities=caps, run_as_user=root),
+    )
     unconfined = pod.run(
         "unconfined",
         ["unshare", "-u", "true"],
@@ -195,6 +207,20 @@ def test_seccomp(node, tmp_path: Path) -> None:
     assert pod.wait_exit(default).exit_code != 0
     assert "Operation not permitted" in pod.output("default")
     assert pod.wait_exit(unconfined).exit_code == 0
+    assert pod.wait_exit(unset).exit_code == 0
+    assert pod.lines("unset") == ["Seccomp:\t0"]
+
+
+def test_seccomp_default_for_containers_that_set_none_when_the_operator_asks(daemon_factory, registry, tmp_path):
+    node = daemon_factory("seccomp_use_default_when_empty = true\n" + runc_config(registry)).start()
+    node.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/busybox:1")))
+    pod = Pod(node, tmp_path)
+    unset = pod.run("unset", ["grep", "Seccomp:", "/proc/self/status"])
+    unconfined = cri.SecurityProfile(profile_type=cri.SecurityProfile.Unconfined)
+    asked = pod.run("asked", ["grep", "Seccomp:", "/proc/self/status"], linux=security(seccomp=unconfined))
+    pod.wait_exit(unset)
+    pod.wait_exit(asked)
+    assert (pod.lines("unset"), pod.lines("asked")) == (["Seccomp:\t2"], ["Seccomp:\t0"])
 
 
 def test_exec_sync_and_its_timeout(node, tmp_path: Path) -> None:
@@ -208,6 +234,12 @@ def test_exec_sync_and_its_timeout(node, tmp_path: Path) -> None:
     assert slow.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 10
     assert "sleep 60" not in exec_sync(pod, container_id, "ps", "-o", "args").stdout.decode()
+    # A shell's child too is gone when DEADLINE_EXCEEDED is answered, as the upstream suite checks with pgrep.
+    with pytest.raises(grpc.RpcError) as slow:
+        exec_sync(pod, container_id, "sh", "-c", "sleep 61; true", timeout=1)
+    assert slow.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    on_node = subprocess.run(["pgrep", "-f", "sleep 61"], capture_output=True, text=True, check=False).stdout
+    assert on_node == ""
 
 
 def test_containers_survive_a_shimhub_restart(node, tmp_path: Path) -> None:

@@ -170,7 +170,8 @@ class Pod:
                 )
             ),
         )
-        self.config = pod_config(log_directory=str(self.logs), hostname="podhost", **fields)
+        fields.setdefault("hostname", "podhost")
+        self.config = pod_config(log_directory=str(self.logs), **fields)
         request = cri.RunPodSandboxRequest(config=self.config, runtime_handler=handler)
         self.id = self.rt.RunPodSandbox(request, timeout=POD_TIMEOUT).pod_sandbox_id
 
@@ -181,13 +182,9 @@ class Pod:
 
     def create(self, name: str, command: list[str] | None = None, **fields: Any) -> str:
         """Create container `name` from the pod's image, logging to `name`.log."""
-        config = cri.ContainerConfig(
-            metadata=cri.ContainerMetadata(name=name),
-            image=cri.ImageSpec(image=self.image),
-            command=command or [],
-            log_path=f"{name}.log",
-            **fields,
-        )
+        fields.setdefault("metadata", cri.ContainerMetadata(name=name))
+        fields.setdefault("log_path", f"{name}.log")
+        config = cri.ContainerConfig(image=cri.ImageSpec(image=self.image), command=command or [], **fields)
         request = cri.CreateContainerRequest(pod_sandbox_id=self.id, config=config, sandbox_config=self.config)
         return self.rt.CreateContainer(request, timeout=POD_TIMEOUT).container_id
 

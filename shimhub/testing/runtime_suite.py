@@ -170,7 +170,8 @@ class RuntimeConformance:
         assert took < 1 + 10, f"runtime_container_stop took {took:.1f} s with timeout=1"
 
     def test_exec_sync(self, node: RuntimeNode) -> None:
-        """runtime_exec_sync: output, exit code, and the timeout."""
+        """ExecSync through runtime_exec (or runtime_exec_sync): output, exit code, and the timeout, after which
+        the command and what it started are gone."""
         pod = node.pod()
         container = pod.run("server", ["sleep", "3600"])
         wait_for(lambda: pod.status(container).state == cri.CONTAINER_RUNNING, self.patience)
@@ -179,16 +180,19 @@ class RuntimeConformance:
             answer = node.rt.ExecSync(request, timeout=POD_TIMEOUT)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                pytest.skip("the plugin has no runtime_exec_sync (optional hook)")
+                pytest.skip("the plugin has neither runtime_exec nor runtime_exec_sync (optional hooks)")
             raise
         assert (answer.stdout, answer.stderr, answer.exit_code) == (b"out\n", b"err\n", 3), (
             f"runtime_exec_sync answered {answer}"
         )
+        slow_command = ["sh", "-c", "sleep 31; true"]  # sh waits for a child of its own
         with pytest.raises(grpc.RpcError) as slow:
-            node.rt.ExecSync(cri.ExecSyncRequest(container_id=container, cmd=["sleep", "30"], timeout=1), timeout=60)
+            node.rt.ExecSync(cri.ExecSyncRequest(container_id=container, cmd=slow_command, timeout=1), timeout=60)
         assert slow.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (
-            f"runtime_exec_sync: a command over its timeout gave {slow.value.code()}, not DEADLINE_EXCEEDED"
+            f"ExecSync: a command over its timeout gave {slow.value.code()}, not DEADLINE_EXCEEDED"
         )
+        processes = node.rt.ExecSync(cri.ExecSyncRequest(container_id=container, cmd=["ps"]), timeout=POD_TIMEOUT)
+        assert b"sleep 31" not in processes.stdout, f"a timed-out ExecSync left its command:\n{processes.stdout}"
 
     def test_stats(self, node: RuntimeNode) -> None:
         """runtime_container_stats: the kubelet's stats come from the CRI, so CPU and memory must be there."""

@@ -123,7 +123,7 @@ class Agent:
     ) -> dict[str, Any]:
         """Name the VM, configure its network as the pod's CNI interfaces were, mount the shared directory."""
         if hostname:
-            _run("hostname", hostname)
+            socket.sethostname(hostname)  # the system call: no option parsing of a request's text
         _run("ip", "link", "set", "dev", "lo", "up")
         by_mac = {
             Path(p).parent.name: Path(p).read_text().strip() for p in map(str, Path("/sys/class/net").glob("*/address"))

@@ -60,7 +60,6 @@ from shimhub.hooktypes import (
     ContainerState,
     ContainerStatus,
     ContainerUsage,
-    ExecResult,
     PluginContext,
     PodNetwork,
     Readiness,
@@ -645,27 +644,6 @@ class VmRuntime:
             client.unsubscribe(exec_id)
             raise
         return process
-
-    @hookimpl
-    def runtime_exec_sync(
-        self, sandbox: SandboxRecord, container: ContainerRecord, cmd: list[str], timeout: float | None
-    ) -> ExecResult:
-        process = self._exec(sandbox, container, cmd, stdin=False, tty=False)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        out = {STDOUT: bytearray(), STDERR: bytearray()}
-        try:
-            while True:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                try:
-                    fd, data = process.output.get(timeout=remaining if remaining is None else max(0.0, remaining))
-                except queue.Empty:
-                    return ExecResult(exit_code=-1, timed_out=True)
-                if not data:
-                    break
-                out[fd].extend(data)
-            return ExecResult(exit_code=process.wait() or 0, stdout=bytes(out[STDOUT]), stderr=bytes(out[STDERR]))
-        finally:
-            process.close()
 
     @hookimpl
     def runtime_exec(

@@ -1,7 +1,7 @@
 """A pod's shared pieces: pinned namespaces, /etc files, /dev/shm, and an infra process when PID is shared.
 
-IPC and UTS namespaces are created and pinned to files with util-linux's
-`unshare` (no process stays behind); the network namespace comes from the
+IPC and UTS namespaces are created and pinned to files on a thread of
+shimhub's own (no process stays behind); the network namespace comes from the
 network backend. Only a pod that shares one PID namespace gets a process of
 its own, catatonit as the namespace's init, because a PID namespace dies with
 its init.
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from shimhub.errors import FailedPrecondition
+from shimhub.namespaces import pin_new
 from shimhub.storage.common import run, unmount
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from shimhub_runc.spec import PodContext
@@ -62,7 +63,7 @@ def create(
     """
     options = config.linux.security_context.namespace_options
     directory.mkdir(parents=True, exist_ok=True, mode=0o711)
-    hostname = (config.hostname or config.metadata.name) if options.network != cri.NODE else os.uname().nodename
+    hostname = config.hostname if options.network != cri.NODE else os.uname().nodename
     (directory / "resolv.conf").write_text(resolv_conf(config.dns_config))
     (directory / "hosts").write_text(hosts_file(hostname, ips))
     (directory / "hostname").write_text(hostname + "\n")
@@ -78,10 +79,7 @@ def create(
     for kind in ("ipc", "uts"):
         namespaces[kind] = str(pins[kind]) if kind in pins else ""
     if pins:
-        for path in pins.values():
-            path.touch()
-        then = ["hostname", hostname] if "uts" in pins else ["true"]
-        run("unshare", *(f"--{kind}={path}" for kind, path in pins.items()), *then)
+        pin_new(pins, hostname)
     if options.ipc != cri.NODE:
         shm = directory / "shm"
         shm.mkdir(exist_ok=True)

@@ -30,7 +30,6 @@ from shimhub.hooktypes import (
     ContainerState,
     ContainerStatus,
     ContainerUsage,
-    ExecResult,
     HandlerFeatures,
     PluginContext,
     PodNetwork,
@@ -349,24 +348,6 @@ class RuncRuntime:
 
     def _exec_pid_file(self, container: ContainerRecord) -> Path:
         return self._monitor(container).bundle / f"exec-{os.urandom(6).hex()}.pid"
-
-    @hookimpl
-    def runtime_exec_sync(
-        self, sandbox: SandboxRecord, container: ContainerRecord, cmd: list[str], timeout: float | None
-    ) -> ExecResult:
-        pid_file = self._exec_pid_file(container)
-        argv = streams.exec_argv(self._runtime_argv(), container.id, cmd, pid_file)
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            streams.kill_command(pid_file, process)
-            process.kill()
-            process.communicate()
-            return ExecResult(exit_code=-1, timed_out=True)
-        finally:
-            pid_file.unlink(missing_ok=True)
-        return ExecResult(exit_code=process.returncode, stdout=stdout, stderr=stderr)
 
     @hookimpl
     def runtime_exec(

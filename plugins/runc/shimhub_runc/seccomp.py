@@ -81,7 +81,7 @@ def profile(security: cri.SecurityProfile | None, deprecated_path: str, privileg
     """The OCI seccomp section for a container, or None when unconfined."""
     if privileged:
         return None
-    if security is not None and security.ByteSize():
+    if security is not None:
         kind, ref = security.profile_type, security.localhost_ref
     elif deprecated_path:
         kind = {
@@ -91,7 +91,7 @@ def profile(security: cri.SecurityProfile | None, deprecated_path: str, privileg
         }.get(deprecated_path, cri.SecurityProfile.Localhost)
         ref = deprecated_path.removeprefix("localhost/")
     else:
-        return runtime_default()
+        return None  # no profile asked for: unconfined, as the CRI specifies
     if kind == cri.SecurityProfile.Unconfined:
         return None
     if kind == cri.SecurityProfile.RuntimeDefault:

@@ -43,7 +43,6 @@ from shimhub.hooktypes import (
     ContainerState,
     ContainerStatus,
     ContainerUsage,
-    ExecResult,
     PluginContext,
     PodNetwork,
     Readiness,
@@ -552,19 +551,6 @@ class ShimV2Runtime:
             tty=tty,
             stdin=stdin,
         )
-
-    @hookimpl
-    def runtime_exec_sync(
-        self, sandbox: SandboxRecord, container: ContainerRecord, cmd: list[str], timeout: float | None
-    ) -> ExecResult:
-        process = self._exec(container, cmd, tty=False, stdin=False)
-        try:
-            output = process.read_all(timeout)
-            if output is None:
-                return ExecResult(exit_code=-1, timed_out=True)
-            return ExecResult(exit_code=process.wait() or 0, stdout=output[0], stderr=output[1])
-        finally:
-            process.close()
 
     @hookimpl
     def runtime_exec(

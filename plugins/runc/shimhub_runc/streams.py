@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from shimhub.errors import PluginFailed
 from shimhub.hooktypes import STDERR, STDOUT
 from shimhub_runc.conmon import Monitor
@@ -38,14 +40,39 @@ def _proc_path(directory: Path, name: str) -> tuple[int, str]:
 
 
 def kill_command(pid_file: Path, runtime: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the command `runtime` (runc exec) runs; runc names it in the pid file a moment after starting it."""
+    """SIGKILL the command `runtime` (runc exec) runs and every process it started, and wait until they are gone.
+
+    runc names the command in the pid file a moment after starting it. The
+    deepest processes go first, so that each is reaped by its still living
+    parent rather than left to a container init that may never reap it.
+    """
     deadline = time.monotonic() + KILL_WAIT
     while runtime.poll() is None and time.monotonic() < deadline:
         try:
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
-            return
-        except (OSError, ValueError):
+            command = psutil.Process(int(pid_file.read_text()))
+        except (OSError, ValueError, psutil.Error):
             time.sleep(0.01)
+            continue
+        _kill_tree(command, deadline)
+        return
+
+
+def _kill_tree(root: psutil.Process, deadline: float) -> None:
+    levels = [[root]]
+    while levels[-1]:
+        levels.append([child for parent in levels[-1] for child in _children(parent)])
+    for level in reversed(levels):
+        for process in level:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(level, timeout=max(deadline - time.monotonic(), 0))
+
+
+def _children(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return process.children()
+    except psutil.Error:
+        return []
 
 
 def exec_argv(runtime: list[str], container_id: str, cmd: list[str], pid_file: Path, *, tty: bool = False) -> list[str]:
