@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from shimhub import resources
-from shimhub.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from shimhub.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, PluginFailed
 from shimhub.faults import crash_point
 from shimhub.hooktypes import STDERR, STDOUT, ContainerState, ContainerStatus, ExecResult, StreamedProcess
 from shimhub.pods import new_id
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Seconds ReopenContainerLog waits for the runtime to make the new log file.
+REOPEN_WAIT = 5.0
 #: Most output ExecSync returns per stream; the rest is dropped (as the CRI asks). Both streams together
 #: stay under the 16 MiB message limit of the kubelet's CRI client.
 EXEC_OUTPUT_LIMIT = 8 * 1024 * 1024 - 64 * 1024
@@ -377,6 +379,15 @@ class ContainerManager:
         """Have the runtime reopen the container's log after rotation."""
         sandbox, record, plugin = self._running(container_id)
         plugin.call("runtime_container_reopen_log", sandbox=sandbox, container=record)
+        if not record.log_path:
+            return
+        deadline = time.monotonic() + REOPEN_WAIT
+        while not os.path.lexists(record.log_path):  # answered only once the new file is there
+            if time.monotonic() > deadline:
+                raise PluginFailed(
+                    f"container {record.id}: the runtime did not reopen {record.log_path} within {REOPEN_WAIT} s"
+                )
+            time.sleep(0.005)
 
     def exec_request(self, request: cri.ExecRequest) -> CommandRequest:
         """Check an Exec and prepare what runs when its streaming client connects."""

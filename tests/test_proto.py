@@ -126,6 +126,8 @@ FIELDS = [
     ("PodSandboxStatusResponse", "timestamp", 4, "int64"),
     ("StatusResponse", "features", 4, "RuntimeFeatures"),
     ("ExecRequest", "audit_request_id", 7, "string"),
+    ("AttachRequest", "audit_request_id", 6, "string"),
+    ("KeyValue", "value", 2, "string"),
     ("AuthConfig", "registry_token", 6, "string"),
     ("PsiStats", "Full", 1, "PsiData"),
     ("PsiData", "Avg300", 4, "double"),

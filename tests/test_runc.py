@@ -105,6 +105,7 @@ def test_oom_kill_is_reported(node, tmp_path: Path) -> None:
     assert final.reason == "OOMKilled"
     assert final.exit_code == 137
     assert "survived" not in pod.output("hog")
+    assert not (node.root / "oom").exists(), "conmon wrote its oom marker into shimhub's working directory"
 
 
 def test_stop_kills_a_container_that_ignores_sigterm(node, tmp_path: Path) -> None:
@@ -344,7 +345,8 @@ def test_update_resources_and_reopen_log(node, tmp_path: Path) -> None:
     wait_for(lambda: log.exists() and log.stat().st_size > 0)
     log.rename(pod.logs / "ticker.log.1")
     pod.rt.ReopenContainerLog(cri.ReopenContainerLogRequest(container_id=container_id))
-    wait_for(lambda: log.exists() and "tick" in log.read_text())
+    assert log.exists(), "ReopenContainerLog answered before the new log file existed"
+    wait_for(lambda: "tick" in log.read_text())
 
 
 def test_pod_files_sysctls_mounts_devices_and_privileged(node, tmp_path: Path) -> None:

@@ -76,6 +76,7 @@ class Daemon:
             stdout=log,
             stderr=log,
             env=self.env,
+            cwd=self.root,  # nothing the daemon starts may write where it happens to run
         )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:

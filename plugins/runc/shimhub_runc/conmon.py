@@ -130,6 +130,7 @@ def launch(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            cwd=monitor.bundle,  # conmon writes files (its oom marker) into its working directory
         )
     except OSError as exc:
         for fd in (sync_read, sync_write, start_read, start_write):
