@@ -132,6 +132,8 @@ class Config:
     streaming: StreamingConfig = field(factory=StreamingConfig)
     #: Give containers that set no seccomp profile the runtime default one (the CRI says unconfined).
     seccomp_use_default_when_empty: bool = False
+    #: The only directory Localhost seccomp profiles are read from (the kubelet's <root-dir>/seccomp).
+    seccomp_profile_root: str = "/var/lib/kubelet/seccomp"
 
 
 def _strict_converter() -> cattrs.Converter:

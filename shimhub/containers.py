@@ -7,9 +7,10 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shimhub import resources
+from shimhub import profiles, resources
 from shimhub.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, PluginFailed
 from shimhub.faults import crash_point
 from shimhub.hooktypes import STDERR, STDOUT, ContainerState, ContainerStatus, ExecResult, StreamedProcess
@@ -161,12 +162,12 @@ class ContainerManager:
         plugin_config.annotations.clear()
         plugin_config.annotations.update(handler.allowed_annotations(config.annotations))
         resources.fit(plugin_config.linux.resources)
-        security = plugin_config.linux.security_context
-        if not security.HasField("seccomp") and not security.seccomp_profile_path:
-            unconfined = not daemon.config.seccomp_use_default_when_empty
-            security.seccomp.profile_type = (
-                cri.SecurityProfile.Unconfined if unconfined else cri.SecurityProfile.RuntimeDefault
-            )
+        profiles.settle_seccomp(
+            plugin_config.linux.security_context,
+            default_when_empty=daemon.config.seccomp_use_default_when_empty,
+            profile_root=daemon.config.seccomp_profile_root,
+            copies=Path(daemon.config.run_dir, "seccomp"),
+        )
         with daemon.locks.hold(sandbox.id), daemon.locks.hold(record.id):
             if sandbox.state != SANDBOX_READY:
                 raise FailedPrecondition(f"pod sandbox {sandbox.id} stopped while the container was being created")

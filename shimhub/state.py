@@ -8,6 +8,7 @@ the new record, never half of one.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -16,32 +17,59 @@ from pathlib import Path
 from typing import Literal, TypeVar, overload
 
 from shimhub.config import converter
-from shimhub.errors import InvalidArgument, NotFound
+from shimhub.errors import InvalidArgument, NotFound, ResourceExhausted
 from shimhub.records import ContainerRecord, SandboxRecord
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R", SandboxRecord, ContainerRecord)
+T = TypeVar("T")
 
 #: Shortest id prefix accepted for lookups, as crictl and docker do.
 MIN_PREFIX = 3
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash leaves either the old or the new content."""
+    """Replace `path` with `data` so that a crash leaves either the old or the new content.
+
+    Every byte is written and synced before the rename; a write that fails (a full
+    disk: ResourceExhausted) removes the temporary file and leaves `path` as it was.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
-    finally:
+        written = os.fstat(fd).st_size
+        if written != len(data):
+            raise OSError(errno.EIO, f"{written} of {len(data)} bytes reached the disk")
+    except OSError as exc:
         os.close(fd)
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhausted(f"no space left to write {path.name}: {exc.strerror}") from None
+        raise
+    os.close(fd)
     os.rename(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def load_record(path: Path, kind: type[T], label: str) -> T | None:
+    """The record in file `path`; an unreadable one (truncated, not JSON, not of `kind`) is moved aside to
+    `<name>.corrupt` with an error in the log, and None returned: it never stops the daemon."""
+    try:
+        return converter.structure(json.loads(path.read_bytes()), kind)
+    except Exception as exc:  # noqa: BLE001 - any unreadable record is set aside, not fatal
+        aside = path.with_suffix(".corrupt")
+        path.rename(aside)
+        log.error("%s record %s is unreadable (%s); moved to %s", label, path.stem, exc, aside)
+        return None
 
 
 class _Table:
@@ -61,14 +89,9 @@ class _Table:
                 continue
             if path.suffix != ".json":
                 continue
-            try:
-                record = converter.structure(json.loads(path.read_bytes()), self.kind)
-            except Exception as exc:  # noqa: BLE001 - any unreadable record is set aside, not fatal
-                aside = path.with_suffix(".corrupt")
-                path.rename(aside)
-                log.error("%s record %s is unreadable (%s); moved to %s", self.label, path.stem, exc, aside)
-                continue
-            self.records[record.id] = record
+            record = load_record(path, self.kind, self.label)
+            if record is not None:
+                self.records[record.id] = record
 
     def save(self, record: R) -> None:
         data = json.dumps(converter.unstructure(record), sort_keys=True).encode()
@@ -115,8 +138,17 @@ class StateStore:
         self._containers.load()
         for container in list(self._containers.records.values()):
             if container.sandbox_id not in self._sandboxes.records:
-                log.warning("container %s belongs to no known sandbox; forgetting it", container.id)
-                self._containers.delete(container.id)
+                # Its processes, mounts and cgroup may still be on the node: the record is what finds them.
+                kept = self._containers.directory / f"{container.id}.orphan"
+                (self._containers.directory / f"{container.id}.json").rename(kept)
+                self._containers.records.pop(container.id)
+                log.error(
+                    "container %s belongs to pod sandbox %s, whose record is missing or unreadable; "
+                    "its record is kept as %s for an operator (its process, mounts and cgroup may remain)",
+                    container.id,
+                    container.sandbox_id,
+                    kept,
+                )
 
     def sandboxes(self) -> list[SandboxRecord]:
         """A snapshot of all sandbox records."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import time
 from pathlib import Path
@@ -31,8 +32,10 @@ def runc_config(registry, extra: str = "") -> str:
 
 
 @pytest.fixture
-def node(daemon_factory, registry):
-    daemon = daemon_factory(runc_config(registry)).start()
+def node(daemon_factory, registry, tmp_path: Path):
+    profiles = tmp_path / "seccomp"
+    profiles.mkdir()
+    daemon = daemon_factory(f'seccomp_profile_root = "{profiles}"\n' + runc_config(registry)).start()
     daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/busybox:1")))
     return daemon
 
@@ -168,7 +171,7 @@ def test_read_only_rootfs(node, tmp_path: Path) -> None:
 
 def test_seccomp(node, tmp_path: Path) -> None:
     pod = Pod(node, tmp_path)
-    profile = tmp_path / "no-mkdir.json"
+    profile = tmp_path / "seccomp" / "no-mkdir.json"
     profile.write_text(
         json.dumps(
             {
@@ -209,6 +212,9 @@ def test_seccomp(node, tmp_path: Path) -> None:
     assert "Operation not permitted" in pod.output("default")
     assert pod.wait_exit(unconfined).exit_code == 0
     assert pod.wait_exit(unset).exit_code == 0
+    # The deprecated path form names the same profile.
+    legacy = pod.run("legacy", ["mkdir", "/tmp/e"], linux=security(seccomp_profile_path=f"localhost/{profile}"))
+    assert pod.wait_exit(legacy).exit_code == 1
     assert pod.lines("unset") == ["Seccomp:\t0"]
 
 
@@ -395,3 +401,75 @@ def test_pod_files_sysctls_mounts_devices_and_privileged(node, tmp_path: Path) -
         line.split()[1] for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("CapBnd:")
     )
     assert pod.lines("privileged") == [f"CapEff:\t{bounding}"]  # every capability shimhub holds
+
+
+@pytest.mark.parametrize(
+    ("where", "why"),
+    [
+        ("outside", "is not inside"),
+        ("dotdot", "may not contain '..'"),
+        ("link-out", "no such file"),
+        ("fifo", "not a regular file"),
+        ("huge", "at most"),
+        ("relative", "absolute path"),
+    ],
+)
+def test_hostile_localhost_seccomp_profiles_are_refused(node, tmp_path: Path, where: str, why: str) -> None:
+    """A Localhost profile is read only from under the profile root, never through a link out of it, never a
+    FIFO (which would block the call), and never more than a bounded size."""
+    root = tmp_path / "seccomp"
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text('{"defaultAction": "SCMP_ACT_ALLOW"}')
+    refs = {
+        "outside": str(outside),
+        "dotdot": f"{root}/../elsewhere.json",
+        "link-out": f"{root}/link.json",
+        "fifo": f"{root}/fifo.json",
+        "huge": f"{root}/huge.json",
+        "relative": "profile.json",
+    }
+    (root / "link.json").symlink_to(outside)
+    os.mkfifo(root / "fifo.json")
+    (root / "huge.json").write_text('{"defaultAction": "SCMP_ACT_ALLOW", "x": "' + "a" * (2 << 20) + '"}')
+    pod = Pod(node, tmp_path)
+    localhost = cri.SecurityProfile(profile_type=cri.SecurityProfile.Localhost, localhost_ref=refs[where])
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as refused:
+        pod.create("c", ["true"], linux=security(seccomp=localhost))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert why in refused.value.details()
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize(
+    ("passwd", "why"),
+    [
+        (("etc/passwd", "symlink", "/etc/passwd"), "not in the image's /etc/passwd"),  # a loop inside the root
+        (("etc/passwd", "symlink", "../../../../../../etc/passwd"), "not in the image's /etc/passwd"),
+        (("etc/passwd", "symlink", "/dev/zero"), "not in the image's /etc/passwd"),
+        (("etc/passwd", "fifo", None), "not a regular file"),
+        (("etc/passwd", "file", "root:x:0:0::/root:/bin/sh\n" + "x" * (5 << 20)), "larger than"),
+    ],
+    ids=["self-loop", "escape", "dev-zero", "fifo", "huge"],
+)
+def test_hostile_image_user_databases_are_read_inside_the_image_only(
+    daemon_factory, registry, tmp_path: Path, passwd: tuple, why: str
+) -> None:
+    """An image's /etc/passwd never leads to the node's files or devices, never blocks, and is bounded."""
+    from shimhub.testing.layers import tar
+    from shimhub.testing.registry import Pusher, busybox_layer
+
+    tag = f"passwd-{secrets.token_hex(4)}"
+    Pusher(registry.open).image(
+        "test/hostile-passwd", tag, [busybox_layer(), tar(("etc", "dir", None), passwd)], {"Cmd": ["id"]}
+    )
+    node = daemon_factory(runc_config(registry)).start()
+    node.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=f"test/hostile-passwd:{tag}")))
+    pod = Pod(node, tmp_path, image=f"test/hostile-passwd:{tag}")
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as refused:
+        pod.create("c", linux=security(run_as_username="root"))  # the node's passwd has root
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert why in refused.value.details()
+    assert time.monotonic() - started < 10
+    assert node.proc.poll() is None

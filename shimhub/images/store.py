@@ -12,7 +12,7 @@ from attrs import define, field
 from shimhub.config import converter
 from shimhub.errors import InvalidArgument, ShimhubError
 from shimhub.images import reference
-from shimhub.state import write_atomically
+from shimhub.state import load_record, write_atomically
 
 
 @define
@@ -66,8 +66,9 @@ class ImageStore:
         self._lock = threading.Lock()
         self._images: dict[str, ImageRecord] = {}
         for path in root.glob("*.json"):
-            record = converter.structure(json.loads(path.read_text()), ImageRecord)
-            self._images[record.id] = record
+            record = load_record(path, ImageRecord, "image")
+            if record is not None:
+                self._images[record.id] = record
 
     def all(self, include_removed: bool = False) -> list[ImageRecord]:
         """Every image (and those kept for containers after removal, if asked)."""

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
-from shimhub.errors import InvalidArgument
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
 #: System calls the RuntimeDefault profile refuses: ones that reach into the kernel's global
@@ -77,34 +75,14 @@ def runtime_default() -> dict[str, Any]:
     }
 
 
-def profile(security: cri.SecurityProfile | None, deprecated_path: str, privileged: bool) -> dict[str, Any] | None:
-    """The OCI seccomp section for a container, or None when unconfined."""
-    if privileged:
+def profile(security: cri.SecurityProfile, privileged: bool) -> dict[str, Any] | None:
+    """The OCI seccomp section for a container, or None when unconfined.
+
+    shimhub has settled the field: a Localhost reference names its own verified copy of the profile.
+    """
+    if privileged or security.profile_type == cri.SecurityProfile.Unconfined:
         return None
-    if security is not None:
-        kind, ref = security.profile_type, security.localhost_ref
-    elif deprecated_path:
-        kind = {
-            "unconfined": cri.SecurityProfile.Unconfined,
-            "runtime/default": cri.SecurityProfile.RuntimeDefault,
-            "docker/default": cri.SecurityProfile.RuntimeDefault,
-        }.get(deprecated_path, cri.SecurityProfile.Localhost)
-        ref = deprecated_path.removeprefix("localhost/")
-    else:
-        return None  # no profile asked for: unconfined, as the CRI specifies
-    if kind == cri.SecurityProfile.Unconfined:
-        return None
-    if kind == cri.SecurityProfile.RuntimeDefault:
+    if security.profile_type == cri.SecurityProfile.RuntimeDefault:
         return runtime_default()
-    if not os.path.isabs(ref):
-        raise InvalidArgument(f"seccomp localhost profile {ref!r} must be an absolute path on the node")
-    try:
-        with open(ref, encoding="utf-8") as file:
-            loaded = json.load(file)
-    except OSError as exc:
-        raise InvalidArgument(f"seccomp localhost profile {ref}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise InvalidArgument(f"seccomp localhost profile {ref} is not JSON: {exc}") from None
-    if not isinstance(loaded, dict) or "defaultAction" not in loaded:
-        raise InvalidArgument(f"seccomp localhost profile {ref} has no defaultAction")
-    return loaded
+    with open(security.localhost_ref, encoding="utf-8") as file:
+        return json.load(file)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from attrs import define, field
 
+from shimhub import confined
 from shimhub.errors import InvalidArgument
-from shimhub.storage.unpack import ScopedRoot
 from shimhub_proto.cri.v1 import api_pb2 as cri
+
+#: Most bytes read of an image's /etc/passwd or /etc/group.
+USER_DB_LIMIT = 4 << 20
 
 
 @define
@@ -21,14 +24,19 @@ class User:
 
 
 def _read(rootfs: str, path: str) -> list[list[str]]:
-    """The colon-separated lines of a file inside the rootfs (symlinks stay inside it)."""
+    """The colon-separated lines of a file of the image: resolved inside the rootfs, a regular file, bounded."""
     if not rootfs:
         return []
     try:
-        with open(ScopedRoot(rootfs).resolve(path.lstrip("/")), encoding="utf-8", errors="replace") as file:
-            return [line.rstrip("\n").split(":") for line in file if line.strip() and not line.startswith("#")]
+        data = confined.read(rootfs, path, USER_DB_LIMIT)
+    except confined.TooLarge:
+        raise InvalidArgument(f"the image's {path} is larger than {USER_DB_LIMIT} bytes") from None
+    except confined.NotRegular:
+        raise InvalidArgument(f"the image's {path} is not a regular file") from None
     except OSError:
         return []
+    text = data.decode("utf-8", errors="replace")
+    return [line.split(":") for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def _passwd(rootfs: str) -> list[tuple[str, int, int, str]]:
