@@ -63,6 +63,8 @@ class RegistryConfig:
     insecure: bool = False
     #: Hosts tried in order before this one, each reached per its own [images.registries.<host>] table.
     mirrors: list[str] = field(factory=list)
+    #: Reach this registry only through its mirrors, never itself (an air-gapped node).
+    mirror_only: bool = False
 
 
 @define(frozen=True)
@@ -338,6 +340,8 @@ def _check_images(images: ImagesConfig, bad: Complaint) -> None:
         for mirror in registry.mirrors:
             if "/" in mirror or not mirror:
                 bad(("images", "registries", host, "mirrors"), f"expected host[:port], got {mirror!r}")
+        if registry.mirror_only and not registry.mirrors:
+            bad(("images", "registries", host, "mirror_only"), "needs at least one mirror")
 
 
 def _check_handlers(config: Config, bad: Complaint) -> None:

@@ -100,11 +100,11 @@ class Daemon:
             raise FailedPrecondition(f"storage driver {name!r} of runtime handler {handler_name!r} needs a restart")
         return name, driver
 
-    def pull_image(self, image: str, creds: Credentials | None) -> ImageRecord:
-        """Pull an image and unpack it into the default storage driver."""
+    def pull_image(self, image: str, creds: Credentials | None, alive: Callable[[], bool]) -> ImageRecord:
+        """Pull an image and unpack it into the default storage driver; downloads stop when `alive` turns false."""
         started = time.monotonic()
         try:
-            record = self.images.pull(image, creds, self.storage_drivers)
+            record = self.images.pull(image, creds, self.storage_drivers, alive)
         except BaseException:
             self.collect_garbage()  # the blobs and layers of a refused image
             raise

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shimhub import mountinfo
 from shimhub.testing.daemon import host_network, pod_config, wait_for
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT, image_config
@@ -220,7 +221,7 @@ def test_container_runs_from_its_image_on_each_driver(
     rootfs = Path(info["rootfs"])
     assert (rootfs / "bin" / "busybox").is_file()
     assert not (rootfs / "etc" / "group").exists()  # whited out by the second layer
-    assert rt.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id)).status.image_ref == image_ref
+    assert rt.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id)).status.image_id == image_ref
     rt.StartContainer(cri.StartContainerRequest(container_id=container_id))
     wait_for(
         lambda: (
@@ -240,8 +241,7 @@ def test_container_runs_from_its_image_on_each_driver(
     assert not rootfs.exists()
     storage_root = Path(info["rootfs"]).parents[2] if driver != "btrfs" else rootfs.parents[1]
     assert list((storage_root / "layers").iterdir()) == []
-    with open("/proc/self/mountinfo") as mountinfo:
-        assert str(rootfs) not in mountinfo.read()
+    assert mountinfo.under(str(rootfs)) == []
 
 
 def test_missing_image_and_interrupted_pull(daemon_factory, registry, tmp_path: Path) -> None:

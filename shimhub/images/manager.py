@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 APPLYING = ".applying"
 
 READ_CHUNK = 1 << 20
+#: Largest image config accepted (as containers/image): it is parsed at every start and handed to runtimes.
+MAX_CONFIG_BYTES = 4 << 20
 
 
 class LayerTooLarge(ResourceExhausted):
@@ -129,8 +131,17 @@ class ImageManager:
         #: Blob digests and layer chain ids that pulls in progress hold (see _pin).
         self._pinned: Counter[str] = Counter()
 
-    def pull(self, image: str, creds: Credentials | None, drivers: dict[str, Backend]) -> ImageRecord:
-        """Pull `image` and unpack it into the default storage driver (when that driver is ready)."""
+    def pull(
+        self,
+        image: str,
+        creds: Credentials | None,
+        drivers: dict[str, Backend],
+        alive: Callable[[], bool] = lambda: True,
+    ) -> ImageRecord:
+        """Pull `image` and unpack it into the default storage driver (when that driver is ready).
+
+        Downloads stop once `alive` turns false: the client that asked has gone.
+        """
         ref = reference.parse(image, self.config.search_registries)
         where = str(ref)
         body, content_type, header_digest = self.registry.manifest(ref, ref.selector, creds)
@@ -151,7 +162,7 @@ class ImageManager:
         pins: Counter[str] = Counter([parsed.config.digest, *(layer.digest for layer in parsed.layers)])
         self._pin(pins)
         try:
-            record = self._fetch(ref, parsed, creds, where)
+            record = self._fetch(ref, parsed, creds, where, alive)
             chains = Counter(layer.chain_id for layer in record.layers)
             self._pin(chains)
             pins += chains
@@ -180,12 +191,21 @@ class ImageManager:
             self._pinned = +self._pinned
 
     def _fetch(
-        self, ref: reference.Reference, parsed: manifest.Manifest, creds: Credentials | None, where: str
+        self,
+        ref: reference.Reference,
+        parsed: manifest.Manifest,
+        creds: Credentials | None,
+        where: str,
+        alive: Callable[[], bool],
     ) -> ImageRecord:
+        if parsed.config.size > MAX_CONFIG_BYTES:
+            raise ResourceExhausted(
+                f"{where}: the image config is {parsed.config.size} bytes; at most {MAX_CONFIG_BYTES} are accepted"
+            )
         config_path = self.content.fetch(
             parsed.config.digest,
             parsed.config.size,
-            lambda: self.registry.blob(ref, parsed.config.digest, creds),
+            lambda: self.registry.blob(ref, parsed.config.digest, creds, parsed.config.size, alive),
             "image config",
         )
         try:
@@ -201,7 +221,12 @@ class ImageManager:
             check_layer_type(layer.media_type, f"{where}: layer {layer.digest}")
 
         def download(layer: manifest.Descriptor) -> None:
-            self.content.fetch(layer.digest, layer.size, lambda: self.registry.blob(ref, layer.digest, creds), "layer")
+            self.content.fetch(
+                layer.digest,
+                layer.size,
+                lambda: self.registry.blob(ref, layer.digest, creds, layer.size, alive),
+                "layer",
+            )
             crash_point("pull:blob")
 
         with ThreadPoolExecutor(self.config.max_concurrent_downloads, thread_name_prefix="pull") as pool:

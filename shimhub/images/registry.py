@@ -16,16 +16,25 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import re
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 from attrs import define
 
 from shimhub.config import ImagesConfig
-from shimhub.errors import ConfigError, InvalidArgument, NotFound, ShimhubError, Unauthenticated, Unavailable
+from shimhub.errors import (
+    ConfigError,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ShimhubError,
+    Unauthenticated,
+    Unavailable,
+)
 from shimhub.images.manifest import ACCEPT
 from shimhub.images.reference import DOCKER_HUB, Reference
 from shimhub_proto.cri.v1 import api_pb2 as cri
@@ -35,8 +44,56 @@ logging.getLogger("httpx").setLevel(logging.WARNING)  # its request lines are no
 
 #: Where Docker Hub's API lives.
 DOCKER_HUB_API = "registry-1.docker.io"
-CHUNK = 1 << 20
-_CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
+#: Largest manifest or index read (as containers/image); a larger one is refused before it is read.
+MAX_MANIFEST_BYTES = 4 << 20
+#: Largest answer of a token service read.
+MAX_TOKEN_ANSWER = 1 << 20
+#: Longest WWW-Authenticate header looked at.
+MAX_CHALLENGE = 8192
+#: Slowest download a blob may have on average: its deadline is the registry timeout plus its size at this rate.
+MIN_BLOB_RATE = 32 << 10
+#: Connections per registry host (each host has a pool of its own: one slow registry cannot take the others').
+HOST_CONNECTIONS = 16
+_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-.^_`|~")
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """The scheme and parameters of a WWW-Authenticate challenge, in one pass (at most MAX_CHALLENGE characters).
+
+    Parameters are `name=value` or `name="quoted value"` (with backslash escapes), separated by commas.
+    """
+    text = header[:MAX_CHALLENGE].strip()
+    scheme, _, rest = text.partition(" ")
+    params: dict[str, str] = {}
+    position, end = 0, len(rest)
+    while position < end:
+        while position < end and rest[position] in " \t,":
+            position += 1
+        start = position
+        while position < end and rest[position] in _TOKEN_CHARS:
+            position += 1
+        name = rest[start:position].lower()
+        if position >= end or rest[position] != "=" or not name:
+            while position < end and rest[position] != ",":  # not a parameter: skip to the next
+                position += 1
+            continue
+        position += 1
+        value: list[str] = []
+        if position < end and rest[position] == '"':
+            position += 1
+            while position < end and rest[position] != '"':
+                if rest[position] == "\\" and position + 1 < end:
+                    position += 1
+                value.append(rest[position])
+                position += 1
+            position += 1
+        else:
+            start = position
+            while position < end and rest[position] not in " \t,":
+                position += 1
+            value.append(rest[start:position])
+        params[name] = "".join(value)
+    return scheme, params
 
 
 @define(frozen=True, repr=False)
@@ -82,23 +139,68 @@ def load_credentials_file(path: str) -> dict[str, Credentials]:
         raise ConfigError(f"images.credentials_file: cannot read {path}: {type(exc).__name__}") from None
 
 
+def _answer(response: httpx.Response) -> str:
+    """A registry's error answer in short: the status and the first error of its body, if it sent one."""
+    try:
+        body = _bounded(response, 64 << 10, time.monotonic() + 5, "an error answer")
+        first = (json.loads(body).get("errors") or [])[0]
+        detail = " " + str(first.get("message") or str(first.get("code", "")).lower().replace("_", " "))
+    except (ShimhubError, ValueError, AttributeError, IndexError, TypeError, httpx.HTTPError):
+        detail = ""
+    return f"{response.status_code}{detail[:200]}"
+
+
+def _bounded(response: httpx.Response, limit: int, deadline: float, what: str) -> bytes:
+    """A streamed response's body: refused past `limit` bytes (declared or received) or past `deadline`."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ResourceExhausted(f"{what} is {declared} bytes; at most {limit} are accepted")
+    received, size = [], 0
+    try:
+        for chunk in response.iter_bytes():  # as it arrives: a drip must meet the deadline
+            size += len(chunk)
+            if size > limit:
+                raise ResourceExhausted(f"{what} is larger than {limit} bytes")
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"{what} did not arrive in time")
+            received.append(chunk)
+    except httpx.HTTPError as exc:
+        raise Unavailable(f"{what} broke off: {type(exc).__name__}") from exc
+    return b"".join(received)
+
+
 class RegistryClient:
     """Fetches manifests and blobs from registries, per the node's registry configuration."""
 
     def __init__(self, config: ImagesConfig) -> None:
         self.config = config
         self.file_credentials = load_credentials_file(config.credentials_file)
-        limits = httpx.Limits(max_connections=32, max_keepalive_connections=16)
-        self.http = httpx.Client(timeout=httpx.Timeout(config.timeout), limits=limits, follow_redirects=True)
-        self._tokens: dict[tuple[str, str], str] = {}
+        self._clients: dict[str, httpx.Client] = {}
+        #: Bearer tokens by (host, scope, the credentials they were obtained with; None: anonymously).
+        self._tokens: dict[tuple[str, str, Credentials | None], str] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
         """Close pooled connections."""
-        self.http.close()
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
+
+    def _http(self, host: str) -> httpx.Client:
+        """The connection pool of one host (registry, mirror or token service)."""
+        with self._lock:
+            client = self._clients.get(host)
+            if client is None:
+                limits = httpx.Limits(max_connections=HOST_CONNECTIONS, max_keepalive_connections=HOST_CONNECTIONS)
+                client = httpx.Client(timeout=httpx.Timeout(self.config.timeout), limits=limits, follow_redirects=True)
+                self._clients[host] = client
+            return client
 
     def _hosts(self, registry: str) -> list[str]:
         entry = self.config.registries.get(registry)
+        if entry is not None and entry.mirror_only:
+            return list(entry.mirrors)
         return [*(entry.mirrors if entry else []), registry]
 
     def _base_url(self, host: str) -> str:
@@ -126,7 +228,7 @@ class RegistryClient:
         """Send a request, answering one auth challenge if the registry makes it."""
         headers = dict(headers)
         with self._lock:
-            token = self._tokens.get((host, scope))
+            token = self._tokens.get((host, scope, creds))
         if token:
             headers["Authorization"] = f"Bearer {token}"
         response = self._request(method, url, headers, stream)
@@ -147,14 +249,13 @@ class RegistryClient:
 
     def _request(self, method: str, url: str, headers: dict[str, str], stream: bool) -> httpx.Response:
         try:
-            request = self.http.build_request(method, url, headers=headers)
-            return self.http.send(request, stream=stream)
+            http = self._http(httpx.URL(url).host)
+            return http.send(http.build_request(method, url, headers=headers), stream=stream)
         except httpx.HTTPError as exc:
             raise Unavailable(f"cannot reach {httpx.URL(url).host}: {type(exc).__name__}: {exc}") from exc
 
     def _authorization(self, challenge: str, host: str, scope: str, creds: Credentials | None) -> str:
-        scheme, _, params_text = challenge.partition(" ")
-        params = dict(_CHALLENGE_PARAM.findall(params_text))
+        scheme, params = parse_challenge(challenge)
         if scheme.lower() == "basic":
             if creds is None or not creds.username:
                 raise Unauthenticated(f"registry {host} needs credentials for {scope}")
@@ -166,12 +267,13 @@ class RegistryClient:
         else:
             token = self._fetch_token(params, host, scope, creds)
         with self._lock:
-            self._tokens[(host, scope)] = token
+            self._tokens[(host, scope, creds)] = token
         return f"Bearer {token}"
 
     def _fetch_token(self, params: dict[str, str], host: str, scope: str, creds: Credentials | None) -> str:
         query = {"scope": scope, **({"service": params["service"]} if "service" in params else {})}
         try:
+            http = self._http(httpx.URL(params["realm"]).host)
             if creds is not None and creds.identity_token:
                 form = {
                     "grant_type": "refresh_token",
@@ -179,31 +281,48 @@ class RegistryClient:
                     "client_id": "shimhub",
                     **query,
                 }
-                response = self.http.post(params["realm"], data=form)
+                request = http.build_request("POST", params["realm"], data=form)
             else:
-                auth = (creds.username, creds.password) if creds is not None and creds.username else None
-                response = self.http.get(params["realm"], params=query, auth=auth)
-        except httpx.HTTPError as exc:
+                request = http.build_request("GET", params["realm"], params=query)
+                if creds is not None and creds.username:
+                    basic = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+                    request.headers["Authorization"] = f"Basic {basic}"
+            response = http.send(request, stream=True)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise Unavailable(f"cannot reach the token service of {host}: {type(exc).__name__}") from exc
-        if response.status_code in (401, 403):
-            raise Unauthenticated(f"the token service of {host} refused the credentials for {scope}")
-        if response.status_code != 200:
-            raise Unavailable(f"the token service of {host} answered HTTP {response.status_code}")
         try:
-            document = response.json()
+            if response.status_code in (401, 403):
+                raise Unauthenticated(f"the token service of {host} refused the credentials for {scope}")
+            if response.status_code != 200:
+                raise Unavailable(f"the token service of {host} answered HTTP {response.status_code}")
+            body = _bounded(response, MAX_TOKEN_ANSWER, time.monotonic() + self.config.timeout, "a token answer")
+        finally:
+            response.close()
+        try:
+            document = json.loads(body)
             return str(document.get("token") or document["access_token"])
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, AttributeError):
             raise Unavailable(f"the token service of {host} sent no token") from None
 
     def _each_host(
-        self, ref: Reference, path: str, creds: Credentials | None, headers: dict[str, str], stream: bool = False
-    ) -> Iterator[tuple[str, httpx.Response | None, str]]:
-        """GET `path` of `ref`'s repository from each mirror, then the registry: (host, response, failure).
+        self,
+        ref: Reference,
+        path: str,
+        creds: Credentials | None,
+        headers: dict[str, str],
+        *,
+        failures: list[str],
+        stream: bool = False,
+    ) -> Iterator[tuple[str, httpx.Response, bool]]:
+        """GET `path` of `ref`'s repository from each mirror, then the registry (unless it is reached only
+        through its mirrors): (host, response, whether it is the last host).
 
-        A mirror that cannot be reached yields no response and the failure; the registry's own errors raise.
+        A host that cannot be reached (or refuses the credentials) is noted in `failures` and skipped; when
+        it is the last, its error is raised, naming what the hosts before it answered.
         """
         scope = f"repository:{ref.repository}:pull"
-        for host in self._hosts(ref.registry):
+        hosts = self._hosts(ref.registry)
+        for number, host in enumerate(hosts, start=1):
             url = f"{self._base_url(host)}/{ref.repository}/{path}"
             credentials = self._credentials(host, ref.registry, creds)
             try:
@@ -211,43 +330,69 @@ class RegistryClient:
                     "GET", url, host=host, scope=scope, creds=credentials, headers=headers, stream=stream
                 )
             except ShimhubError as exc:
-                if host == ref.registry:
+                if number == len(hosts):
+                    if failures:
+                        exc.message = f"{exc.message} (before it: {'; '.join(failures)})"
                     raise
-                yield host, None, exc.message
+                failures.append(f"{host}: {exc.message}")
                 continue
-            yield host, response, ""
+            yield host, response, number == len(hosts)
 
     def manifest(self, ref: Reference, selector: str, creds: Credentials | None) -> tuple[bytes, str, str]:
-        """(body, content type, digest header) of the manifest `selector` (a tag or digest) of `ref`."""
-        failures: list[str] = []
-        for host, response, failure in self._each_host(ref, f"manifests/{selector}", creds, {"Accept": ACCEPT}):
-            if response is None or (response.status_code != 200 and host != ref.registry):
-                failures.append(f"{host}: {failure or f'HTTP {response.status_code}'}")  # type: ignore[union-attr]
-                continue
-            if response.status_code == 200:
-                headers = response.headers
-                return response.content, headers.get("Content-Type", ""), headers.get("Docker-Content-Digest", "")
-            if response.status_code == 404:
-                tried = f" (mirrors: {'; '.join(failures)})" if failures else ""
-                raise NotFound(f"image {ref.name}:{selector} not found in registry {ref.registry}{tried}")
-            raise Unavailable(f"registry {host} answered HTTP {response.status_code} for {ref.name}:{selector}")
-        raise AssertionError("the registry itself is always the last host")
+        """(body, content type, digest header) of the manifest `selector` (a tag or digest) of `ref`.
 
-    def blob(self, ref: Reference, digest: str, creds: Credentials | None) -> Iterator[bytes]:
-        """The chunks of blob `digest` of `ref`'s repository, from the first host that has it."""
-        for host, response, _failure in self._each_host(ref, f"blobs/{digest}", creds, {}, stream=True):
-            if response is None:
-                continue
+        When every host fails, the error names each with its answer; its code is the last host's.
+        """
+        failures: list[str] = []
+        what = f"{ref.name}:{selector}"
+        hosts = self._each_host(ref, f"manifests/{selector}", creds, {"Accept": ACCEPT}, failures=failures, stream=True)
+        for host, response, last in hosts:
             try:
                 if response.status_code == 200:
+                    deadline = time.monotonic() + self.config.timeout
+                    body = _bounded(response, MAX_MANIFEST_BYTES, deadline, f"the manifest of {what}")
+                    headers = response.headers
+                    return body, headers.get("Content-Type", ""), headers.get("Docker-Content-Digest", "")
+                failures.append(f"{host}: {_answer(response)}")
+            finally:
+                response.close()
+            if last:
+                tried = "; ".join(failures)
+                if response.status_code == 404:
+                    raise NotFound(f"image {what} not found in registry {ref.registry} ({tried})")
+                raise Unavailable(f"image {what} could not be fetched ({tried})")
+        raise AssertionError("the last host either answers or raises")
+
+    def blob(
+        self, ref: Reference, digest: str, creds: Credentials | None, size: int, alive: Callable[[], bool]
+    ) -> Iterator[bytes]:
+        """The chunks of blob `digest` (`size` bytes) of `ref`'s repository, from the first host that has it.
+
+        The download stops when `alive` turns false (the pull's client left) or when it is slower on
+        average than MIN_BLOB_RATE past the registry timeout.
+        """
+        failures: list[str] = []
+        for host, response, last in self._each_host(ref, f"blobs/{digest}", creds, {}, failures=failures, stream=True):
+            try:
+                if response.status_code == 200:
+                    deadline = time.monotonic() + self.config.timeout + size / MIN_BLOB_RATE
                     try:
-                        yield from response.iter_raw(CHUNK)
+                        for chunk in response.iter_raw():  # as it arrives: a drip must meet the deadline
+                            if not alive():
+                                raise Unavailable(f"the download of {digest} stopped: the pull's client left")
+                            if time.monotonic() > deadline:
+                                raise DeadlineExceeded(
+                                    f"the download of {digest} from {host} is slower than {MIN_BLOB_RATE} bytes/s"
+                                )
+                            yield chunk
                     except httpx.HTTPError as exc:
                         raise Unavailable(f"download of {digest} from {host} broke off: {type(exc).__name__}") from exc
                     return
-                if host == ref.registry:
+                failures.append(f"{host}: HTTP {response.status_code}")
+                if last:
+                    tried = "; ".join(failures)
                     if response.status_code == 404:
-                        raise NotFound(f"blob {digest} of {ref.name} not found in registry {host}")
-                    raise Unavailable(f"registry {host} answered HTTP {response.status_code} for blob {digest}")
+                        raise NotFound(f"blob {digest} of {ref.name} not found in registry {ref.registry} ({tried})")
+                    raise Unavailable(f"blob {digest} of {ref.name} could not be fetched ({tried})")
             finally:
                 response.close()

@@ -48,6 +48,10 @@ class ImageRecord:
         """The chain id of the top layer ("" for an image without layers)."""
         return self.layers[-1].chain_id if self.layers else ""
 
+    def user_spec(self) -> str:
+        """The image's User ("name", "uid", "name:group", "uid:gid"; "" for none)."""
+        return str(self.config.get("config", {}).get("User", ""))
+
     def user(self) -> tuple[int | None, str]:
         """(uid, username) that the image's config names; one of them is set, or neither."""
         user = str(self.config.get("config", {}).get("User", "")).split(":")[0]

@@ -63,7 +63,7 @@ class ImageService:
 
     def PullImage(self, request: cri.PullImageRequest, context: grpc.ServicerContext) -> cri.PullImageResponse:
         creds = credentials_from_request(request.auth) if request.HasField("auth") else None
-        record = self.daemon.pull_image(request.image.image, creds)
+        record = self.daemon.pull_image(request.image.image, creds, context.is_active)
         return cri.PullImageResponse(image_ref=record.id)
 
     def RemoveImage(self, request: cri.RemoveImageRequest, context: grpc.ServicerContext) -> cri.RemoveImageResponse:
