@@ -12,6 +12,7 @@ one-line message. Repeats of one failure are counted rather than logged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -23,7 +24,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message_factory import GetMessageClass
 
 from shimhub import telemetry
-from shimhub.errors import ShimhubError, Unimplemented
+from shimhub.errors import ResourceExhausted, ShimhubError, Unimplemented
 
 log = logging.getLogger("shimhub.rpc")
 
@@ -101,12 +102,51 @@ def _fail(context: grpc.ServicerContext, path: str, request: Any, exc: BaseExcep
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {path}: {message}")
 
 
-def _unary(path: str, impl: Callable[..., Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+class Lane:
+    """At most `limit` calls of one kind at once: calls that can last long (streams, execs, stops, pulls) never
+    take the workers that status and list calls need. One call past the limit answers RESOURCE_EXHAUSTED."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self.limit = limit
+        self._free = threading.BoundedSemaphore(limit)
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        if not self._free.acquire(blocking=False):
+            raise ResourceExhausted(f"{self.limit} {self.name} calls are in flight already; try again later")
+        try:
+            yield
+        finally:
+            self._free.release()
+
+
+#: The lanes of calls that may last long, and their methods. Every other call is only bounded by the pool.
+LANES = {
+    "streaming": (256, ()),  # every server-streaming method: events, and the Stream* lists a slow reader may hold
+    "ExecSync": (768, ("ExecSync",)),
+    "lifecycle": (
+        256,
+        ("RunPodSandbox", "StopPodSandbox", "RemovePodSandbox", "CreateContainer", "StartContainer",
+         "StopContainer", "RemoveContainer", "UpdateContainerResources", "UpdatePodSandboxResources",
+         "CheckpointContainer", "ReopenContainerLog"),
+    ),
+    "image pull": (64, ("PullImage", "RemoveImage")),
+}  # fmt: skip
+#: Workers kept for the calls of no lane (status, list, stats, version) when every lane is full.
+RESERVED_WORKERS = 128
+#: The gRPC server's pool: every lane full at once still leaves RESERVED_WORKERS.
+WORKERS = sum(limit for limit, _ in LANES.values()) + RESERVED_WORKERS
+_BY_METHOD = {method: (name, limit) for name, (limit, methods) in LANES.items() for method in methods}
+
+
+def _unary(path: str, impl: Callable[..., Any], lane: Lane | None) -> Callable[[Any, grpc.ServicerContext], Any]:
     def handle(request: Any, context: grpc.ServicerContext) -> Any:
         started = time.monotonic()
         failure: BaseException | None = None
         try:
-            return impl(request, context)
+            with lane.admit() if lane is not None else contextlib.nullcontext():
+                return impl(request, context)
         except Exception as exc:  # noqa: BLE001 - every error is mapped to a status here
             failure = exc
             _fail(context, path, request, exc)
@@ -116,12 +156,15 @@ def _unary(path: str, impl: Callable[..., Any]) -> Callable[[Any, grpc.ServicerC
     return handle
 
 
-def _streaming(path: str, impl: Callable[..., Iterator[Any]]) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+def _streaming(
+    path: str, impl: Callable[..., Iterator[Any]], lane: Lane | None
+) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
     def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         started = time.monotonic()
         failure: BaseException | None = None
         try:
-            yield from impl(request, context)
+            with lane.admit() if lane is not None else contextlib.nullcontext():
+                yield from impl(request, context)
         except Exception as exc:  # noqa: BLE001 - every error is mapped to a status here
             failure = exc
             _fail(context, path, request, exc)
@@ -147,13 +190,28 @@ def _serialize(response: Any) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
-def service_handler(service: ServiceDescriptor, servicer: object) -> grpc.GenericRpcHandler:
-    """A gRPC handler serving every method of `service` from `servicer`."""
-    handlers = {method.name: _method_handler(service, method, servicer) for method in service.methods}
+def lanes() -> dict[str, Lane]:
+    """A fresh set of the lanes of LANES, for one server (its services share them)."""
+    return {name: Lane(name, limit) for name, (limit, _) in LANES.items()}
+
+
+def service_handler(service: ServiceDescriptor, servicer: object, lanes: dict[str, Lane]) -> grpc.GenericRpcHandler:
+    """A gRPC handler serving every method of `service` from `servicer`, each long-lasting kind in its lane."""
+    handlers = {
+        method.name: _method_handler(service, method, servicer, _lane_of(method, lanes)) for method in service.methods
+    }
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
-def _method_handler(service: ServiceDescriptor, method: MethodDescriptor, servicer: object) -> grpc.RpcMethodHandler:
+def _lane_of(method: MethodDescriptor, lanes: dict[str, Lane]) -> Lane | None:
+    if method.server_streaming:
+        return lanes["streaming"]
+    return lanes[_BY_METHOD[method.name][0]] if method.name in _BY_METHOD else None
+
+
+def _method_handler(
+    service: ServiceDescriptor, method: MethodDescriptor, servicer: object, lane: Lane | None
+) -> grpc.RpcMethodHandler:
     path = f"{service.name}/{method.name}"
     impl = getattr(servicer, method.name, None) or _unimplemented(
         f"shimhub does not implement {service.full_name}/{method.name}", method.server_streaming
@@ -161,5 +219,5 @@ def _method_handler(service: ServiceDescriptor, method: MethodDescriptor, servic
     request_class = GetMessageClass(method.input_type)
     kwargs = {"request_deserializer": request_class.FromString, "response_serializer": _serialize}
     if method.server_streaming:
-        return grpc.unary_stream_rpc_method_handler(_streaming(path, impl), **kwargs)
-    return grpc.unary_unary_rpc_method_handler(_unary(path, impl), **kwargs)
+        return grpc.unary_stream_rpc_method_handler(_streaming(path, impl, lane), **kwargs)
+    return grpc.unary_unary_rpc_method_handler(_unary(path, impl, lane), **kwargs)

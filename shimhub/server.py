@@ -20,7 +20,7 @@ from types import FrameType
 import grpc
 
 from shimhub.daemon import Daemon
-from shimhub.rpc import service_handler
+from shimhub.rpc import WORKERS, lanes, service_handler
 from shimhub.services.image import ImageService
 from shimhub.services.runtime import RuntimeService
 from shimhub.streaming.server import StreamingServer
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 SOCKET_MODE = 0o660
 SOCKET_DIR_MODE = 0o750
-MAX_WORKERS = 64
 #: Largest message accepted or sent; ListContainers on a busy node can be large.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -72,14 +71,15 @@ class Server:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS), options=options)
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS), options=options)
         self.streaming = StreamingServer(daemon.config.streaming)
         self.runtime_service = RuntimeService(daemon, self.streaming)
         self.metrics = MetricsEndpoint(daemon, daemon.config.metrics_address) if daemon.config.metrics_address else None
+        shared = lanes()
         self.grpc.add_generic_rpc_handlers(
             [
-                service_handler(cri.DESCRIPTOR.services_by_name["RuntimeService"], self.runtime_service),
-                service_handler(cri.DESCRIPTOR.services_by_name["ImageService"], ImageService(daemon)),
+                service_handler(cri.DESCRIPTOR.services_by_name["RuntimeService"], self.runtime_service, shared),
+                service_handler(cri.DESCRIPTOR.services_by_name["ImageService"], ImageService(daemon), shared),
             ]
         )
 
