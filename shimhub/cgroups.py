@@ -8,7 +8,7 @@ import signal
 import time
 from pathlib import Path
 
-from shimhub.hooktypes import ContainerUsage
+from shimhub.hooktypes import ContainerUsage, DeviceIo
 
 ROOT = Path("/sys/fs/cgroup")
 #: cgroup v1 reports "no memory limit" as this page-rounded maximum, or above.
@@ -110,7 +110,7 @@ def destroy(cgroups_path: str, timeout: float, root: Path = ROOT) -> int:
 
 
 def usage(cgroups_path: str, root: Path = ROOT) -> ContainerUsage:
-    """CPU, memory and process usage of a cgroup, from cgroup v2 or v1 alike.
+    """CPU, memory, process and block I/O usage of a cgroup, from cgroup v2 or v1 alike.
 
     Fields are None when the cgroup (or that controller) is gone, e.g. once the
     container has exited.
@@ -121,10 +121,11 @@ def usage(cgroups_path: str, root: Path = ROOT) -> ContainerUsage:
         group = root / relative
         memory = _flat_keyed(group / "memory.stat")
         current = _number(group / "memory.current")
-        cpu = _flat_keyed(group / "cpu.stat").get("usage_usec")
-        return ContainerUsage(
+        cpu = _flat_keyed(group / "cpu.stat")
+        events = _flat_keyed(group / "memory.events")
+        found = ContainerUsage(
             timestamp=now,
-            cpu_usage_core_nanoseconds=cpu * 1000 if cpu is not None else None,
+            cpu_usage_core_nanoseconds=_times(cpu.get("usage_usec"), 1000),
             memory_usage_bytes=current,
             memory_working_set_bytes=_working_set(current, memory.get("inactive_file")),
             memory_rss_bytes=memory.get("anon"),
@@ -132,11 +133,29 @@ def usage(cgroups_path: str, root: Path = ROOT) -> ContainerUsage:
             memory_major_page_faults=memory.get("pgmajfault"),
             memory_limit_bytes=_number(group / "memory.max"),
             process_count=_number(group / "pids.current"),
+            cpu_user_nanoseconds=_times(cpu.get("user_usec"), 1000),
+            cpu_system_nanoseconds=_times(cpu.get("system_usec"), 1000),
+            cpu_cfs_periods=cpu.get("nr_periods"),
+            cpu_cfs_throttled_periods=cpu.get("nr_throttled"),
+            cpu_cfs_throttled_nanoseconds=_times(cpu.get("throttled_usec"), 1000),
+            memory_cache_bytes=memory.get("file"),
+            memory_mapped_file_bytes=memory.get("file_mapped"),
+            memory_kernel_bytes=memory.get("kernel"),
+            memory_swap_bytes=_number(group / "memory.swap.current"),
+            memory_max_usage_bytes=_number(group / "memory.peak"),
+            memory_failcnt=events.get("max"),
+            oom_events=events.get("oom_kill"),
+            threads_max=_limit(group / "pids.max"),
+            io=_io_v2(group / "io.stat"),
         )
+        return _with_processes(found, [group])
     memory = _flat_keyed(root / "memory" / relative / "memory.stat")
     current = _number(root / "memory" / relative / "memory.usage_in_bytes")
     limit = _number(root / "memory" / relative / "memory.limit_in_bytes")
-    return ContainerUsage(
+    with_swap = _number(root / "memory" / relative / "memory.memsw.usage_in_bytes")
+    cpu = _flat_keyed(root / "cpu" / relative / "cpu.stat")
+    oom = _flat_keyed(root / "memory" / relative / "memory.oom_control")
+    found = ContainerUsage(
         timestamp=now,
         cpu_usage_core_nanoseconds=_number(root / "cpuacct" / relative / "cpuacct.usage"),
         memory_usage_bytes=current,
@@ -146,7 +165,95 @@ def usage(cgroups_path: str, root: Path = ROOT) -> ContainerUsage:
         memory_major_page_faults=memory.get("total_pgmajfault"),
         memory_limit_bytes=limit if limit is None or limit < V1_UNLIMITED else None,
         process_count=_number(root / "pids" / relative / "pids.current"),
+        cpu_user_nanoseconds=_number(root / "cpuacct" / relative / "cpuacct.usage_user"),
+        cpu_system_nanoseconds=_number(root / "cpuacct" / relative / "cpuacct.usage_sys"),
+        cpu_cfs_periods=cpu.get("nr_periods"),
+        cpu_cfs_throttled_periods=cpu.get("nr_throttled"),
+        cpu_cfs_throttled_nanoseconds=cpu.get("throttled_time"),
+        memory_cache_bytes=memory.get("total_cache"),
+        memory_mapped_file_bytes=memory.get("total_mapped_file"),
+        memory_kernel_bytes=_number(root / "memory" / relative / "memory.kmem.usage_in_bytes"),
+        memory_swap_bytes=None if with_swap is None or current is None else max(with_swap - current, 0),
+        memory_max_usage_bytes=_number(root / "memory" / relative / "memory.max_usage_in_bytes"),
+        memory_failcnt=_number(root / "memory" / relative / "memory.failcnt"),
+        oom_events=oom.get("oom_kill"),
+        threads_max=_limit(root / "pids" / relative / "pids.max"),
+        io=_io_v1(root / "blkio" / relative),
     )
+    return _with_processes(found, _directories(cgroups_path, root))
+
+
+#: Most processes of one cgroup whose threads and descriptors are counted.
+PROCESS_SCAN_LIMIT = 256
+
+
+def _with_processes(usage: ContainerUsage, directories: list[Path]) -> ContainerUsage:
+    """Add the threads, file descriptors and sockets of the cgroup's processes (the first PROCESS_SCAN_LIMIT)."""
+    pids = sorted({int(p) for d in directories for p in (_read(d / "cgroup.procs") or "").split()})
+    if not pids:
+        return usage
+    threads = descriptors = sockets = 0
+    for pid in pids[:PROCESS_SCAN_LIMIT]:
+        try:
+            threads += len(os.listdir(f"/proc/{pid}/task"))
+            with os.scandir(f"/proc/{pid}/fd") as entries:
+                for entry in entries:
+                    descriptors += 1
+                    with contextlib.suppress(OSError):
+                        sockets += os.readlink(entry.path).startswith("socket:")
+        except OSError:
+            continue  # it exited meanwhile
+    usage.threads, usage.file_descriptors, usage.sockets = threads, descriptors, sockets
+    return usage
+
+
+def _limit(path: Path) -> int | None:
+    """A limit file's value, 0 for "max" (no limit), as cAdvisor reports it; None when absent."""
+    text = _read(path)
+    if text is None or not text.strip():
+        return None
+    return 0 if text.split()[0] == "max" else int(text.split()[0])
+
+
+def _times(value: int | None, factor: int) -> int | None:
+    return None if value is None else value * factor
+
+
+def _io_v2(path: Path) -> list[DeviceIo]:
+    """Per-device I/O from io.stat ("MAJ:MIN rbytes=.. wbytes=.. rios=.. wios=..")."""
+    found = []
+    for line in (_read(path) or "").splitlines():
+        device, *pairs = line.split()
+        major, _, minor = device.partition(":")
+        values = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+        found.append(
+            DeviceIo(
+                int(major),
+                int(minor),
+                read_bytes=int(values.get("rbytes", 0)),
+                write_bytes=int(values.get("wbytes", 0)),
+                reads=int(values.get("rios", 0)),
+                writes=int(values.get("wios", 0)),
+            )
+        )
+    return found
+
+
+def _io_v1(group: Path) -> list[DeviceIo]:
+    """Per-device I/O from blkio's recursive throttle counters ("MAJ:MIN Read N" lines)."""
+    devices: dict[tuple[int, int], DeviceIo] = {}
+    for name, read_field, write_field in (
+        ("blkio.throttle.io_service_bytes_recursive", "read_bytes", "write_bytes"),
+        ("blkio.throttle.io_serviced_recursive", "reads", "writes"),
+    ):
+        for line in (_read(group / name) or "").splitlines():
+            parts = line.split()
+            if len(parts) != 3 or parts[1] not in ("Read", "Write"):
+                continue
+            major, _, minor = parts[0].partition(":")
+            entry = devices.setdefault((int(major), int(minor)), DeviceIo(int(major), int(minor)))
+            setattr(entry, read_field if parts[1] == "Read" else write_field, int(parts[2]))
+    return list(devices.values())
 
 
 def _working_set(usage_bytes: int | None, inactive_file: int | None) -> int | None:

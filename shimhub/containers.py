@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shimhub import profiles, resources
+from shimhub import profiles, resources, users
 from shimhub.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, PluginFailed
 from shimhub.faults import crash_point
 from shimhub.hooktypes import STDERR, STDOUT, ContainerState, ContainerStatus, ExecResult, StreamedProcess
@@ -24,7 +24,7 @@ from shimhub.records import (
     proto_to_dict,
 )
 from shimhub.streaming.requests import CommandRequest
-from shimhub.validation import check_identity
+from shimhub.validation import check_identity, check_mounts
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
 if TYPE_CHECKING:
@@ -117,6 +117,8 @@ class ContainerManager:
         if not config.metadata.name:
             raise InvalidArgument("container metadata.name is empty")
         check_identity(config.linux.security_context, "container")
+        handler = daemon.handlers.get(sandbox.handler)
+        check_mounts(config, handler.backend.setup_readiness.features.recursive_read_only_mounts)
         pod_config = sandbox.pod_config()
         log_path = resolve_log_path(pod_config.log_directory, config.log_path)
         name = container_name(config.metadata, pod_config.metadata)
@@ -182,7 +184,10 @@ class ContainerManager:
                     storage.call("storage_rootfs_create", container_id=record.id, layer_id=_hex(image.top_layer))
                     record.rootfs = storage.call("storage_rootfs_mount", container_id=record.id)
                     crash_point("create_container:rootfs")
-                    daemon.store.save_container(record)
+                record.user = users.resolve(
+                    record.rootfs, config.linux.security_context, image.user_spec() if image else ""
+                )
+                daemon.store.save_container(record)
                 plugin.call(
                     "runtime_container_create",
                     sandbox=sandbox,

@@ -113,6 +113,37 @@ class ContainerUsage:
     memory_major_page_faults: int | None = None
     memory_limit_bytes: int | None = None
     process_count: int | None = None
+    # Since plugin API 1.3, for cAdvisor's metrics (ListPodSandboxMetrics); None where the runtime cannot say.
+    cpu_user_nanoseconds: int | None = None
+    cpu_system_nanoseconds: int | None = None
+    cpu_cfs_periods: int | None = None
+    cpu_cfs_throttled_periods: int | None = None
+    cpu_cfs_throttled_nanoseconds: int | None = None
+    memory_cache_bytes: int | None = None
+    memory_mapped_file_bytes: int | None = None
+    memory_kernel_bytes: int | None = None
+    memory_swap_bytes: int | None = None
+    memory_max_usage_bytes: int | None = None
+    memory_failcnt: int | None = None
+    oom_events: int | None = None
+    threads: int | None = None
+    threads_max: int | None = None
+    file_descriptors: int | None = None
+    sockets: int | None = None
+    #: Block I/O per device.
+    io: list[DeviceIo] = field(factory=list)
+
+
+@define
+class DeviceIo:
+    """Cumulative block I/O of a container on one device."""
+
+    major: int
+    minor: int
+    read_bytes: int = 0
+    write_bytes: int = 0
+    reads: int = 0
+    writes: int = 0
 
 
 @define

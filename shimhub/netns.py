@@ -72,6 +72,10 @@ class InterfaceCounters:
     rx_errors: int
     tx_bytes: int
     tx_errors: int
+    rx_packets: int = 0
+    rx_dropped: int = 0
+    tx_packets: int = 0
+    tx_dropped: int = 0
 
 
 def _parse_net_dev(text: str) -> list[InterfaceCounters]:
@@ -79,7 +83,19 @@ def _parse_net_dev(text: str) -> list[InterfaceCounters]:
     for line in text.splitlines()[2:]:
         name, _, numbers = line.partition(":")
         fields = [int(value) for value in numbers.split()]
-        counters.append(InterfaceCounters(name.strip(), fields[0], fields[2], fields[8], fields[10]))
+        counters.append(
+            InterfaceCounters(
+                name.strip(),
+                rx_bytes=fields[0],
+                rx_errors=fields[2],
+                tx_bytes=fields[8],
+                tx_errors=fields[10],
+                rx_packets=fields[1],
+                rx_dropped=fields[3],
+                tx_packets=fields[9],
+                tx_dropped=fields[11],
+            )
+        )
     return counters
 
 

@@ -13,6 +13,7 @@ from attrs import define, field
 from google.protobuf import json_format
 
 from shimhub.hooktypes import ContainerState, ContainerStatus, PodNetwork
+from shimhub.users import User
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
 SANDBOX_READY = "ready"
@@ -87,6 +88,8 @@ class ContainerRecord:
     #: ContainerStatus.image and image_ref); empty for records written before they were kept.
     image_name: str = ""
     image_repo_digest: str = ""
+    #: Who the container's process runs as, resolved from the CRI config and the image at creation.
+    user: User = field(factory=User)
     #: Mount point of the root filesystem ("" for a container without an image).
     rootfs: str = ""
     #: The storage driver holding the root filesystem.

@@ -10,6 +10,7 @@ from the previous sample of the same object.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
-from shimhub import netns
+from shimhub import metrics, netns
 from shimhub.errors import ShimhubError
 from shimhub.hooktypes import ContainerUsage
 from shimhub.records import ContainerRecord, SandboxRecord
@@ -36,6 +37,16 @@ _SUMMED = (
     "memory_page_faults",
     "memory_major_page_faults",
     "process_count",
+    "cpu_user_nanoseconds",
+    "cpu_system_nanoseconds",
+    "memory_cache_bytes",
+    "memory_mapped_file_bytes",
+    "memory_kernel_bytes",
+    "memory_swap_bytes",
+    "oom_events",
+    "threads",
+    "file_descriptors",
+    "sockets",
 )
 
 
@@ -174,6 +185,54 @@ class StatsCollector:
             ),
             linux=linux,
         )
+
+    def metrics(self, sandbox: SandboxRecord) -> cri.PodSandboxMetrics:
+        """cAdvisor's metrics of one pod and its containers."""
+        config = sandbox.pod_config()
+        pod = config.metadata
+        containers = list(self.daemon.store.containers(sandbox.id))
+        usages = [self.container_usage(sandbox, c) for c in containers]
+        try:
+            fs = os.statvfs(self.daemon.config.storage.root)
+        except OSError:
+            fs = None
+        samples = []
+        for container, usage in zip(containers, usages, strict=True):
+            name = container.container_config().metadata.name
+            samples.append(
+                (
+                    container.id,
+                    metrics.Sample(
+                        labels=[name, container.id, container.image_name, name, pod.namespace, pod.name],
+                        usage=usage,
+                        resources=container.container_config().linux.resources,
+                        started_at=container.state.started_at,
+                        fs_used_bytes=self._writable_layer(container),
+                        fs=fs,
+                    ),
+                )
+            )
+        interfaces = (
+            []
+            if sandbox.host_network or sandbox.network_released or not sandbox.network.netns_path
+            else [c for c in netns.interface_counters(sandbox.network.netns_path) if c.name != "lo"]
+        )
+        whole = metrics.Sample(
+            labels=["POD", sandbox.id, "", pod.name, pod.namespace, pod.name],
+            usage=self._runtime_answer(sandbox, "runtime_sandbox_stats") or summed(usages),
+            started_at=sandbox.created_at,
+            interfaces=interfaces,
+        )
+        return metrics.pod_metrics(sandbox.id, whole, samples)
+
+    def _writable_layer(self, container: ContainerRecord) -> int | None:
+        driver = self.daemon.storage_drivers.get(container.storage_driver)
+        if driver is None or driver.plugin is None:
+            return None
+        try:
+            return driver.plugin.call("storage_usage", container_id=container.id).used_bytes
+        except ShimhubError:
+            return None
 
     def network(self, sandbox: SandboxRecord) -> cri.NetworkUsage | None:
         """Traffic of the pod's own network namespace (None for host-network pods and released networks)."""

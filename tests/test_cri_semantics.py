@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
@@ -100,3 +101,98 @@ def test_evented_restart_leads_to_the_new_attempt(node, tmp_path: Path) -> None:
     assert started, [(e.container_id[:12], e.container_event_type) for e in events]
     first_named = next(s for s in started[-1].containers_statuses if s.metadata.name == "app")
     assert (first_named.id, first_named.state) == (second, cri.CONTAINER_RUNNING)
+
+
+@pytest.fixture
+def host_dir_with_submount(tmp_path: Path):
+    """A host directory with a tmpfs mounted below it."""
+    top = tmp_path / "volume"
+    (top / "sub").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(top / "sub")], check=True)
+    yield top
+    subprocess.run(["umount", "-l", str(top / "sub")], check=True)
+
+
+def test_recursive_read_only_mounts_are_advertised_and_really_recursive(
+    host_dir_with_submount: Path, node, tmp_path: Path
+) -> None:
+    handlers = {h.name: h for h in node.runtime.Status(cri.StatusRequest()).runtime_handlers}
+    assert handlers["runc"].features.recursive_read_only_mounts
+    pod = Pod(node, tmp_path)
+    root = cri.Int64Value(value=0)
+    script = "touch /v/top 2>/dev/null || echo top-ro; touch /v/sub/x 2>/dev/null || echo sub-ro"
+    plain = cri.Mount(container_path="/v", host_path=str(host_dir_with_submount), readonly=True)
+    rro = cri.Mount(container_path="/v", host_path=str(host_dir_with_submount), readonly=True, recursive_read_only=True)
+    only_top = pod.run("plain", ["sh", "-c", script], mounts=[plain], linux=security(run_as_user=root))
+    both = pod.run("rro", ["sh", "-c", script], mounts=[rro], linux=security(run_as_user=root))
+    pod.wait_exit(only_top)
+    pod.wait_exit(both)
+    assert pod.lines("plain") == ["top-ro"]  # a plain read-only bind leaves submounts writable
+    assert pod.lines("rro") == ["top-ro", "sub-ro"]
+
+
+@pytest.mark.parametrize(
+    ("mount", "privileged", "why"),
+    [
+        (dict(readonly=False, recursive_read_only=True), False, "needs readonly"),
+        (
+            dict(readonly=True, recursive_read_only=True, propagation=cri.PROPAGATION_HOST_TO_CONTAINER),
+            False,
+            "needs propagation PROPAGATION_PRIVATE",
+        ),
+        (dict(propagation=cri.PROPAGATION_BIDIRECTIONAL), False, "only for privileged"),
+        (dict(propagation=cri.PROPAGATION_BIDIRECTIONAL), True, "is not shared"),
+        (dict(propagation=cri.PROPAGATION_HOST_TO_CONTAINER), False, "shared or slave"),
+    ],
+    ids=["rro-without-ro", "rro-with-propagation", "bidirectional-unprivileged", "bidirectional-private", "slave"],
+)
+def test_mount_combinations_the_cri_or_the_host_forbid_are_refused(node, tmp_path: Path, mount, privileged, why):
+    host = tmp_path / "private"  # on the node's root filesystem, which is a private mount here
+    host.mkdir()
+    pod = Pod(node, tmp_path)
+    with pytest.raises(grpc.RpcError) as refused:
+        pod.create(
+            "c",
+            ["true"],
+            mounts=[cri.Mount(container_path="/v", host_path=str(host), **mount)],
+            linux=security(privileged=privileged),
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert why in refused.value.details()
+
+
+def test_supplemental_groups_policy_merge_and_strict(daemon_factory, registry, tmp_path: Path) -> None:
+    """Merge adds the image's groups of the user; Strict only the CRI's; ContainerStatus.user says which."""
+    from shimhub.testing.layers import tar
+    from shimhub.testing.registry import Pusher, busybox_layer
+
+    Pusher(registry.open).image(
+        "test/groups",
+        "1",
+        [
+            busybox_layer(),
+            tar(
+                ("etc", "dir", None),
+                ("etc/passwd", "file", "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n"),
+                ("etc/group", "file", "root:x:0:\napp:x:1000:\nextra:x:4000:app\n"),
+            ),
+        ],
+        {"Cmd": ["id", "-G"]},
+    )
+    node = daemon_factory(runc_config(registry)).start()
+    assert node.runtime.Status(cri.StatusRequest()).features.supplemental_groups_policy
+    node.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/groups:1")))
+    pod = Pod(node, tmp_path, image="test/groups:1")
+    user = cri.Int64Value(value=1000)
+    merged = pod.run("merge", linux=security(run_as_user=user, supplemental_groups=[2000]))
+    strict = pod.run(
+        "strict",
+        linux=security(run_as_user=user, supplemental_groups=[2000], supplemental_groups_policy=cri.Strict),
+    )
+    for container_id in (merged, strict):
+        pod.wait_exit(container_id)
+    assert pod.lines("merge") == ["1000 2000 4000"]
+    assert pod.lines("strict") == ["1000 2000"]
+    merged_user = pod.status(merged).user.linux
+    assert (merged_user.uid, merged_user.gid, list(merged_user.supplemental_groups)) == (1000, 1000, [1000, 2000, 4000])
+    assert list(pod.status(strict).user.linux.supplemental_groups) == [1000, 2000]

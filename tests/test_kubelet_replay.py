@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,20 @@ def runc_cni_config(registry, network) -> str:
 
 
 @pytest.fixture
-def kubelet(daemon_factory, registry, network, tmp_path: Path) -> Kubelet:
+def kubelet_cgroups() -> Iterator[None]:
+    """The kubelet makes the pod cgroups it names as parents, and removes them; here the test does."""
+    made = [p for p in Path("/sys/fs/cgroup").glob("*/kubepods") if p.is_dir()]
+    yield
+    for top in Path("/sys/fs/cgroup").glob("*/kubepods"):
+        if top in made:
+            continue
+        for directory in sorted((d for d in top.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
+            directory.rmdir()
+        top.rmdir()
+
+
+@pytest.fixture
+def kubelet(kubelet_cgroups, daemon_factory, registry, network, tmp_path: Path) -> Kubelet:
     network.conflist()
     daemon = daemon_factory(runc_cni_config(registry, network)).start()
     daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=IMAGE)))

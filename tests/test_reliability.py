@@ -19,7 +19,7 @@ import grpc
 import psutil
 import pytest
 
-from shimhub import netns
+from shimhub import mountinfo, netns
 from shimhub.testing.daemon import Daemon, Pod, pod_config, wait_for
 from shimhub.testing.leaks import leftovers
 from shimhub_proto.cri.v1 import api_pb2 as cri
@@ -170,8 +170,7 @@ def records(daemon: Daemon, kind: str) -> set[str]:
 def traces(ids: set[str]) -> list[str]:
     """Mounts, processes, cgroups and network namespaces that name one of `ids` (or its short form)."""
     names = {i for full in ids for i in (full, full[:12], full[:20])}
-    with open("/proc/self/mountinfo") as mountinfo:
-        found = [line.split()[4] for line in mountinfo if any(n in line for n in names)]
+    found = [m.mount_point for m in mountinfo.mounts() if any(n in m.mount_point for n in names)]
     for process in psutil.process_iter(["cmdline", "status"]):
         command = " ".join(process.info["cmdline"] or [])
         if process.info["status"] != psutil.STATUS_ZOMBIE and any(n in command for n in names):

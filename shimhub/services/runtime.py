@@ -198,6 +198,13 @@ def container_status(record: ContainerRecord, state: ContainerState) -> cri.Cont
         log_path=record.log_path,
         resources=cri.ContainerResources(linux=config.linux.resources),
         stop_signal=config.stop_signal,
+        user=cri.ContainerUser(
+            linux=cri.LinuxContainerUser(
+                uid=record.user.uid,
+                gid=record.user.gid,
+                supplemental_groups=sorted({record.user.gid, *record.user.additional_gids}),
+            )
+        ),
     )
 
 
@@ -283,7 +290,12 @@ class RuntimeService:
             )
         )
         info = {"status": json.dumps(daemon.status_info(), sort_keys=True)} if request.verbose else {}
-        return cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions), runtime_handlers=handlers, info=info)
+        return cri.StatusResponse(
+            status=cri.RuntimeStatus(conditions=conditions),
+            runtime_handlers=handlers,
+            info=info,
+            features=cri.RuntimeFeatures(supplemental_groups_policy=True),
+        )
 
     def RuntimeConfig(
         self, request: cri.RuntimeConfigRequest, context: grpc.ServicerContext
@@ -515,8 +527,15 @@ class RuntimeService:
     def ListPodSandboxMetrics(
         self, request: cri.ListPodSandboxMetricsRequest, context: grpc.ServicerContext
     ) -> cri.ListPodSandboxMetricsResponse:
-        pods = [self.stats.pod(record) for record in self.daemon.store.sandboxes()]
-        return cri.ListPodSandboxMetricsResponse(pod_metrics=[metrics.pod_metrics(p) for p in pods])
+        return cri.ListPodSandboxMetricsResponse(
+            pod_metrics=[self.stats.metrics(record) for record in self.daemon.store.sandboxes()]
+        )
+
+    def StreamPodSandboxMetrics(
+        self, request: cri.StreamPodSandboxMetricsRequest, context: grpc.ServicerContext
+    ) -> Iterator[cri.StreamPodSandboxMetricsResponse]:
+        for part in chunks([self.stats.metrics(record) for record in self.daemon.store.sandboxes()]):
+            yield cri.StreamPodSandboxMetricsResponse(pod_sandbox_metrics=part)
 
     # -- events ------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from shimhub import plugin_options
+from shimhub import mountinfo, plugin_options
 from shimhub.errors import FailedPrecondition, NotFound, PluginFailed
 from shimhub.hookspecs import hookimpl
 from shimhub.hooktypes import FilesystemUsage, PluginContext, Readiness
@@ -33,9 +33,7 @@ def run(*argv: str, cwd: str | None = None) -> str:
 
 def is_mounted(path: str) -> bool:
     """Whether something is mounted exactly at `path`."""
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as mountinfo:
-        return any(line.split()[4] == real for line in mountinfo)
+    return mountinfo.is_mount_point(path)
 
 
 def unmount(path: str) -> None:

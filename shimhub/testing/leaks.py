@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 from attrs import define, field
 
-from shimhub import netns
+from shimhub import mountinfo, netns
 
 
 def _netns_names() -> set[str]:
@@ -53,8 +53,7 @@ class NodeSnapshot:
 
 
 def _mounts_under(root: Path) -> list[str]:
-    with open("/proc/self/mountinfo") as mountinfo:
-        return [line.split()[4] for line in mountinfo if line.split()[4].startswith(str(root))]
+    return mountinfo.under(str(root))
 
 
 def _processes_mentioning(root: Path) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from shimhub import plugins
+from shimhub import mountinfo, plugins
 from shimhub.config import converter
 from shimhub.hooktypes import PodNetwork
 from shimhub.plugins import LoadedPlugin
@@ -46,8 +46,7 @@ def addresses_inside(netns_path: str) -> list[str]:
 
 def namespace_alive(netns_path: str) -> bool:
     """Whether `netns_path` still names a network namespace (a bind mount of one)."""
-    with open("/proc/self/mountinfo") as mountinfo:
-        return any(line.split()[4] == netns_path for line in mountinfo)
+    return mountinfo.is_mount_point(netns_path)
 
 
 class NetworkConformance:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from shimhub import plugins
+from shimhub import mountinfo, plugins
 from shimhub.plugins import LoadedPlugin
 from shimhub.storage.common import is_mounted
 from shimhub.testing.context import scratch_context
@@ -112,8 +112,7 @@ class StorageConformance:
         for layer in ("top", "base"):
             storage.call("storage_layer_remove", layer_id=layer)
         root: Path = storage.root  # type: ignore[attr-defined]
-        with open("/proc/self/mountinfo") as mountinfo:
-            mounted = [line.split()[4] for line in mountinfo if line.split()[4].startswith(str(root))]
+        mounted = mountinfo.under(str(root))
         assert mounted == [], f"storage_rootfs_remove / storage_layer_remove left mounts: {mounted}"
         # The driver's own directories and files (<root>/<driver>/*) may stay; nothing of a layer or container may.
         kept = [p for p in root.rglob("*") if len(p.relative_to(root).parts) > 2]

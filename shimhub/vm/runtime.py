@@ -43,7 +43,7 @@ from typing import Any
 import psutil
 from shimhub_runc import containerspec, pod, spec
 
-from shimhub import crilog, plugin_options
+from shimhub import crilog, mountinfo, plugin_options
 from shimhub.errors import (
     ConfigError,
     DeadlineExceeded,
@@ -464,6 +464,7 @@ class VmRuntime:
             pod=context,
             cgroup_path=spec.cgroups_path("cgroupfs", "", container.id),
             oom_score_adj=config.linux.resources.oom_score_adj,
+            user=container.user,
         )
         self.context.extensions.shimhub_adjust_oci_spec(sandbox=sandbox, container=container, spec=oci)
         oci["linux"]["devices"] = []  # the host's device nodes are not the guest's
@@ -710,8 +711,5 @@ class _Attached(AgentProcess):
 
 
 def _mounts_under(directory: Path) -> list[str]:
-    """Mount points at or below `directory`, from /proc/self/mountinfo."""
-    prefix = str(directory)
-    with open("/proc/self/mountinfo") as info:
-        points = [line.split()[4].replace("\\040", " ") for line in info]
-    return [p for p in points if p == prefix or p.startswith(prefix + "/")]
+    """Mount points at or below `directory`."""
+    return mountinfo.under(str(directory))

@@ -61,6 +61,7 @@ def build(
         pod=context,
         cgroup_path=cgroup,
         oom_score_adj=oom.clamp(config.linux.resources.oom_score_adj),
+        user=container.user,
     )
     if extensions is not None:
         extensions.shimhub_adjust_oci_spec(sandbox=sandbox, container=container, spec=oci)

@@ -50,6 +50,7 @@ from shimhub.hooktypes import (
 )
 from shimhub.records import ContainerRecord, SandboxRecord
 from shimhub.storage.common import is_mounted, unmount
+from shimhub.users import User
 from shimhub_proto.containerd.cgroups.v1 import metrics_pb2 as cgroups_v1
 from shimhub_proto.containerd.cgroups.v2 import metrics_pb2 as cgroups_v2
 from shimhub_proto.containerd.runtimeoptions.v1 import options_pb2
@@ -305,6 +306,7 @@ class ShimV2Runtime:
             pod=context,
             cgroup_path=spec.cgroups_path(self.cgroup_driver, config.linux.cgroup_parent, sandbox.id),
             oom_score_adj=max(SANDBOX_OOM_SCORE, self.oom.floor) if self.oom.restrict else SANDBOX_OOM_SCORE,
+            user=User(),
         )
         oci["root"]["path"] = "rootfs"
         pause = {"destination": PAUSE_PATH, "type": "bind", "source": self.pause, "options": ["rbind", "ro"]}

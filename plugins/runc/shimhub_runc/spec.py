@@ -10,8 +10,9 @@ from typing import Any
 from attrs import define, field
 
 from shimhub.errors import InvalidArgument
+from shimhub.users import User
 from shimhub_proto.cri.v1 import api_pb2 as cri
-from shimhub_runc import seccomp, users
+from shimhub_runc import seccomp
 
 OCI_VERSION = "1.0.2"
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -127,7 +128,7 @@ def command(config: cri.ContainerConfig, image: Mapping[str, Any]) -> list[str]:
     return argv
 
 
-def environment(config: cri.ContainerConfig, image: Mapping[str, Any], user: users.User) -> list[str]:
+def environment(config: cri.ContainerConfig, image: Mapping[str, Any], user: User) -> list[str]:
     """The image's environment overridden by the CRI's, with PATH and HOME filled in."""
     merged: dict[str, str] = {}
     for entry in list(image.get("Env") or []):
@@ -318,11 +319,11 @@ def build(
     pod: PodContext,
     cgroup_path: str,
     oom_score_adj: int,
+    user: User,
 ) -> dict[str, Any]:
-    """The OCI runtime spec of a container."""
+    """The OCI runtime spec of a container that runs as `user` (which shimhub resolved)."""
     security = config.linux.security_context
     image_config = image.get("config") or {}
-    user = users.resolve(rootfs, security, str(image_config.get("User", "")))
     privileged = security.privileged
     caps = capabilities(security)
     mounts = _cri_mounts(config)

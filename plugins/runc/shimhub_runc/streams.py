@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import selectors
 import signal
@@ -39,22 +40,26 @@ def _proc_path(directory: Path, name: str) -> tuple[int, str]:
     return fd, f"/proc/self/fd/{fd}/{name}"
 
 
-def kill_command(pid_file: Path, runtime: subprocess.Popen[bytes]) -> None:
+def kill_command(pid_file: Path, runtime: subprocess.Popen[bytes], runtime_argv: list[str], container_id: str) -> None:
     """SIGKILL the command `runtime` (runc exec) runs and every process it started, and wait until they are gone.
 
     runc names the command in the pid file a moment after starting it. The
     deepest processes go first, so that each is reaped by its still living
-    parent rather than left to a container init that may never reap it.
+    parent rather than left to a container init that may never reap it. In a
+    gVisor sandbox the processes are not the host's: they are found with
+    `runsc ps` and killed with `runsc kill --pid`.
     """
     deadline = time.monotonic() + KILL_WAIT
+    internal = _internal_pid_file(pid_file)
     while runtime.poll() is None and time.monotonic() < deadline:
         try:
-            command = psutil.Process(int(pid_file.read_text()))
+            if _is_runsc(runtime_argv):
+                _kill_in_sandbox(runtime_argv, container_id, int(internal.read_text()), deadline)
+            else:
+                _kill_tree(psutil.Process(int(pid_file.read_text())), deadline)
+            return
         except (OSError, ValueError, psutil.Error):
             time.sleep(0.01)
-            continue
-        _kill_tree(command, deadline)
-        return
 
 
 def _kill_tree(root: psutil.Process, deadline: float) -> None:
@@ -75,9 +80,42 @@ def _children(process: psutil.Process) -> list[psutil.Process]:
         return []
 
 
+def _is_runsc(runtime_argv: list[str]) -> bool:
+    return os.path.basename(runtime_argv[0]) == "runsc"
+
+
+def _internal_pid_file(pid_file: Path) -> Path:
+    return pid_file.with_name(pid_file.name + ".internal")
+
+
+def _kill_in_sandbox(runtime_argv: list[str], container_id: str, root: int, deadline: float) -> None:
+    def sandbox_processes() -> dict[int, int]:
+        done = subprocess.run(
+            [*runtime_argv, "ps", "--format=json", container_id], capture_output=True, timeout=KILL_WAIT, check=False
+        )
+        listed = json.loads(done.stdout or b"[]") or []
+        return {int(entry["PID"]): int(entry["PPID"]) for entry in listed}
+
+    parents = sandbox_processes()
+    levels = [[root]]
+    while levels[-1]:
+        levels.append([pid for pid, parent in parents.items() if parent in levels[-1]])
+    for level in reversed(levels):
+        for pid in level:
+            subprocess.run(
+                [*runtime_argv, "kill", "--pid", str(pid), container_id, "KILL"],
+                capture_output=True,
+                timeout=KILL_WAIT,
+                check=False,
+            )
+        while level and time.monotonic() < deadline and set(level) & set(sandbox_processes()):
+            time.sleep(0.02)
+
+
 def exec_argv(runtime: list[str], container_id: str, cmd: list[str], pid_file: Path, *, tty: bool = False) -> list[str]:
     """`runtime` (the OCI runtime and its global arguments) exec-ing `cmd` in the container."""
-    return [*runtime, "exec", "--pid-file", str(pid_file), *(["--tty"] if tty else []), container_id, *cmd]
+    internal = ["--internal-pid-file", str(_internal_pid_file(pid_file))] if _is_runsc(runtime) else []
+    return [*runtime, "exec", "--pid-file", str(pid_file), *internal, *(["--tty"] if tty else []), container_id, *cmd]
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -105,6 +143,7 @@ class ExecProcess:
         self.closed = False
         self._closing = threading.Lock()
         self.selector = selectors.DefaultSelector()
+        self.runtime_argv, self.container_id = runtime, container_id
         argv = exec_argv(runtime, container_id, cmd, pid_file, tty=tty)
         if tty:
             self.master, terminal = os.openpty()
@@ -176,13 +215,14 @@ class ExecProcess:
                 return
             self.closed = True
         if self.process.poll() is None:
-            kill_command(self.pid_file, self.process)
+            kill_command(self.pid_file, self.process, self.runtime_argv, self.container_id)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=KILL_WAIT)
             if self.process.poll() is None:
                 self.process.kill()
                 self.process.wait()
         self.pid_file.unlink(missing_ok=True)
+        _internal_pid_file(self.pid_file).unlink(missing_ok=True)
         self.selector.close()
         for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
             if stream is not None:

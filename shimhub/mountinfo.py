@@ -1,0 +1,71 @@
+"""The mount table of shimhub's mount namespace, from /proc/self/mountinfo (one parser for all)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from attrs import define
+
+MOUNTINFO = "/proc/self/mountinfo"
+_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(field: str) -> str:
+    """The kernel writes space, tab, newline and backslash in paths as octal escapes."""
+    return _ESCAPE.sub(lambda match: chr(int(match.group(1), 8)), field)
+
+
+@define(frozen=True)
+class Mount:
+    """One line of mountinfo."""
+
+    mount_point: str
+    #: The optional fields: "shared:N", "master:N", "propagate_from:N", "unbindable".
+    optional: tuple[str, ...]
+    fs_type: str
+
+    @property
+    def shared(self) -> bool:
+        return any(tag.startswith("shared:") for tag in self.optional)
+
+    @property
+    def slave(self) -> bool:
+        return any(tag.startswith("master:") for tag in self.optional)
+
+
+def mounts() -> list[Mount]:
+    """Every mount, in the kernel's order (a later one over the same point hides an earlier one)."""
+    found = []
+    with open(MOUNTINFO) as table:
+        for line in table:
+            fields = line.split()
+            separator = fields.index("-")
+            found.append(Mount(_unescape(fields[4]), tuple(fields[6:separator]), fields[separator + 1]))
+    return found
+
+
+def is_mount_point(path: str) -> bool:
+    """Whether something is mounted exactly at `path` (symlinks resolved)."""
+    real = os.path.realpath(path)
+    return any(mount.mount_point == real for mount in mounts())
+
+
+def under(directory: str) -> list[str]:
+    """Mount points at or below `directory`."""
+    prefix = directory.rstrip("/")
+    return [m.mount_point for m in mounts() if m.mount_point == prefix or m.mount_point.startswith(prefix + "/")]
+
+
+def containing(path: str) -> Mount:
+    """The mount that holds `path` (symlinks resolved): the last mounted of the longest matching point."""
+    real = os.path.realpath(path)
+    best: Mount | None = None
+    for mount in mounts():
+        point = mount.mount_point
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and (
+            best is None or len(point) >= len(best.mount_point)
+        ):
+            best = mount
+    assert best is not None, "/ is always mounted"
+    return best
