@@ -30,8 +30,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the CRI socket until SIGTERM/SIGINT."""
     from shimhub.daemon import Daemon
     from shimhub.server import Server, SocketInUse, run_until_signalled
+    from shimhub.state import StateDirInUse, lock_state_dir
 
     cfg = _load_config(args)
+    try:
+        lock_state_dir(cfg.state_dir)  # held until the process ends
+    except StateDirInUse as exc:
+        print(f"shimhub: {exc}", file=sys.stderr)
+        return 1
     daemon = Daemon(cfg)
     daemon.recover()
     server = Server(daemon, Path(cfg.socket))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from shimhub.records import (
     PENDING_REMOVE,
     SANDBOX_READY,
     ContainerRecord,
+    ImageVolume,
     SandboxRecord,
     proto_to_dict,
 )
@@ -28,7 +30,9 @@ from shimhub.validation import check_identity, check_mounts
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
 if TYPE_CHECKING:
+    from shimhub.backends import Backend
     from shimhub.daemon import Daemon
+    from shimhub.images.store import ImageRecord
     from shimhub.plugins import LoadedPlugin
 
 log = logging.getLogger(__name__)
@@ -98,6 +102,41 @@ def resolve_log_path(log_directory: str, log_path: str) -> str:
     return full
 
 
+def _image_mounts_to_binds(config: cri.ContainerConfig, volumes: list[ImageVolume]) -> None:
+    """Turn the image mounts of `config` into read-only binds of the volumes' filesystems (in mount order)."""
+    mounted = iter(volumes)
+    for mount in config.mounts:
+        if not mount.image.image:
+            continue
+        root = next(mounted).path
+        source = root
+        if mount.image_sub_path:
+            source = _inside(root, mount.image_sub_path, mount.container_path)
+        mount.ClearField("image")
+        mount.ClearField("image_sub_path")
+        mount.host_path = source
+        mount.readonly = True
+        mount.propagation = cri.PROPAGATION_PRIVATE
+
+
+def _inside(root: str, sub_path: str, container_path: str) -> str:
+    """`sub_path` of an image volume: relative, no "..", no symlink on the way, and present."""
+    where = f"image volume at {container_path[:256]!r}: image_sub_path {sub_path[:256]!r}"
+    parts = [part for part in sub_path.split("/") if part and part != "."]
+    if sub_path.startswith("/") or ".." in parts:
+        raise InvalidArgument(f"{where} must be a relative path without '..'")
+    current = root
+    for part in parts:
+        current = os.path.join(current, part)
+        try:
+            info = os.lstat(current)
+        except OSError:
+            raise InvalidArgument(f"{where} does not exist in the image") from None
+        if stat.S_ISLNK(info.st_mode):
+            raise InvalidArgument(f"{where} goes through a symbolic link")
+    return current
+
+
 class ContainerManager:
     """Creates, starts, stops and removes containers, and keeps their state current."""
 
@@ -146,6 +185,7 @@ class ContainerManager:
             if image
             else ("", "")
         )
+        volumes = self._volume_images(config)
         record = ContainerRecord(
             id=new_id(),
             sandbox_id=sandbox.id,
@@ -173,7 +213,7 @@ class ContainerManager:
         with daemon.locks.hold(sandbox.id), daemon.locks.hold(record.id):
             if sandbox.state != SANDBOX_READY:
                 raise FailedPrecondition(f"pod sandbox {sandbox.id} stopped while the container was being created")
-            if image is not None:
+            if image is not None or volumes:
                 record.storage_driver, driver = daemon.storage_for(sandbox.handler)
             daemon.store.save_container(record)
             crash_point("create_container:saved")
@@ -187,6 +227,9 @@ class ContainerManager:
                 record.user = users.resolve(
                     record.rootfs, config.linux.security_context, image.user_spec() if image else ""
                 )
+                for number, volume_image in enumerate(volumes):
+                    self._mount_image_volume(record, volume_image, number, driver)
+                _image_mounts_to_binds(plugin_config, record.image_volumes)
                 daemon.store.save_container(record)
                 plugin.call(
                     "runtime_container_create",
@@ -233,8 +276,36 @@ class ContainerManager:
         if not record.storage_driver:
             return
         storage = self.daemon.storage_drivers[record.storage_driver].installed()
-        storage.call("storage_rootfs_unmount", container_id=record.id)
-        storage.call("storage_rootfs_remove", container_id=record.id)
+        for storage_id in [volume.storage_id for volume in record.image_volumes] + [record.id]:
+            storage.call("storage_rootfs_unmount", container_id=storage_id)
+            storage.call("storage_rootfs_remove", container_id=storage_id)
+
+    def _volume_images(self, config: cri.ContainerConfig) -> list[ImageRecord]:
+        """The images of the container's image volumes, each present on the node (else NotFound naming it)."""
+        found = []
+        for mount in config.mounts:
+            if not mount.image.image:
+                continue
+            if mount.host_path:
+                raise InvalidArgument(f"mount at {mount.container_path[:256]!r} sets both host_path and image")
+            volume_image = self.daemon.images.images.find(mount.image.image)
+            if volume_image is None:
+                raise NotFound(
+                    f"image volume at {mount.container_path[:256]!r}: image {mount.image.image[:256]!r} is not "
+                    "present on the node; pull it first"
+                )
+            found.append(volume_image)
+        return found
+
+    def _mount_image_volume(self, record: ContainerRecord, image: ImageRecord, number: int, driver: Backend) -> None:
+        """Give the container a filesystem of `image`'s layers, to be bind-mounted read-only."""
+        storage = driver.require()
+        self.daemon.images.provide_layers(image, record.storage_driver, driver)
+        volume = ImageVolume(image_id=image.id, storage_id=f"{record.id}-image-volume-{number}")
+        record.image_volumes.append(volume)
+        self.daemon.store.save_container(record)  # a crash from here on rolls the volume back too
+        storage.call("storage_rootfs_create", container_id=volume.storage_id, layer_id=_hex(image.top_layer))
+        volume.path = storage.call("storage_rootfs_mount", container_id=volume.storage_id)
 
     def start(self, container_id: str) -> None:
         """Start a created container."""
@@ -279,7 +350,7 @@ class ContainerManager:
             self.daemon.store.delete_container(record.id)
             self.daemon.container_names.release(record.name, record.id)
         self.daemon.locks.forget(record.id)
-        if record.image_ref:
+        if record.image_ref or record.image_volumes:
             self.daemon.collect_garbage()
         self.daemon.emit("container_removed", sandbox, record)
 

@@ -121,7 +121,9 @@ class Daemon:
 
     def collect_garbage(self) -> None:
         """Remove image layers and blobs nothing uses any more."""
-        self.images.collect_garbage(self.storage_drivers, {c.image_ref for c in self.store.containers()})
+        in_use = {c.image_ref for c in self.store.containers()}
+        in_use |= {volume.image_id for c in self.store.containers() for volume in c.image_volumes}
+        self.images.collect_garbage(self.storage_drivers, in_use)
 
     def filesystem_usage(self) -> tuple[tuple[str, int, int], tuple[str, int, int]]:
         """(mountpoint, bytes, inodes) of image content and of container writable layers."""

@@ -69,6 +69,17 @@ class SandboxRecord:
 
 
 @define
+class ImageVolume:
+    """An image mounted read-only into a container (a CRI Mount with `image` set)."""
+
+    #: The image's id (kept in use, so RemoveImage cannot take its layers).
+    image_id: str
+    #: The storage driver's id of the volume's filesystem, and where it is mounted on the node.
+    storage_id: str
+    path: str = ""
+
+
+@define
 class ContainerRecord:
     """One container."""
 
@@ -90,6 +101,8 @@ class ContainerRecord:
     image_repo_digest: str = ""
     #: Who the container's process runs as, resolved from the CRI config and the image at creation.
     user: User = field(factory=User)
+    #: Images mounted into the container, in the order of their mounts.
+    image_volumes: list[ImageVolume] = field(factory=list)
     #: Mount point of the root filesystem ("" for a container without an image).
     rootfs: str = ""
     #: The storage driver holding the root filesystem.

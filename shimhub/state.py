@@ -9,6 +9,7 @@ the new record, never half of one.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -58,6 +59,26 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class StateDirInUse(Exception):
+    """Another shimhub holds the state directory."""
+
+
+def lock_state_dir(state_dir: str) -> int:
+    """Take the state directory for this process: an exclusive lock, held until the process ends.
+
+    Taken before anything is read, so that a second `shimhub serve` on the same state never
+    runs crash recovery against a live daemon. The descriptor is not inherited by children.
+    """
+    Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(Path(state_dir) / "shimhub.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateDirInUse(f"another shimhub serves the state directory {state_dir}") from None
+    return fd
 
 
 def load_record(path: Path, kind: type[T], label: str) -> T | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import socket
 import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -109,3 +110,15 @@ def test_sighup_reloads_handlers_and_keeps_running_on_a_bad_file(daemon) -> None
     pod = pod_config(name="after-reload")
     pod_id = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=pod, runtime_handler="extra")).pod_sandbox_id
     assert rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status.runtime_handler == "extra"
+
+
+def test_a_second_daemon_on_the_same_state_stops_before_touching_it(daemon_factory) -> None:
+    """It must not run crash recovery against the live daemon's pulls and creations in flight."""
+    first = daemon_factory(PROC_CONFIG).start()
+    sandbox = first.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config())).pod_sandbox_id
+    config = str(first.config_path)
+    argv = [first.python, "-m", "shimhub", "serve", "--config", config, "--socket", str(first.root / "s")]
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert second.returncode == 1
+    assert f"another shimhub serves the state directory {first.root / 'state'}" in second.stderr
+    assert [p.id for p in first.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items] == [sandbox]

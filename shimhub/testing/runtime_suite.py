@@ -107,6 +107,17 @@ class RuntimeConformance:
             node.rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod.id))
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
 
+    def test_forced_removal_of_a_pod_with_a_running_container(self, node: RuntimeNode) -> None:
+        """StopPodSandbox then RemovePodSandbox while a container runs (`crictl rmp -f`, the kubelet's pod garbage
+        collection): no process, mount, namespace or record of the pod may stay."""
+        pod = node.pod()
+        container = pod.run("server", ["sleep", "3600"])
+        wait_for(lambda: pod.status(container).state == cri.CONTAINER_RUNNING, self.patience)
+        node.rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod.id), timeout=POD_TIMEOUT)
+        node.rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id), timeout=POD_TIMEOUT)
+        left = node.daemon.remove_everything()
+        assert not left, f"runtime_sandbox_stop + runtime_sandbox_remove with a running container left: {left}"
+
     # -- containers ---------------------------------------------------------------------------
 
     def test_output_lands_in_a_cri_log_and_the_exit_code_is_reported(self, node: RuntimeNode) -> None:

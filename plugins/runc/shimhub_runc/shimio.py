@@ -19,6 +19,7 @@ from shimhub import fifos
 from shimhub.crilog import LogFile
 from shimhub.errors import ShimhubError
 from shimhub.hooktypes import STDERR, STDOUT
+from shimhub.processes import kill_tree
 from shimhub_proto.containerd.task.v2 import shim_pb2 as task
 from shimhub_runc.shim import PROCESS_TYPE, TaskClient, json_any
 from shimhub_runc.streams import write_all
@@ -199,6 +200,7 @@ class ShimExec:
         self._closed = False
         self._exit: int | None = None
         self._created = False
+        self._pid = 0
         self._output = _Output(streams=1 if tty else 2)
         self._stdio = _Stdio(directory, relay, self._output.sink, stdin=stdin, tty=tty)
         paths = self._stdio.paths
@@ -215,7 +217,7 @@ class ShimExec:
                 )
             )
             self._created = True
-            client.start(container_id, self.exec_id)
+            self._pid = client.start(container_id, self.exec_id)
         except BaseException:
             self.close()
             raise
@@ -224,17 +226,6 @@ class ShimExec:
 
     def read_output(self) -> tuple[int, bytes]:
         return self._output.read()
-
-    def read_all(self, timeout: float | None) -> tuple[bytes, bytes] | None:
-        """All output until the command ends; None if `timeout` passed first."""
-        if not self._stdio.watch.wait(timeout):
-            return None
-        chunks: dict[int, list[bytes]] = {STDOUT: [], STDERR: []}
-        while True:
-            stream, data = self.read_output()
-            if not data:
-                return b"".join(chunks[STDOUT]), b"".join(chunks[STDERR])
-            chunks[stream].append(data)
 
     def write_input(self, data: bytes) -> None:
         self._stdio.write_input(data)
@@ -259,6 +250,8 @@ class ShimExec:
         steps = [self.close_input]
         if self._created:
             if self._exit is None:
+                if self._pid:  # what the command started too: the shim's kill reaches only the command
+                    kill_tree(self._pid, KILL_WAIT)
                 steps += [
                     lambda: self._client.kill(self._container, signal.SIGKILL, self.exec_id),
                     lambda: self._client.wait(self._container, self.exec_id, timeout=KILL_WAIT),

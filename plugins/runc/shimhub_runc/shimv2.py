@@ -348,6 +348,11 @@ class ShimV2Runtime:
     @hookimpl
     def runtime_sandbox_remove(self, sandbox: SandboxRecord) -> None:
         self.runtime_sandbox_stop(sandbox)
+        address = sandbox.runtime_data.get("shim", "")
+        if address:
+            # Stopped while a container's task still ran in the pod's shim, the shim stayed for it; the
+            # containers are deleted now, so it may exit (asking a shim that is gone already is harmless).
+            self._shutdown(sandbox.id, address)
         self._remove_bundle(sandbox.id)
         pod.remove(sandbox.runtime_data.get("pod", {"dir": str(self.pods / sandbox.id)}))
 

@@ -180,8 +180,6 @@ def capabilities(security: cri.LinuxContainerSecurityContext) -> list[str]:
 def _cri_mounts(config: cri.ContainerConfig) -> list[dict[str, Any]]:
     mounts = []
     for mount in config.mounts:
-        if mount.image.image:
-            raise InvalidArgument(f"image volume mounts are not supported yet ({mount.container_path})")
         if not os.path.isabs(mount.container_path):
             raise InvalidArgument(f"mount container_path {mount.container_path!r} must be absolute")
         if not os.path.exists(mount.host_path):

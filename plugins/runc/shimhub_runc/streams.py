@@ -16,10 +16,9 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
-
 from shimhub.errors import PluginFailed
 from shimhub.hooktypes import STDERR, STDOUT
+from shimhub.processes import kill_tree
 from shimhub_runc.conmon import Monitor
 
 CHUNK = 32 * 1024
@@ -56,28 +55,10 @@ def kill_command(pid_file: Path, runtime: subprocess.Popen[bytes], runtime_argv:
             if _is_runsc(runtime_argv):
                 _kill_in_sandbox(runtime_argv, container_id, int(internal.read_text()), deadline)
             else:
-                _kill_tree(psutil.Process(int(pid_file.read_text())), deadline)
+                kill_tree(int(pid_file.read_text()), max(deadline - time.monotonic(), 0))
             return
-        except (OSError, ValueError, psutil.Error):
+        except (OSError, ValueError):
             time.sleep(0.01)
-
-
-def _kill_tree(root: psutil.Process, deadline: float) -> None:
-    levels = [[root]]
-    while levels[-1]:
-        levels.append([child for parent in levels[-1] for child in _children(parent)])
-    for level in reversed(levels):
-        for process in level:
-            with contextlib.suppress(psutil.Error):
-                process.kill()
-        psutil.wait_procs(level, timeout=max(deadline - time.monotonic(), 0))
-
-
-def _children(process: psutil.Process) -> list[psutil.Process]:
-    try:
-        return process.children()
-    except psutil.Error:
-        return []
 
 
 def _is_runsc(runtime_argv: list[str]) -> bool:
