@@ -88,17 +88,29 @@ def container_name(metadata: cri.ContainerMetadata, pod: cri.PodSandboxMetadata)
 
 
 def resolve_log_path(log_directory: str, log_path: str) -> str:
-    """The absolute log file for `log_path` under the pod's `log_directory`; refuses escapes."""
+    """The absolute log file for `log_path` under the pod's `log_directory`.
+
+    The directory must be absolute, neither may hold "..", no symlink may lead out of the
+    directory, and the file itself may not be a symlink (the runtime opens it as root).
+    """
     if not log_path:
         return ""
     if not log_directory:
         raise InvalidArgument("log_path is set but the pod sandbox has no log_directory")
-    if os.path.isabs(log_path):
-        raise InvalidArgument(f"log_path {log_path!r} must be relative to the pod's log_directory")
+    if not os.path.isabs(log_directory) or ".." in log_directory.split("/"):
+        raise InvalidArgument(f"log_directory {log_directory[:256]!r} must be absolute, without '..'")
+    if os.path.isabs(log_path) or ".." in log_path.split("/"):
+        raise InvalidArgument(f"log_path {log_path[:256]!r} must be relative to the pod's log_directory, without '..'")
     base = os.path.normpath(log_directory)
     full = os.path.normpath(os.path.join(base, log_path))
-    if os.path.commonpath([base, full]) != base or full == base:
-        raise InvalidArgument(f"log_path {log_path!r} escapes the pod's log_directory")
+    if full == base:
+        raise InvalidArgument(f"log_path {log_path[:256]!r} names the log directory itself")
+    real_base = os.path.realpath(base)
+    real_parent = os.path.realpath(os.path.dirname(full))
+    if os.path.commonpath([real_base, real_parent]) != real_base:
+        raise InvalidArgument(f"log_path {log_path[:256]!r} leads out of the pod's log_directory through a symlink")
+    if os.path.islink(full):
+        raise InvalidArgument(f"log_path {log_path[:256]!r} is a symlink")
     return full
 
 
@@ -156,6 +168,7 @@ class ContainerManager:
         if not config.metadata.name:
             raise InvalidArgument("container metadata.name is empty")
         check_identity(config.linux.security_context, "container")
+        profiles.check_lsm(config.linux.security_context, config.metadata.name)
         handler = daemon.handlers.get(sandbox.handler)
         check_mounts(config, handler.backend.setup_readiness.features.recursive_read_only_mounts)
         pod_config = sandbox.pod_config()

@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 
 from shimhub import config as config_module
-from shimhub import plugins, telemetry
+from shimhub import plugins, profiles, telemetry
 from shimhub.backends import Backend
 from shimhub.config import Config
 from shimhub.containers import ContainerManager
@@ -243,4 +243,5 @@ class Daemon:
             "network": describe(self.network),
             "storage": {name: describe(driver) for name, driver in self.storage_drivers.items()},
             "pod_cidr": self.pod_cidr,
+            "security_modules": profiles.node_lsms(),
         }

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from shimhub import confined
-from shimhub.errors import InvalidArgument
+from shimhub.errors import FailedPrecondition, InvalidArgument
 from shimhub.state import write_atomically
 from shimhub_proto.cri.v1 import api_pb2 as cri
+
+log = logging.getLogger(__name__)
 
 #: Most bytes of a Localhost seccomp profile.
 PROFILE_LIMIT = 1 << 20
@@ -64,3 +67,39 @@ def _verified_copy(reference: str, profile_root: str, copies: Path) -> Path:
         copies.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_atomically(copy, data)
     return copy
+
+
+APPARMOR_ENABLED = Path("/sys/module/apparmor/parameters/enabled")
+SELINUX_ENFORCE = Path("/sys/fs/selinux/enforce")
+
+
+def node_lsms() -> dict[str, bool]:
+    """Which Linux security modules the node has (for Status and the checks below)."""
+    try:
+        apparmor = APPARMOR_ENABLED.read_text().strip() == "Y"
+    except OSError:
+        apparmor = False
+    return {"apparmor": apparmor, "selinux": SELINUX_ENFORCE.exists()}
+
+
+def check_lsm(security: cri.LinuxContainerSecurityContext, container: str) -> None:
+    """Refuse an AppArmor profile the node cannot load; say so when a container asked for confinement the node
+    cannot give (AppArmor's runtime default, SELinux labels) and runs without it."""
+    lsms = node_lsms()
+    localhost = (
+        security.apparmor.profile_type == cri.SecurityProfile.Localhost
+        if security.HasField("apparmor")
+        else security.apparmor_profile.startswith("localhost/")
+    )
+    asked_default = (
+        security.HasField("apparmor") and security.apparmor.profile_type == cri.SecurityProfile.RuntimeDefault
+    ) or security.apparmor_profile == "runtime/default"
+    if not lsms["apparmor"] and localhost:
+        raise FailedPrecondition(
+            f"container {container[:64]!r} asks for AppArmor profile "
+            f"{(security.apparmor.localhost_ref or security.apparmor_profile)[:256]!r}, but this node has no AppArmor"
+        )
+    if not lsms["apparmor"] and asked_default:
+        log.warning("container %r asks for AppArmor's runtime default; this node has no AppArmor", container[:64])
+    if not lsms["selinux"] and security.HasField("selinux_options") and security.selinux_options.ByteSize():
+        log.warning("container %r has SELinux labels; this node has no SELinux: they are not applied", container[:64])

@@ -58,3 +58,46 @@ def check_mounts(config: cri.ContainerConfig, recursive_read_only: bool) -> None
                 f"{where}: HOST_TO_CONTAINER propagation needs the host path on a shared or slave mount; "
                 f"{holder.mount_point} is neither"
             )
+
+
+#: Sysctls in the IPC namespace a pod has (the kubelet's and the OCI runtimes' list), and prefixes of such.
+IPC_SYSCTLS = frozenset(
+    ("kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem", "kernel.shmall", "kernel.shmmax",
+     "kernel.shmmni", "kernel.shm_rmid_forced")
+)  # fmt: skip
+IPC_SYSCTL_PREFIXES = ("fs.mqueue.",)
+UTS_SYSCTLS = frozenset(("kernel.domainname", "kernel.hostname"))
+
+
+def check_pod(config: cri.PodSandboxConfig) -> None:
+    """Refuse DNS settings that would add lines to resolv.conf and sysctls the pod's namespaces do not hold."""
+    dns = config.dns_config
+    for field_name, values in (("servers", dns.servers), ("searches", dns.searches), ("options", dns.options)):
+        for value in values:
+            if not value or any(c.isspace() or not c.isprintable() for c in value):
+                raise InvalidArgument(f"dns_config.{field_name}: {value[:256]!r} is empty or has white space")
+    for key, value in config.linux.sysctls.items():
+        _check_sysctl(key, value, config.linux.security_context.namespace_options)
+
+
+def _sysctl_namespace(key: str) -> str:
+    """The namespace a sysctl belongs to ("" for one that is the whole node's)."""
+    if key in IPC_SYSCTLS or key.startswith(IPC_SYSCTL_PREFIXES):
+        return "ipc"
+    if key.startswith("net."):
+        return "network"
+    return "uts" if key in UTS_SYSCTLS else ""
+
+
+def _check_sysctl(key: str, value: str, options: cri.NamespaceOption) -> None:
+    where = f"sysctl {key[:128]!r}"
+    if not key or "/" in key or ".." in key or any(c.isspace() for c in key):
+        raise InvalidArgument(f"{where} is not a sysctl name")
+    if "\n" in value or "\0" in value:
+        raise InvalidArgument(f"{where}: its value has a newline or NUL")
+    namespace = _sysctl_namespace(key)
+    if not namespace:
+        raise InvalidArgument(f"{where} is not namespaced: it would change the whole node")
+    shared = options.ipc == cri.NODE if namespace == "ipc" else options.network == cri.NODE
+    if shared:
+        raise InvalidArgument(f"{where} is in the {namespace} namespace, which this pod shares with the node")

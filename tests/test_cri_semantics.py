@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import threading
@@ -196,3 +197,76 @@ def test_supplemental_groups_policy_merge_and_strict(daemon_factory, registry, t
     merged_user = pod.status(merged).user.linux
     assert (merged_user.uid, merged_user.gid, list(merged_user.supplemental_groups)) == (1000, 1000, [1000, 2000, 4000])
     assert list(pod.status(strict).user.linux.supplemental_groups) == [1000, 2000]
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        (dict(dns_config=cri.DNSConfig(options=["ndots:2\nnameserver 6.6.6.6"])), "dns_config.options"),
+        (dict(dns_config=cri.DNSConfig(searches=["a b"])), "dns_config.searches"),
+        (dict(linux=cri.LinuxPodSandboxConfig(sysctls={"kernel.panic": "1"})), "is not namespaced"),
+        (dict(linux=cri.LinuxPodSandboxConfig(sysctls={"net/../../kernel/panic": "1"})), "is not a sysctl name"),
+        (
+            dict(
+                linux=cri.LinuxPodSandboxConfig(
+                    sysctls={"net.ipv4.ip_forward": "1"},
+                    security_context=cri.LinuxSandboxSecurityContext(
+                        namespace_options=cri.NamespaceOption(network=cri.NODE)
+                    ),
+                )
+            ),
+            "shares with the node",
+        ),
+        (dict(linux=cri.LinuxPodSandboxConfig(sysctls={"kernel.shm_rmid_forced": "1\n2"})), "newline"),
+    ],
+    ids=["dns-newline", "dns-space", "node-sysctl", "sysctl-path", "host-net-sysctl", "sysctl-newline"],
+)
+def test_pod_settings_that_would_reach_the_node_are_refused(node, tmp_path: Path, fields, why) -> None:
+    with pytest.raises(grpc.RpcError) as refused:
+        Pod(node, tmp_path, **fields)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert why in refused.value.details()
+
+
+def test_log_paths_never_lead_out_through_symlinks(node, tmp_path: Path) -> None:
+    pod = Pod(node, tmp_path)
+    pod.logs.mkdir(parents=True, exist_ok=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (pod.logs / "out").symlink_to(outside)
+    (pod.logs / "file.log").symlink_to(outside / "victim")
+    for log_path, why in (("out/c.log", "through a symlink"), ("file.log", "is a symlink"), ("../x.log", "'..'")):
+        with pytest.raises(grpc.RpcError) as refused:
+            pod.create("c", ["true"], log_path=log_path)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert why in refused.value.details()
+    assert list(outside.iterdir()) == []
+
+
+def test_an_apparmor_profile_the_node_cannot_load_is_refused(node, tmp_path: Path) -> None:
+    from shimhub import profiles
+
+    if profiles.node_lsms()["apparmor"]:
+        pytest.skip("this node has AppArmor")
+    pod = Pod(node, tmp_path)
+    localhost = cri.SecurityProfile(profile_type=cri.SecurityProfile.Localhost, localhost_ref="my-profile")
+    with pytest.raises(grpc.RpcError) as refused:
+        pod.create("c", ["true"], linux=security(apparmor=localhost))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "this node has no AppArmor" in refused.value.details()
+    info = json.loads(node.runtime.Status(cri.StatusRequest(verbose=True)).info["status"])
+    assert info["security_modules"] == {"apparmor": False, "selinux": False}
+
+
+def test_an_image_stop_signal_that_is_no_signal_falls_back_to_sigterm(daemon_factory, registry, tmp_path) -> None:
+    from shimhub.testing.registry import Pusher, busybox_layer
+
+    Pusher(registry.open).image("test/badstop", "1", [busybox_layer()], {"Cmd": ["sleep", "300"], "StopSignal": "NOPE"})
+    node = daemon_factory(runc_config(registry)).start()
+    node.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/badstop:1")))
+    pod = Pod(node, tmp_path, image="test/badstop:1")
+    container = pod.run("c", ["sh", "-c", "trap 'exit 143' TERM; while true; do sleep 0.2; done"])
+    node.runtime.StopContainer(cri.StopContainerRequest(container_id=container, timeout=10), timeout=60)
+    final = pod.status(container)
+    assert (final.state, final.exit_code) == (cri.CONTAINER_EXITED, 143)  # SIGTERM, not a failed stop
+    assert "is not a signal; SIGTERM stops the container" in node.log()

@@ -473,3 +473,40 @@ def test_hostile_image_user_databases_are_read_inside_the_image_only(
     assert why in refused.value.details()
     assert time.monotonic() - started < 10
     assert node.proc.poll() is None
+
+
+def test_runtime_default_seccomp_keeps_namespaces_clone3_and_io_uring_away(daemon_factory, registry, tmp_path):
+    """As the usual runtime default profiles: namespace flags of clone only with CAP_SYS_ADMIN, clone3 answers
+    ENOSYS (the C library then falls back to clone), io_uring is refused."""
+    import shutil as shell_tools
+
+    from shimhub.testing.layers import tar
+    from shimhub.testing.registry import Pusher, busybox_layer
+
+    if shell_tools.which("gcc") is None:
+        pytest.skip("gcc is not installed (./install --dev installs it): the probe is a static C program")
+    probe = tmp_path / "probe"
+    source = Path(__file__).parent / "probes" / "seccomp.c"
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(probe), str(source)], check=True)
+    layer = tar(("probe", "file", probe.read_bytes(), {"mode": 0o755}))
+    Pusher(registry.open).image("test/seccomp-probe", "1", [busybox_layer(), layer], {"Cmd": ["/probe"]})
+    node = daemon_factory(runc_config(registry)).start()
+    node.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/seccomp-probe:1")))
+    pod = Pod(node, tmp_path, image="test/seccomp-probe:1")
+    root = cri.Int64Value(value=0)
+    default = cri.SecurityProfile(profile_type=cri.SecurityProfile.RuntimeDefault)
+    plain = pod.run("plain", linux=security(run_as_user=root, seccomp=default))
+    admin = pod.run(
+        "admin",
+        linux=security(run_as_user=root, seccomp=default, capabilities=cri.Capability(add_capabilities=["SYS_ADMIN"])),
+    )
+    pod.wait_exit(plain)
+    pod.wait_exit(admin)
+    assert pod.lines("plain") == [
+        "newuser Operation not permitted",
+        "newnet Operation not permitted",
+        "plain ok",
+        "clone3 Function not implemented",
+        "io_uring Operation not permitted",
+    ]
+    assert pod.lines("admin")[1:3] == ["newnet ok", "plain ok"]

@@ -133,7 +133,12 @@ def unpack(stream: IO[bytes], target: str, whiteouts: Whiteouts, max_bytes: int 
     try:
         with tarfile.open(fileobj=stream, mode="r|") as archive:
             for member in archive:
-                unpacker.add(archive, member)
+                try:
+                    unpacker.add(archive, member)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
+                        raise
+                    raise UnsafeLayer(f"layer entry {member.name[:256]!r}...: {exc.strerror}") from None
     except tarfile.TarError as exc:
         raise UnsafeLayer(f"layer is not a valid tar archive: {exc}") from exc
     unpacker.finish()

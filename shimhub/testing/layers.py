@@ -9,7 +9,7 @@ import tarfile
 def tar(*entries: tuple) -> bytes:
     """A tar of (name, kind, data) entries; kind is file, dir, symlink, hardlink, chardev, blockdev or fifo.
 
-    For file, data is the content (str); for symlink and hardlink, the target;
+    For file, data is the content (str or bytes); for symlink and hardlink, the target;
     an optional fourth item is a dict of TarInfo attributes (mode, uid, pax_headers, …).
     """
     out = io.BytesIO()
@@ -22,7 +22,7 @@ def tar(*entries: tuple) -> bytes:
             info.mode = 0o755 if kind == "dir" else 0o644
             payload = None
             if kind == "file":
-                payload = data.encode()
+                payload = data if isinstance(data, bytes) else data.encode()
                 info.size = len(payload)
             elif kind == "dir":
                 info.type = tarfile.DIRTYPE

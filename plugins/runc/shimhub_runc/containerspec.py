@@ -13,6 +13,10 @@ from shimhub_runc import spec
 from shimhub_runc.pod import context as pod_context
 
 TERMINATION_LOG = "/dev/termination-log"
+#: The highest signal number (SIGRTMAX on Linux).
+MAX_SIGNAL = 64
+SIGNAL_NAMES = frozenset(cri.Signal.keys()) - {"RUNTIME_DEFAULT"}
+log = logging.getLogger(__name__)
 TERMINATION_LOG_LIMIT = 4096
 
 
@@ -69,11 +73,19 @@ def build(
 
 
 def stop_signal(config: cri.ContainerConfig, image: Mapping[str, Any]) -> str:
-    """The signal that asks the container to stop: the CRI's, else the image's, else SIGTERM."""
+    """The signal that asks the container to stop: the CRI's, else the image's, else SIGTERM.
+
+    An image's StopSignal that names no signal is logged and SIGTERM used: a bad one must not make
+    every graceful stop fail.
+    """
     if config.stop_signal != cri.RUNTIME_DEFAULT:
         return cri.Signal.Name(config.stop_signal)
     configured = str((image.get("config") or {}).get("StopSignal") or "SIGTERM").upper()
-    return configured if configured.startswith("SIG") or configured.isdigit() else f"SIG{configured}"
+    name = configured if configured.startswith("SIG") or configured.isdigit() else f"SIG{configured}"
+    if name in SIGNAL_NAMES or (name.isdigit() and 1 <= int(name) <= MAX_SIGNAL):
+        return name
+    log.warning("the image's StopSignal %r is not a signal; SIGTERM stops the container", configured[:64])
+    return "SIGTERM"
 
 
 def termination_log(config: cri.ContainerConfig) -> str:

@@ -360,7 +360,7 @@ def build(
     if not privileged:
         linux["maskedPaths"] = list(security.masked_paths) or MASKED_PATHS
         linux["readonlyPaths"] = list(security.readonly_paths) or READONLY_PATHS
-    seccomp_profile = seccomp.profile(security.seccomp, privileged)
+    seccomp_profile = seccomp.profile(security.seccomp, privileged, caps)
     if seccomp_profile is not None:
         linux["seccomp"] = seccomp_profile
     if any("rshared" in m["options"] for m in mounts):
