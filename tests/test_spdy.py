@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -182,3 +183,53 @@ def test_an_abandoned_inbox_never_blocks_its_feeder() -> None:
     assert not blocked.is_alive()
     inbox.feed(b"x" * 100)  # dropped at once
     assert inbox.read(1) == b""
+
+
+def test_a_header_decompression_bomb_ends_the_session_and_costs_little() -> None:
+    """A kilobyte of compressed zeros per stream on the wire: the session ends, nothing large is kept."""
+    import tracemalloc
+
+    peer = Peer()
+    bomb = zlib.compressobj(zdict=spdy.DICTIONARY)
+    value = 900 << 10  # under the frame limit: each stream's headers alone would be ~1 MB kept
+    tracemalloc.start()
+    for number in range(20):
+        header = struct.pack(">I", 1) + struct.pack(">I", 4) + b"name" + struct.pack(">I", value)
+        block = bomb.compress(header) + bomb.compress(b"\0" * value) + bomb.flush(zlib.Z_SYNC_FLUSH)
+        assert len(block) < 4 << 10
+        with contextlib.suppress(OSError):  # the session may have hung up already
+            peer.sock.sendall(
+                spdy.control_frame(spdy.SYN_STREAM, 0, struct.pack(">IIBB", 2 * number + 1, 0, 0, 0) + block)
+            )
+    peer.thread.join(5)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peer.session.closed.is_set() and peer.opened == []
+    assert peak < 4 << 20, f"decoding the bomb peaked at {peak} bytes"
+
+
+def test_streams_past_the_limit_are_refused_and_reset_ones_forgotten() -> None:
+    peer = Peer()
+    for number in range(spdy.MAX_STREAMS + 2):
+        peer.syn_stream(2 * number + 1, {"streamtype": ["data"]})
+    frames = [spdy.read_frame(peer.sock) for _ in range(spdy.MAX_STREAMS + 2)]
+    refused = [f for f in frames if f.kind == spdy.RST_STREAM]
+    assert [struct.unpack(">II", f.payload)[1] for f in refused] == [spdy.REFUSED_STREAM] * 2
+    assert len(peer.session.streams) == spdy.MAX_STREAMS
+    peer.sock.sendall(spdy.control_frame(spdy.RST_STREAM, 0, struct.pack(">II", 1, spdy.CANCEL)))
+    wait_for(lambda: len(peer.session.streams) == spdy.MAX_STREAMS - 1, timeout=5)
+    peer.sock.close()
+    peer.thread.join(5)
+
+
+def test_an_empty_rst_stream_ends_the_session_without_an_error_in_its_thread() -> None:
+    failures: list[BaseException] = []
+    previous = threading.excepthook
+    threading.excepthook = lambda args: failures.append(args.exc_value)
+    try:
+        peer = Peer()
+        peer.sock.sendall(spdy.control_frame(spdy.RST_STREAM, 0, b""))
+        peer.thread.join(5)
+    finally:
+        threading.excepthook = previous
+    assert peer.session.closed.is_set() and failures == []

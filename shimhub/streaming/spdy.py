@@ -41,6 +41,11 @@ FLAG_FIN = 0x01
 PROTOCOL_ERROR, REFUSED_STREAM, CANCEL = 1, 3, 5
 #: Largest frame payload accepted from a peer (the field allows 16 MiB - 1).
 MAX_FRAME = 1 << 20
+#: Largest decompressed header block: a client's real headers are a few hundred bytes, and ~1 KB of
+#: compressed zeros would otherwise decompress to a megabyte each.
+MAX_HEADER_BLOCK = 64 << 10
+#: Most streams one session may hold; a stream past it is refused (exec uses five, a port forward two a port).
+MAX_STREAMS = 128
 #: Largest DATA payload sent in one frame.
 MAX_DATA = 32 * 1024
 #: Bytes a stream holds for a consumer that reads slower than the client sends.
@@ -132,7 +137,7 @@ class HeaderDecompressor:
 
     def decompress(self, data: bytes) -> Headers:
         try:
-            block = self._zlib.decompress(data, MAX_FRAME)
+            block = self._zlib.decompress(data, MAX_HEADER_BLOCK)
         except zlib.error as exc:
             raise ProtocolError(f"header block does not decompress: {exc}") from None
         if self._zlib.unconsumed_tail:
@@ -272,9 +277,10 @@ class Stream:
             self.session.send(data_frame(self.stream_id, FLAG_FIN, b""))
 
     def reset(self, status: int = CANCEL) -> None:
-        """Abort the stream."""
+        """Abort the stream (and forget it: the session holds at most MAX_STREAMS)."""
         self.closed = True
         self.inbox.end()
+        self.session.streams.pop(self.stream_id, None)
         self.session.send(control_frame(RST_STREAM, 0, struct.pack(">II", self.stream_id, status)))
 
 
@@ -339,8 +345,10 @@ class Session:
         elif frame.kind == SYN_STREAM:
             self._open(frame)
         elif frame.kind == RST_STREAM:
+            if len(frame.payload) < 8:
+                raise ProtocolError("RST_STREAM too short")
             stream_id = struct.unpack_from(">I", frame.payload)[0] & 0x7FFFFFFF
-            stream = self.streams.get(stream_id)
+            stream = self.streams.pop(stream_id, None)
             if stream is not None:
                 stream.closed = True
                 stream.inbox.end()
@@ -349,6 +357,8 @@ class Session:
         elif frame.kind == GOAWAY:
             return False
         elif frame.kind == HEADERS:
+            if len(frame.payload) < 4:
+                raise ProtocolError("HEADERS too short")
             self._decompressor.decompress(frame.payload[4:])  # keeps the zlib stream in step
         return True  # SETTINGS, WINDOW_UPDATE and unknown control frames are ignored
 
@@ -359,6 +369,10 @@ class Session:
         headers = self._decompressor.decompress(frame.payload[10:])
         if stream_id % 2 == 0 or stream_id <= self._last_stream:
             self.send(control_frame(RST_STREAM, 0, struct.pack(">II", stream_id, PROTOCOL_ERROR)))
+            return
+        if len(self.streams) >= MAX_STREAMS:
+            self._last_stream = stream_id
+            self.send(control_frame(RST_STREAM, 0, struct.pack(">II", stream_id, REFUSED_STREAM)))
             return
         self._last_stream = stream_id
         stream = Stream(session=self, stream_id=stream_id, headers=headers)
