@@ -141,17 +141,18 @@ def test_request_tokens_are_single_use_expire_and_are_bounded() -> None:
     now = [100.0]
     cache = RequestCache(ttl=30, limit=2, clock=lambda: now[0])
     request = PortForwardRequest(ports=[80], connect=socket.create_connection)
-    token = cache.put(request)
-    assert len(token) >= 32 and token != cache.put(request)
-    assert cache.take(token) is request and cache.take(token) is None
-    assert cache.take("made-up") is None
-    cache.put(request)
+    token = cache.put("portforward", request)
+    assert len(token) >= 32 and token != cache.put("portforward", request)
+    assert cache.take("exec", token) is None, "a token works only under its own kind of path"
+    assert cache.take("portforward", token) is request and cache.take("portforward", token) is None
+    assert cache.take("portforward", "made-up") is None
+    cache.put("portforward", request)
     with pytest.raises(ResourceExhausted):
-        cache.put(request)
+        cache.put("portforward", request)
     now[0] += 31  # everything pending has expired: room again, and old tokens are dead
-    stale = cache.put(request)
+    stale = cache.put("portforward", request)
     now[0] += 31
-    assert cache.take(stale) is None
+    assert cache.take("portforward", stale) is None
 
 
 def test_an_inbox_holds_at_most_its_limit_and_pushes_back_on_the_feeder() -> None:

@@ -7,9 +7,11 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -275,6 +277,16 @@ def test_bad_used_and_expired_tokens_get_404(node, tmp_path: Path) -> None:
     sock, code, _, _ = upgrade_request(url, spdy_headers)  # used once already
     sock.close()
     assert code == 404
+    # A plain GET does not use the URL up, nor does the token under another kind of path.
+    fresh = exec_url(pod, container, ["echo", "still-usable"], stdout=True)
+    sock, code, _, _ = upgrade_request(fresh, {})
+    sock.close()
+    assert code == 400
+    sock, code, _, _ = upgrade_request(fresh.replace("/exec/", "/portforward/"), spdy_headers)
+    sock.close()
+    assert code == 404
+    stdout, _, _ = Session("spdy", fresh, stdin=False, stdout=True, stderr=False, tty=False).finish()
+    assert stdout == b"still-usable\n"
     stale = exec_url(pod, container, ["true"], stdout=True)
     time.sleep(TOKEN_TTL + 0.5)
     sock, code, _, _ = upgrade_request(stale, spdy_headers)
@@ -435,3 +447,28 @@ def test_a_client_flooding_stdin_is_held_back_not_buffered(node, tmp_path: Path)
     assert daemon.memory_info().rss - before < 16 * 2**20
     _, _, status = session.finish()
     assert exit_code(status) == 0
+
+
+def test_dribbling_clients_cost_no_polling_and_are_bounded(node, tmp_path: Path) -> None:
+    """A slowloris: 200 connections sending their request head a byte at a time. They must not spin a core, and
+    exec sessions go on being served."""
+    pod = Pod(node, tmp_path)
+    container = pod.run("sleeper", ["sleep", "300"])
+    host, port = urllib.parse.urlsplit(exec_url(pod, container, ["true"], stdout=True)).netloc.rsplit(":", 1)
+    daemon = psutil.Process(node.proc.pid)
+    dribblers = [socket.create_connection((host, int(port)), timeout=5) for _ in range(200)]
+    try:
+        cpu_before = sum(daemon.cpu_times()[:2])
+        for second in range(4):
+            for sock in dribblers:
+                with contextlib.suppress(OSError):
+                    sock.send(b"GET /exec/"[second : second + 1])
+            time.sleep(1)
+        used = sum(daemon.cpu_times()[:2]) - cpu_before
+        assert used < 1.0, f"200 dribbling connections cost the daemon {used:.2f} CPU seconds in 4 s"
+        stdout, _, code = run_exec("spdy", pod, container, ["echo", "served"])
+        assert (stdout, code) == (b"served\n", 0)
+    finally:
+        for sock in dribblers:
+            sock.close()
+

@@ -46,6 +46,7 @@ StreamRequest = CommandRequest | PortForwardRequest
 
 @define
 class _Entry:
+    kind: str
     request: StreamRequest
     expires: float
 
@@ -60,8 +61,8 @@ class RequestCache:
     _entries: dict[str, _Entry] = field(factory=dict, init=False)
     _lock: threading.Lock = field(factory=threading.Lock, init=False)
 
-    def put(self, request: StreamRequest) -> str:
-        """Store `request`; return its token. ResourceExhausted when too many are pending."""
+    def put(self, kind: str, request: StreamRequest) -> str:
+        """Store `request` for URLs of `kind`; return its token. ResourceExhausted when too many are pending."""
         with self._lock:
             self._expire()
             if len(self._entries) >= self.limit:
@@ -69,16 +70,18 @@ class RequestCache:
                     f"{self.limit} streaming requests are waiting for their clients; try again shortly"
                 )
             token = secrets.token_urlsafe(24)
-            self._entries[token] = _Entry(request, self.clock() + self.ttl)
+            self._entries[token] = _Entry(kind, request, self.clock() + self.ttl)
             return token
 
-    def take(self, token: str) -> StreamRequest | None:
-        """The request behind `token`, removing it; None for an unknown, used or expired token."""
+    def take(self, kind: str, token: str) -> StreamRequest | None:
+        """The request behind `token`, removing it; None for an unknown, used or expired token, or one of
+        another kind (which stays usable for its own)."""
         with self._lock:
-            entry = self._entries.pop(token, None)
-        if entry is None or entry.expires < self.clock():
-            return None
-        return entry.request
+            entry = self._entries.get(token)
+            if entry is None or entry.kind != kind:
+                return None
+            del self._entries[token]
+        return entry.request if entry.expires >= self.clock() else None
 
     def _expire(self) -> None:
         now = self.clock()

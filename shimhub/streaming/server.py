@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD = 16 * 1024
 HEAD_TIMEOUT = 10.0
+MAX_CONNECTIONS = 256
 PATHS = ("exec", "attach", "portforward")
 
 
@@ -72,21 +73,36 @@ class HttpHead:
 
 
 def _read_head(sock: socket.socket) -> HttpHead:
-    """Peek at the request head without consuming it (a WebSocket handshake reads it again)."""
+    """Peek at the request head without consuming it (a WebSocket handshake reads it again).
+
+    The whole head must come within HEAD_TIMEOUT. Between peeks the socket's low-water mark is one
+    byte past what is buffered, so each peek sleeps in the kernel until more arrives: a client
+    dribbling its head costs no polling.
+    """
     deadline = time.monotonic() + HEAD_TIMEOUT
-    sock.settimeout(HEAD_TIMEOUT)
-    while True:
-        data = sock.recv(MAX_HEAD, socket.MSG_PEEK)
-        end = data.find(b"\r\n\r\n")
-        if end >= 0:
-            return HttpHead(data[: end + 4])
-        if not data:
-            raise BadRequest(400, "Bad Request", "connection closed before the request ended")
-        if len(data) >= MAX_HEAD:
-            raise BadRequest(431, "Request Header Fields Too Large", "request head too large")
-        if time.monotonic() > deadline:
-            raise BadRequest(408, "Request Timeout", "request head not received in time")
-        time.sleep(0.005)
+    buffered = 0
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BadRequest(408, "Request Timeout", "request head not received in time")
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(MAX_HEAD, socket.MSG_PEEK)
+            except TimeoutError:
+                raise BadRequest(408, "Request Timeout", "request head not received in time") from None
+            end = data.find(b"\r\n\r\n")
+            if end >= 0:
+                return HttpHead(data[: end + 4])
+            if len(data) <= buffered:  # no more than before, past the low-water mark: the client has closed
+                raise BadRequest(400, "Bad Request", "connection closed before the request ended")
+            buffered = len(data)
+            if len(data) >= MAX_HEAD:
+                raise BadRequest(431, "Request Header Fields Too Large", "request head too large")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(data) + 1)
+    finally:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
 def _respond(sock: socket.socket, code: int, reason: str, message: str) -> None:
@@ -131,6 +147,8 @@ class StreamingServer:
         self.thread = threading.Thread(target=self.server.serve_forever, name="streaming-server", daemon=True)
         self.sessions: set[Session] = set()
         self.lock = threading.Lock()
+        #: Connections served at once; one more is answered 503 and closed.
+        self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
     def start(self) -> None:
         self.thread.start()
@@ -146,23 +164,27 @@ class StreamingServer:
 
     def url(self, kind: str, request: StreamRequest) -> str:
         """A single-use URL for `request`; `kind` is "exec", "attach" or "portforward"."""
-        return f"{self.base_url}/{kind}/{self.requests.put(request)}"
+        return f"{self.base_url}/{kind}/{self.requests.put(kind, request)}"
 
     # -- one connection ------------------------------------------------------------------
 
     def _handle(self, sock: socket.socket, _address: object) -> None:
+        admitted = self.connections.acquire(blocking=False)
         try:
+            if not admitted:
+                raise BadRequest(503, "Service Unavailable", f"{MAX_CONNECTIONS} streaming connections are open")
             head = _read_head(sock)
+            websocket, spdy = head.has_token("upgrade", "websocket"), head.has_token("upgrade", "SPDY/3.1")
+            if not (websocket or spdy):  # checked first: a plain GET must not use up the URL
+                raise BadRequest(400, "Bad Request", "streaming needs an upgrade to SPDY/3.1 or websocket")
             kind, _, token = head.path.strip("/").partition("/")
-            request = self.requests.take(token) if kind in PATHS and token and "/" not in token else None
+            request = self.requests.take(kind, token) if kind in PATHS and token and "/" not in token else None
             if request is None:
                 raise BadRequest(404, "Not Found", "unknown or expired streaming URL; ask for a new one")
-            if head.has_token("upgrade", "websocket"):
+            if websocket:
                 self._serve_websocket(sock, head, request)
-            elif head.has_token("upgrade", "SPDY/3.1"):
-                self._serve_spdy(sock, head, request)
             else:
-                raise BadRequest(400, "Bad Request", "streaming needs an upgrade to SPDY/3.1 or websocket")
+                self._serve_spdy(sock, head, request)
         except BadRequest as exc:
             _respond(sock, exc.code, exc.reason, exc.message)
         except ShimhubError as exc:
@@ -172,6 +194,8 @@ class StreamingServer:
         except Exception:
             log.exception("streaming session failed")
         finally:
+            if admitted:
+                self.connections.release()
             sock.close()
             with self.server.lock:
                 self.server.handler_threads.discard(threading.current_thread())
