@@ -237,7 +237,7 @@ class RuntimeService:
             cri.ListPodSandboxResponse.DESCRIPTOR.fields_by_name["items"], sandbox_summary, lambda record: record.state
         )
         self.stats = StatsCollector(daemon)
-        self.events: EventBus[cri.ContainerEventResponse] = EventBus()
+        self.events: EventBus[cri.ContainerEventResponse] = EventBus(size=lambda event: event.ByteSize())
         daemon.listeners.append(self._lifecycle)
 
     # -- runtime-wide ----------------------------------------------------
@@ -572,5 +572,6 @@ class RuntimeService:
         yield from subscription.events(EVENT_POLL, context.is_active, self.daemon.containers.refresh_running)
         if subscription.overflowed:
             raise ResourceExhausted(
-                f"this event stream fell more than {self.events.limit} events behind; list again and resubscribe"
+                f"this event stream fell more than {self.events.limit} events or {self.events.byte_limit} bytes "
+                "behind; list again and resubscribe"
             )

@@ -24,6 +24,8 @@ from shimhub.streaming.spdy import Inbox, Stream
 from shimhub.streaming.websocket import ChannelConnection
 
 log = logging.getLogger(__name__)
+#: Longest terminal-size document kept while it is incomplete.
+MAX_RESIZE_DOCUMENT = 4096
 
 #: Versions offered over SPDY, newest first (the X-Stream-Protocol-Version header).
 SPDY_PROTOCOLS = ("v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io", "channel.k8s.io")
@@ -96,7 +98,10 @@ def _pump_stdin(inbox: Inbox, process: StreamedProcess) -> None:
 
 
 def _pump_resizes(inbox: Inbox, process: StreamedProcess) -> None:
-    """Apply each {"Width": w, "Height": h} document as it arrives (they may share or split chunks)."""
+    """Apply each {"Width": w, "Height": h} document as it arrives (they may share or split chunks).
+
+    An unfinished document longer than MAX_RESIZE_DOCUMENT is dropped: real ones are about 30 bytes.
+    """
     decoder, pending = json.JSONDecoder(), ""
     while chunk := inbox.read():
         pending += chunk.decode(errors="replace")
@@ -111,6 +116,9 @@ def _pump_resizes(inbox: Inbox, process: StreamedProcess) -> None:
                     process.resize(int(size.get("Width", 0)), int(size.get("Height", 0)))
                 except (TypeError, ValueError, OSError) as exc:
                     log.info("ignoring terminal size %r: %s", size, exc)
+        if len(pending) > MAX_RESIZE_DOCUMENT:
+            log.info("dropping %d bytes of a terminal-size document that does not end", len(pending))
+            pending = ""
 
 
 def _background(target: Callable[..., None], *args: object) -> None:
