@@ -4,8 +4,12 @@ The endpoint (``metrics_address`` in the config, off by default) serves:
 
 * ``/metrics``: Prometheus text format: per-RPC latency and calls by gRPC code,
   image pulls, pods and containers by state and handler, plugin call latency;
-* ``/status``: the readiness of every handler and backend, as JSON;
-* ``/inspect/<id or prefix>``: one pod's or container's full record, as JSON.
+* ``/status``: the readiness of every handler and backend, as JSON.
+
+Any local user can reach a loopback port, so nothing there is secret: records
+(environment, mounts, annotations) are only ever shown through the CRI socket
+(`shimhub inspect`). At most MAX_CONNECTIONS are served at once, each with
+CONNECTION_TIMEOUT seconds per read and write.
 """
 
 from __future__ import annotations
@@ -23,11 +27,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from shimhub.config import converter, split_address
-from shimhub.errors import ConfigError, NotFound
+from shimhub.config import split_address
+from shimhub.errors import ConfigError
 
 if TYPE_CHECKING:
     from shimhub.daemon import Daemon
+
+#: Connections the endpoint serves at once, and the seconds each may wait for a read or a write.
+MAX_CONNECTIONS = 32
+CONNECTION_TIMEOUT = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -90,32 +98,17 @@ class ObjectCounts(Collector):
         yield containers
 
 
-def inspect(daemon: Daemon, object_id: str) -> dict[str, Any]:
-    """The full record of the pod or container `object_id` (an id or a unique prefix)."""
-    sandbox = daemon.store.sandbox(object_id, missing_ok=True)
-    if sandbox is not None:
-        return {"kind": "pod sandbox", "record": converter.unstructure(sandbox)}
-    container = daemon.store.container(object_id, missing_ok=True)
-    if container is not None:
-        return {"kind": "container", "record": converter.unstructure(container)}
-    raise NotFound(f"no pod sandbox or container {object_id!r}")
-
-
 class _Handler(BaseHTTPRequestHandler):
     daemon: Daemon
+    timeout = CONNECTION_TIMEOUT  # seconds for each read and write of a connection
 
     def do_GET(self) -> None:
         if self.path == "/metrics":
             self._send(200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY))
         elif self.path == "/status":
             self._json(200, self.daemon.status_info())
-        elif self.path.startswith("/inspect/"):
-            try:
-                self._json(200, inspect(self.daemon, self.path.removeprefix("/inspect/")))
-            except NotFound as exc:
-                self._json(404, {"error": exc.message})
         else:
-            self._json(404, {"error": f"no such endpoint {self.path!r}; try /metrics, /status, /inspect/<id>"})
+            self._json(404, {"error": f"no such endpoint {self.path[:256]!r}; try /metrics or /status"})
 
     def _json(self, code: int, document: object) -> None:
         self._send(code, "application/json", json.dumps(document, indent=2, sort_keys=True).encode())
@@ -131,6 +124,28 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("metrics endpoint: " + format, *args)
 
 
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread a connection, at most MAX_CONNECTIONS at once; one more is closed unanswered."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._free = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._free.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._free.release()
+
+
 class MetricsEndpoint:
     """The HTTP endpoint, serving on its own thread."""
 
@@ -139,7 +154,7 @@ class MetricsEndpoint:
         REGISTRY.register(ObjectCounts(daemon))
         handler = type("Handler", (_Handler,), {"daemon": daemon})
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family})
+        server_class = type("Server", (_BoundedServer,), {"address_family": family})
         try:
             self.server = server_class((host, port), handler)
         except OSError as exc:
