@@ -472,3 +472,22 @@ def test_dribbling_clients_cost_no_polling_and_are_bounded(node, tmp_path: Path)
         for sock in dribblers:
             sock.close()
 
+
+
+def test_no_output_is_lost_across_many_parallel_exec_sessions(node, tmp_path: Path) -> None:
+    """Each of many exec sessions at once gets all of its command's output, and its exit code."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pod = Pod(node, tmp_path)
+    container = pod.run("sleeper", ["sleep", "300"])
+    sessions = 120
+
+    def one(number: int) -> tuple[int, bytes, int]:
+        transport = "spdy" if number % 2 else "websocket"
+        stdout, _, code = run_exec(transport, pod, container, ["sh", "-c", f"echo out-{number}; exit {number % 3}"])
+        return number, stdout, code
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(one, range(sessions)))
+    wrong = [(n, out, code) for n, out, code in results if (out, code) != (f"out-{n}\n".encode(), n % 3)]
+    assert wrong == [], f"{len(wrong)} of {sessions} sessions lost output or their exit code: {wrong[:5]}"

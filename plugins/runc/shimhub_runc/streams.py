@@ -28,6 +28,8 @@ KILL_WAIT = 5.0
 ATTACH_STDERR = 3
 ATTACH_PACKET = 8192 + 1
 POLL = 0.1
+#: Seconds of silence on the pipes after `runc exec` exited before they count as ended.
+DRAIN_GRACE = 1.0
 
 
 def _proc_path(directory: Path, name: str) -> tuple[int, str]:
@@ -122,6 +124,7 @@ class ExecProcess:
         self.tty = tty
         self.master = -1
         self.closed = False
+        self._silent_since = 0.0
         self._closing = threading.Lock()
         self.selector = selectors.DefaultSelector()
         self.runtime_argv, self.container_id = runtime, container_id
@@ -147,14 +150,24 @@ class ExecProcess:
             self.selector.register(self.process.stderr.fileno(), selectors.EVENT_READ, STDERR)  # type: ignore[union-attr]
 
     def read_output(self) -> tuple[int, bytes]:
+        """The next output, until both pipes end.
+
+        The command's output can still arrive after `runc exec` has exited (the runtime relays it), so
+        its exit is no reason to stop; only DRAIN_GRACE seconds of silence after it are: whatever still
+        holds the pipes open then (a background process the command left) is not the command.
+        """
         while self.selector.get_map():
             try:
                 ready = self.selector.select(POLL)
             except (OSError, ValueError):
                 break
             if not ready:
-                if self.closed or self.process.poll() is not None:
-                    break  # whatever still holds the pipes open is not the command
+                if self.closed:
+                    break
+                if self.process.poll() is not None:
+                    self._silent_since = self._silent_since or time.monotonic()
+                    if time.monotonic() - self._silent_since > DRAIN_GRACE:
+                        break
                 continue
             for key, _ in ready:
                 try:
@@ -162,6 +175,7 @@ class ExecProcess:
                 except OSError:  # EIO: the terminal's last user is gone
                     data = b""
                 if data:
+                    self._silent_since = 0.0
                     return key.data, data
                 self.selector.unregister(key.fd)
         return STDOUT, b""

@@ -210,10 +210,18 @@ class ProcRuntime:
         self, sandbox: SandboxRecord, container: ContainerRecord, cmd: list[str], timeout: float | None
     ) -> ExecResult:
         env = dict(line.split("=", 1) for line in (self._dir(container) / "env").read_text().splitlines())
+        process = subprocess.Popen(
+            self._enter(sandbox, container, cmd),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # a group of its own: a timeout kills what the command started too
+        )
         try:
-            done = subprocess.run(
-                self._enter(sandbox, container, cmd), capture_output=True, timeout=timeout, env=env, check=False
-            )
+            stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
             return ExecResult(exit_code=-1, timed_out=True)
-        return ExecResult(exit_code=done.returncode, stdout=done.stdout, stderr=done.stderr)
+        return ExecResult(exit_code=process.returncode, stdout=stdout, stderr=stderr)
