@@ -510,3 +510,21 @@ def test_runtime_default_seccomp_keeps_namespaces_clone3_and_io_uring_away(daemo
         "io_uring Operation not permitted",
     ]
     assert pod.lines("admin")[1:3] == ["newnet ok", "plain ok"]
+
+
+def test_exec_sync_output_is_bounded_not_buffered(node, tmp_path: Path) -> None:
+    """200 MB of output: the answer keeps the limit of each stream and fits the kubelet's 16 MiB messages;
+    the daemon reads the rest and drops it instead of holding it."""
+    import psutil
+
+    from shimhub.containers import EXEC_OUTPUT_LIMIT
+
+    pod = Pod(node, tmp_path)
+    container_id = pod.run("server", ["sleep", "300"])
+    daemon = psutil.Process(node.proc.pid)
+    before = daemon.memory_info().rss
+    flood = "head -c 200000000 /dev/zero; head -c 200000000 /dev/zero >&2"
+    answer = exec_sync(pod, container_id, "sh", "-c", flood, timeout=60)
+    assert (len(answer.stdout), len(answer.stderr), answer.exit_code) == (EXEC_OUTPUT_LIMIT, EXEC_OUTPUT_LIMIT, 0)
+    assert answer.ByteSize() < 16 << 20
+    assert daemon.memory_info().rss - before < 100 << 20

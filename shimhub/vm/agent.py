@@ -46,6 +46,37 @@ class CallError(Exception):
         self.code = code
 
 
+def _children_of(pid: int) -> list[int]:
+    """The children of process `pid`, from /proc (the guest has no psutil)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def _kill_tree(pid: int, timeout: float = 5.0) -> None:
+    """SIGKILL `pid` and its descendants, the deepest first, each level gone before the next is killed."""
+    levels = [[pid]]
+    while levels[-1]:
+        levels.append([child for parent in levels[-1] for child in _children_of(parent)])
+    deadline = time.monotonic() + timeout
+    for level in reversed(levels):
+        for member in level:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(member, signal.SIGKILL)
+        reaped_by_parents = [member for member in level if member != pid]  # the top one is the agent's to reap
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{m}") for m in reaped_by_parents):
+            time.sleep(0.01)
+
+
 def _run(*args: str, stdin: bytes | None = None) -> str:
     result = subprocess.run(list(args), input=stdin, capture_output=True, check=False)
     if result.returncode != 0:
@@ -266,7 +297,9 @@ class Agent:
         process = self._process(id)
         if process.exited.is_set():
             return {}
-        if id.startswith("exec-"):
+        if id.startswith("exec-") and signal_name == "SIGKILL":
+            _kill_tree(process.pid)  # what the command started too, or it would outlive an ExecSync timeout
+        elif id.startswith("exec-"):
             os.kill(process.pid, signal.Signals[signal_name])
         else:
             _run(*RUNC, "kill", *(["--all"] if all else []), id, signal_name)
