@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shimhub import profiles, resources, users
-from shimhub.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, PluginFailed
+from shimhub.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PluginFailed,
+    ShimhubError,
+)
 from shimhub.faults import crash_point
 from shimhub.hooktypes import STDERR, STDOUT, ContainerState, ContainerStatus, ExecResult, StreamedProcess
 from shimhub.pods import new_id
@@ -57,7 +64,10 @@ def collect(process: StreamedProcess, timeout: float | None, limit: int) -> Exec
         process.close()
 
     timer = threading.Timer(timeout, expire) if timeout is not None else None
+    if timer is not None:
+        timer.daemon = True
     kept = {STDOUT: bytearray(), STDERR: bytearray()}
+    code: int | None = None
     try:
         if timer is not None:
             timer.start()
@@ -68,7 +78,11 @@ def collect(process: StreamedProcess, timeout: float | None, limit: int) -> Exec
             room = limit - len(kept[stream])
             if room > 0:
                 kept[stream] += data[:room]
-        code = process.wait()
+        if not expired.is_set():
+            code = process.wait()
+    except ShimhubError:
+        if not expired.is_set():  # a process closed for its timeout may be gone from its runtime already
+            raise
     finally:
         if timer is not None:
             timer.cancel()

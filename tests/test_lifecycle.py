@@ -96,8 +96,11 @@ def test_bad_requests(daemon, tmp_path: Path) -> None:
     assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, "pod sandbox metadata.name is empty")
     pod_id, _pod = make_pod(rt, tmp_path)
     for log_path, message in [
-        ("../../etc/cron.d/x", "log_path '../../etc/cron.d/x' escapes the pod's log_directory"),
-        ("/var/log/x.log", "log_path '/var/log/x.log' must be relative to the pod's log_directory"),
+        (
+            "../../etc/cron.d/x",
+            "log_path '../../etc/cron.d/x' must be relative to the pod's log_directory, without '..'",
+        ),
+        ("/var/log/x.log", "log_path '/var/log/x.log' must be relative to the pod's log_directory, without '..'"),
     ]:
         config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="c"), command=["true"], log_path=log_path)
         code, details = rpc_error(rt.CreateContainer, cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=config))

@@ -311,4 +311,3 @@ def test_the_metrics_endpoint_bounds_idle_connections(daemon_factory, registry) 
             sock.close()
     with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=15) as answer:
         assert "handlers" in json.load(answer)
-

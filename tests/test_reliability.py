@@ -116,6 +116,11 @@ def test_a_restart_keeps_every_pod_and_container_with_its_address(node: Daemon, 
     (trigger / "go").touch()
     for pod in pods:
         wait_for(lambda p=pod: "finished" in p.output("job"), 20)
+    # The output comes a moment before the exit, which is what the finish time records.
+    wait_for(
+        lambda: not [p for p in psutil.process_iter(["cmdline"]) if "/trigger/go" in " ".join(p.info["cmdline"] or [])],
+        20,
+    )
     up_at = time.time_ns()
     node.start()
 

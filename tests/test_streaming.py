@@ -473,7 +473,6 @@ def test_dribbling_clients_cost_no_polling_and_are_bounded(node, tmp_path: Path)
             sock.close()
 
 
-
 def test_no_output_is_lost_across_many_parallel_exec_sessions(node, tmp_path: Path) -> None:
     """Each of many exec sessions at once gets all of its command's output, and its exit code."""
     from concurrent.futures import ThreadPoolExecutor

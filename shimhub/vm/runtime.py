@@ -181,6 +181,7 @@ class AgentProcess:
                 self.client.call("kill", id=self.sid, signal_name="SIGKILL", all=False)
                 self.client.call("forget", id=self.sid)
             self.client.unsubscribe(self.sid)
+        self.output.put((STDOUT, b""))  # a reader blocked on the output wakes up: closing ends the output
 
 
 class VmRuntime:
