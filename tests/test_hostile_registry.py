@@ -115,3 +115,22 @@ def test_a_mirror_only_registry_is_never_contacted_itself(daemon_factory, regist
     failed = _pull(node, "test/busybox:1")
     assert failed.code() == grpc.StatusCode.NOT_FOUND
     assert failed.details().endswith(f"({evil.host}: 404 manifest unknown)"), failed.details()
+
+
+def test_a_layer_path_too_long_for_the_kernel_is_refused(node, registry) -> None:
+    from shimhub.testing.layers import tar
+    from shimhub.testing.registry import Pusher
+
+    deep = "/".join(["d" * 200] * 25) + "/file"  # 5,000 characters: past PATH_MAX
+    Pusher(registry.open).image("test/deep", "1", [tar((deep, "file", "x"))])
+    failed = _pull(node, "test/deep:1")
+    assert failed.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "File name too long" in failed.details()
+
+
+def test_a_huge_request_field_is_not_echoed_whole(node) -> None:
+    """A 1 MiB image name comes back as a short prefix, not in a status message clients cannot read."""
+    failed = _pull(node, "a" * (1 << 20))
+    assert failed.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(failed.details()) < 5000
+    assert node.runtime.Version(cri.VersionRequest(), timeout=5).runtime_name == "shimhub"

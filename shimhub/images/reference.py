@@ -65,28 +65,28 @@ def is_digest(text: str) -> bool:
 def parse(text: str, search_registries: list[str]) -> Reference:
     """Parse `text`, resolving a short name through `search_registries`."""
     if not text or len(text) > 4096 or any(c.isspace() for c in text):
-        raise InvalidArgument(f"invalid image reference {text!r}")
+        raise InvalidArgument(f"invalid image reference {text[:256]!r}")
     remainder, _, digest = text.partition("@")
     if digest and not is_digest(digest):
-        raise InvalidArgument(f"invalid image reference {text!r}: {digest!r} is not a sha256 digest")
+        raise InvalidArgument(f"invalid image reference {text[:256]!r}: {digest!r} is not a sha256 digest")
     tag = ""
     last_slash = remainder.rfind("/")
     colon = remainder.rfind(":")
     if colon > last_slash:
         remainder, tag = remainder[:colon], remainder[colon + 1 :]
         if not _TAG.match(tag):
-            raise InvalidArgument(f"invalid image reference {text!r}: bad tag {tag!r}")
+            raise InvalidArgument(f"invalid image reference {text[:256]!r}: bad tag {tag!r}")
     first, _, rest = remainder.partition("/")
     if rest and ("." in first or ":" in first or first == "localhost"):
         registry, repository = first, rest
         if not _HOST.match(registry):
-            raise InvalidArgument(f"invalid image reference {text!r}: bad registry {registry!r}")
+            raise InvalidArgument(f"invalid image reference {text[:256]!r}: bad registry {registry!r}")
     else:
         registry, repository = _search_registry(text, search_registries), remainder
     if registry == DOCKER_HUB and "/" not in repository:
         repository = f"library/{repository}"
     if not all(_COMPONENT.match(part) for part in repository.split("/")):
-        raise InvalidArgument(f"invalid image reference {text!r}: bad repository {repository!r}")
+        raise InvalidArgument(f"invalid image reference {text[:256]!r}: bad repository {repository!r}")
     if not tag and not digest:
         tag = "latest"
     return Reference(registry=registry, repository=repository, tag=tag, digest=digest)
@@ -97,7 +97,7 @@ def _search_registry(text: str, search_registries: list[str]) -> str:
         return search_registries[0]
     if not search_registries:
         raise InvalidArgument(
-            f"short image name {text!r}: no search registries are configured; use a fully qualified name"
+            f"short image name {text[:256]!r}: no search registries are configured; use a fully qualified name"
         )
     candidates = ", ".join(f"{registry}/{text}" for registry in search_registries)
-    raise InvalidArgument(f"short image name {text!r} is ambiguous: it could be any of {candidates}; qualify it")
+    raise InvalidArgument(f"short image name {text[:256]!r} is ambiguous: it could be any of {candidates}; qualify it")
