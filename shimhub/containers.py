@@ -86,6 +86,8 @@ def collect(process: StreamedProcess, timeout: float | None, limit: int) -> Exec
     finally:
         if timer is not None:
             timer.cancel()
+            if expired.is_set():
+                timer.join()  # the kill under way on the timer's thread ends before the answer goes out
         process.close()
     if expired.is_set():
         return ExecResult(exit_code=-1, timed_out=True)

@@ -15,6 +15,7 @@ import pytest
 from shimhub import cgroups
 from shimhub.testing.daemon import Pod, wait_for
 from shimhub_proto.cri.v1 import api_pb2 as cri
+from shimhub_proto.cri.v1 import api_pb2_grpc
 from tests.conftest import NEEDS_ROOT, Network
 
 pytestmark = NEEDS_ROOT
@@ -524,7 +525,10 @@ def test_exec_sync_output_is_bounded_not_buffered(node, tmp_path: Path) -> None:
     daemon = psutil.Process(node.proc.pid)
     before = daemon.memory_info().rss
     flood = "head -c 200000000 /dev/zero; head -c 200000000 /dev/zero >&2"
-    answer = exec_sync(pod, container_id, "sh", "-c", flood, timeout=60)
+    kubelet_limits = [("grpc.max_receive_message_length", 16 << 20)]  # what the kubelet's CRI client accepts
+    with grpc.insecure_channel(f"unix:{node.socket}", options=kubelet_limits) as channel:
+        request = cri.ExecSyncRequest(container_id=container_id, cmd=["sh", "-c", flood], timeout=60)
+        answer = api_pb2_grpc.RuntimeServiceStub(channel).ExecSync(request, timeout=120)
     assert (len(answer.stdout), len(answer.stderr), answer.exit_code) == (EXEC_OUTPUT_LIMIT, EXEC_OUTPUT_LIMIT, 0)
     assert answer.ByteSize() < 16 << 20
     assert daemon.memory_info().rss - before < 100 << 20

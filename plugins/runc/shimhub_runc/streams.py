@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import selectors
 import signal
@@ -59,7 +58,7 @@ def kill_command(pid_file: Path, runtime: subprocess.Popen[bytes], runtime_argv:
             else:
                 kill_tree(int(pid_file.read_text()), max(deadline - time.monotonic(), 0))
             return
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError, TypeError, subprocess.SubprocessError):
             time.sleep(0.01)
 
 
@@ -73,11 +72,14 @@ def _internal_pid_file(pid_file: Path) -> Path:
 
 def _kill_in_sandbox(runtime_argv: list[str], container_id: str, root: int, deadline: float) -> None:
     def sandbox_processes() -> dict[int, int]:
-        done = subprocess.run(
-            [*runtime_argv, "ps", "--format=json", container_id], capture_output=True, timeout=KILL_WAIT, check=False
-        )
-        listed = json.loads(done.stdout or b"[]") or []
-        return {int(entry["PID"]): int(entry["PPID"]) for entry in listed}
+        """pid -> parent pid of the container's processes, from `runsc ps`'s table (its JSON has pids only)."""
+        done = subprocess.run([*runtime_argv, "ps", container_id], capture_output=True, timeout=KILL_WAIT, check=False)
+        lines = done.stdout.decode(errors="replace").splitlines()
+        if not lines:
+            return {}
+        header = lines[0].split()
+        pid, ppid = header.index("PID"), header.index("PPID")
+        return {int(row.split()[pid]): int(row.split()[ppid]) for row in lines[1:] if row.strip()}
 
     parents = sandbox_processes()
     levels = [[root]]
