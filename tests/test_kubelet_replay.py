@@ -27,7 +27,18 @@ from tests.conftest import NEEDS_ROOT
 
 pytestmark = NEEDS_ROOT
 
-RECORDINGS = Path(os.environ.get("SHIMHUB_KUBELET_CRI", Path(__file__).resolve().parents[2] / "shared" / "kubelet-cri"))
+
+def _recordings() -> Path:
+    """SHIMHUB_KUBELET_CRI, else shared/kubelet-cri beside the checkout or beside one of its parents."""
+    if "SHIMHUB_KUBELET_CRI" in os.environ:
+        return Path(os.environ["SHIMHUB_KUBELET_CRI"])
+    for parent in Path(__file__).resolve().parents[1:]:
+        if (parent / "shared" / "kubelet-cri").is_dir():
+            return parent / "shared" / "kubelet-cri"
+    return Path("shared") / "kubelet-cri"
+
+
+RECORDINGS = _recordings()
 IMAGE = "test/busybox:1"
 HOST_PORT = 18090
 
@@ -36,7 +47,10 @@ def recorded(scenario: str) -> list[dict[str, Any]]:
     """The recorded RunPodSandbox/CreateContainer/PullImage calls of one scenario, in order."""
     path = RECORDINGS / "by-scenario" / f"scenario-{scenario}-creates.json"
     if not path.exists():
-        pytest.skip(f"no kubelet recordings at {RECORDINGS} (set SHIMHUB_KUBELET_CRI)")
+        message = f"no kubelet recordings at {RECORDINGS} (set SHIMHUB_KUBELET_CRI)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # in CI the recordings are beside the checkout: their absence is a fault
+        pytest.skip(message)
     return json.loads(path.read_text())["calls"]
 
 
