@@ -19,10 +19,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.node import IMAGE, busybox_daemon
 from bench.stats import summary
-from shimhub.testing.daemon import Daemon, pod_config
-from shimhub.testing.registry import Pusher, Registry, busybox_layer
+from shimhub.testing.daemon import pod_config
 from shimhub_proto.cri.v1 import api_pb2 as cri
+from shimhub_proto.cri.v1 import api_pb2_grpc
 
 
 @contextmanager
@@ -78,57 +79,54 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="shimhub-bench-") as tmp:
         root = Path(tmp)
-        registry = Registry(root / "registry", root / "registry" / "storage")
-        Pusher(registry).image("bench/busybox", "1", [busybox_layer()])
-        (root / "daemon").mkdir()
-        config = (
+        tables = (
             '[runtimes.runsc]\nplugin = "runc"\n[runtimes.runsc.options]\nbinary = "runsc"\n'
             f'runtime_args = ["--network=host"]\n'
             '[runtimes.shim]\nplugin = "shimv2"\n[runtimes.shim.options]\nshim = "containerd-shim-runc-v2"\n'
             f'{network_config(root, args.network)}[storage]\ndriver = "overlay"\n'
-            f'[images]\nsearch_registries = ["{registry.host}"]\n'
-            f'[images.registries."{registry.host}"]\ninsecure = true\n'
         )
-        daemon = Daemon(root / "daemon", config, log_level="info").start()
-        rt = daemon.runtime
         try:
-            daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="bench/busybox:1")))
-            samples: dict[str, list[float]] = {}
-            for run in range(args.runs):
-                pod = pod_config(
-                    name=f"bench-{run}", uid=f"uid-{run}", hostname="bench", log_directory=str(root / "logs" / str(run))
-                )
-                config = cri.ContainerConfig(
-                    metadata=cri.ContainerMetadata(name="c"),
-                    command=["sleep", "3600"],
-                    image=cri.ImageSpec(image="bench/busybox:1"),
-                    log_path="c.log",
-                )
-                with timed(samples, "pod start (RunPodSandbox)"):
-                    request = cri.RunPodSandboxRequest(config=pod, runtime_handler=args.handler)
-                    pod_id = rt.RunPodSandbox(request).pod_sandbox_id
-                with timed(samples, "container create+start"):
-                    create = cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
-                    container_id = rt.CreateContainer(create).container_id
-                    rt.StartContainer(cri.StartContainerRequest(container_id=container_id))
-                with timed(samples, "ExecSync (true)"):
-                    rt.ExecSync(cri.ExecSyncRequest(container_id=container_id, cmd=["true"], timeout=10))
-                with timed(samples, "ContainerStats"):
-                    rt.ContainerStats(cri.ContainerStatsRequest(container_id=container_id))
-                with timed(samples, "PodSandboxStats (with network)"):
-                    rt.PodSandboxStats(cri.PodSandboxStatsRequest(pod_sandbox_id=pod_id))
-                with timed(samples, "stop+remove container and pod"):
-                    rt.StopContainer(cri.StopContainerRequest(container_id=container_id, timeout=0))
-                    rt.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id))
-                    rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
-                    rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
-            print(f"handler {args.handler}, network {args.network}, {args.runs} runs, milliseconds")
-            for name, values in samples.items():
-                print(f"{name:<32} {summary(values)}")
+            with busybox_daemon(root, tables) as daemon:
+                samples = measure(daemon.runtime, root, args)
         finally:
-            daemon.stop()
-            registry.stop()
             subprocess.run(["ip", "link", "delete", BENCH_BRIDGE], capture_output=True, check=False)
+        print(f"handler {args.handler}, network {args.network}, {args.runs} runs, milliseconds")
+        for name, values in samples.items():
+            print(f"{name:<32} {summary(values)}")
+
+
+def measure(rt: api_pb2_grpc.RuntimeServiceStub, root: Path, args: argparse.Namespace) -> dict[str, list[float]]:
+    """The lifecycle of --runs pods, each step timed."""
+    samples: dict[str, list[float]] = {}
+    for run in range(args.runs):
+        pod = pod_config(
+            name=f"bench-{run}", uid=f"uid-{run}", hostname="bench", log_directory=str(root / "logs" / str(run))
+        )
+        config = cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name="c"),
+            command=["sleep", "3600"],
+            image=cri.ImageSpec(image=IMAGE),
+            log_path="c.log",
+        )
+        with timed(samples, "pod start (RunPodSandbox)"):
+            request = cri.RunPodSandboxRequest(config=pod, runtime_handler=args.handler)
+            pod_id = rt.RunPodSandbox(request).pod_sandbox_id
+        with timed(samples, "container create+start"):
+            create = cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
+            container_id = rt.CreateContainer(create).container_id
+            rt.StartContainer(cri.StartContainerRequest(container_id=container_id))
+        with timed(samples, "ExecSync (true)"):
+            rt.ExecSync(cri.ExecSyncRequest(container_id=container_id, cmd=["true"], timeout=10))
+        with timed(samples, "ContainerStats"):
+            rt.ContainerStats(cri.ContainerStatsRequest(container_id=container_id))
+        with timed(samples, "PodSandboxStats (with network)"):
+            rt.PodSandboxStats(cri.PodSandboxStatsRequest(pod_sandbox_id=pod_id))
+        with timed(samples, "stop+remove container and pod"):
+            rt.StopContainer(cri.StopContainerRequest(container_id=container_id, timeout=0))
+            rt.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id))
+            rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+            rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    return samples
 
 
 if __name__ == "__main__":

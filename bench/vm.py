@@ -21,10 +21,11 @@ from pathlib import Path
 import psutil
 
 from bench.lifecycle import BENCH_BRIDGE, network_config, timed
+from bench.node import IMAGE, busybox_daemon
 from bench.stats import summary
-from shimhub.testing.daemon import Daemon, pod_config
-from shimhub.testing.registry import Pusher, Registry, busybox_layer
+from shimhub.testing.daemon import pod_config
 from shimhub_proto.cri.v1 import api_pb2 as cri
+from shimhub_proto.cri.v1 import api_pb2_grpc
 
 
 def _pss_mib(pid: int) -> float:
@@ -41,62 +42,58 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="shimhub-bench-") as tmp:
         root = Path(tmp)
-        registry = Registry(root / "registry", root / "registry" / "storage")
-        Pusher(registry).image("bench/busybox", "1", [busybox_layer()])
-        (root / "daemon").mkdir()
-        config = (
+        tables = (
             '[runtimes.kata]\nplugin = "kata"\n[runtimes.clearcontainers]\nplugin = "clearcontainers"\n'
             f'{network_config(root, "cni")}[storage]\ndriver = "overlay"\n'
-            f'[images]\nsearch_registries = ["{registry.host}"]\n'
-            f'[images.registries."{registry.host}"]\ninsecure = true\n'
         )
-        daemon = Daemon(root / "daemon", config, log_level="info").start()
-        rt = daemon.runtime
-        pods: list[tuple[str, dict]] = []
         try:
-            daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="bench/busybox:1")))
-            samples: dict[str, list[float]] = {}
-            for run in range(args.pods):
-                logs = root / "logs" / str(run)
-                pod = pod_config(name=f"vm-{run}", uid=f"uid-{run}", hostname="bench", log_directory=str(logs))
-                config = cri.ContainerConfig(
-                    metadata=cri.ContainerMetadata(name="c"),
-                    command=["sh", "-c", "echo up; exec sleep 3600"],
-                    image=cri.ImageSpec(image="bench/busybox:1"),
-                    log_path="c.log",
-                )
-                started = time.perf_counter()
-                with timed(samples, "pod start (RunPodSandbox)"):
-                    request = cri.RunPodSandboxRequest(config=pod, runtime_handler=args.handler)
-                    pod_id = rt.RunPodSandbox(request).pod_sandbox_id
-                status = rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True))
-                vm = json.loads(status.info["info"])["runtime_data"]["vm"]
-                samples.setdefault("  of it: QEMU start to agent ready", []).append(vm["boot_seconds"] * 1000)
-                with timed(samples, "container create+start"):
-                    create = cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
-                    container_id = rt.CreateContainer(create).container_id
-                    rt.StartContainer(cri.StartContainerRequest(container_id=container_id))
-                while not (logs / "c.log").exists() or b"up" not in (logs / "c.log").read_bytes():
-                    time.sleep(0.01)
-                samples.setdefault("pod start to container output", []).append((time.perf_counter() - started) * 1000)
-                with timed(samples, "ExecSync (true)"):
-                    rt.ExecSync(cri.ExecSyncRequest(container_id=container_id, cmd=["true"], timeout=30))
-                pods.append((pod_id, vm))
-            memory = [_pss_mib(vm["pid"]) + _pss_mib(vm.get("virtiofsd", 0)) for _, vm in pods]
-            accel = pods[0][1]["accel"] if pods else "?"
-            print(
-                f"handler {args.handler}, acceleration {accel}, {args.pods} pods (1 vCPU, 256 MiB each), milliseconds"
-            )
-            for name, values in samples.items():
-                print(f"{name:<36} {summary(values)}")
-            print(f"{'host memory per running pod (PSS)':<36} {summary(memory, ' MiB')}")
+            with busybox_daemon(root, tables) as daemon:
+                measure(daemon.runtime, root, args)
         finally:
-            for pod_id, _ in pods:
-                rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
-                rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
-            daemon.stop()
-            registry.stop()
             subprocess.run(["ip", "link", "delete", BENCH_BRIDGE], capture_output=True, check=False)
+
+
+def measure(rt: api_pb2_grpc.RuntimeServiceStub, root: Path, args: argparse.Namespace) -> None:
+    """Start --pods VM pods and keep them; print start times and memory; remove them."""
+    pods: list[tuple[str, dict]] = []
+    try:
+        samples: dict[str, list[float]] = {}
+        for run in range(args.pods):
+            logs = root / "logs" / str(run)
+            pod = pod_config(name=f"vm-{run}", uid=f"uid-{run}", hostname="bench", log_directory=str(logs))
+            config = cri.ContainerConfig(
+                metadata=cri.ContainerMetadata(name="c"),
+                command=["sh", "-c", "echo up; exec sleep 3600"],
+                image=cri.ImageSpec(image=IMAGE),
+                log_path="c.log",
+            )
+            started = time.perf_counter()
+            with timed(samples, "pod start (RunPodSandbox)"):
+                request = cri.RunPodSandboxRequest(config=pod, runtime_handler=args.handler)
+                pod_id = rt.RunPodSandbox(request).pod_sandbox_id
+            status = rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True))
+            vm = json.loads(status.info["info"])["runtime_data"]["vm"]
+            samples.setdefault("  of it: QEMU start to agent ready", []).append(vm["boot_seconds"] * 1000)
+            with timed(samples, "container create+start"):
+                create = cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
+                container_id = rt.CreateContainer(create).container_id
+                rt.StartContainer(cri.StartContainerRequest(container_id=container_id))
+            while not (logs / "c.log").exists() or b"up" not in (logs / "c.log").read_bytes():
+                time.sleep(0.01)
+            samples.setdefault("pod start to container output", []).append((time.perf_counter() - started) * 1000)
+            with timed(samples, "ExecSync (true)"):
+                rt.ExecSync(cri.ExecSyncRequest(container_id=container_id, cmd=["true"], timeout=30))
+            pods.append((pod_id, vm))
+        memory = [_pss_mib(vm["pid"]) + _pss_mib(vm.get("virtiofsd", 0)) for _, vm in pods]
+        accel = pods[0][1]["accel"] if pods else "?"
+        print(f"handler {args.handler}, acceleration {accel}, {args.pods} pods (1 vCPU, 256 MiB each), milliseconds")
+        for name, values in samples.items():
+            print(f"{name:<36} {summary(values)}")
+        print(f"{'host memory per running pod (PSS)':<36} {summary(memory, ' MiB')}")
+    finally:
+        for pod_id, _ in pods:
+            rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+            rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
 
 
 if __name__ == "__main__":
