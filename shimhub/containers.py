@@ -474,9 +474,7 @@ class ContainerManager:
         sandbox = self._sandbox_of(record)
         with self.daemon.locks.hold(record.id):
             plugin = self.daemon.handlers.get(sandbox.handler).require()
-            enforced = cri.LinuxContainerResources()
-            enforced.CopyFrom(limits)
-            resources.fit(enforced)
+            enforced = resources.fitted(limits)
             plugin.call("runtime_container_update", sandbox=sandbox, container=record, resources=enforced)
             record.set_resources(limits)
             self.daemon.store.save_container(record)

@@ -185,9 +185,7 @@ class PodManager:
     def update_resources(self, sandbox_id: str, limits: cri.LinuxContainerResources) -> None:
         """Hand new pod-level resources, those the node can enforce, to the runtime."""
         record = self.daemon.store.sandbox(sandbox_id)
-        enforced = cri.LinuxContainerResources()
-        enforced.CopyFrom(limits)
-        resources.fit(enforced)
+        enforced = resources.fitted(limits)
         with self.daemon.locks.hold(record.id):
             plugin = self.daemon.handlers.get(record.handler).require()
             plugin.call("runtime_sandbox_update", sandbox=record, resources=enforced)

@@ -11,6 +11,7 @@ only that copy.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -73,8 +74,10 @@ APPARMOR_ENABLED = Path("/sys/module/apparmor/parameters/enabled")
 SELINUX_ENFORCE = Path("/sys/fs/selinux/enforce")
 
 
+@functools.cache
 def node_lsms() -> dict[str, bool]:
-    """Which Linux security modules the node has (for Status and the checks below)."""
+    """Which Linux security modules the node has (for Status and the checks below); read once, as they
+    cannot change while the node runs."""
     try:
         apparmor = APPARMOR_ENABLED.read_text().strip() == "Y"
     except OSError:

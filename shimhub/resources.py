@@ -132,6 +132,14 @@ def fit(resources: cri.LinuxContainerResources, node: NodeCgroups | None = None)
     return dropped
 
 
+def fitted(limits: cri.LinuxContainerResources) -> cri.LinuxContainerResources:
+    """A copy of `limits` with what this node cannot enforce left out (see `fit`)."""
+    enforced = cri.LinuxContainerResources()
+    enforced.CopyFrom(limits)
+    fit(enforced)
+    return enforced
+
+
 def _set(resources: cri.LinuxContainerResources, name: str) -> bool:
     """Whether a scalar, repeated or map field holds something (proto3 scalars have no presence)."""
     value = getattr(resources, name)

@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 
 from shimhub import metrics, netns
 from shimhub.errors import ShimhubError
-from shimhub.hooktypes import ContainerUsage
+from shimhub.hooktypes import ContainerUsage, FilesystemUsage
 from shimhub.records import ContainerRecord, SandboxRecord
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
@@ -145,21 +145,16 @@ class StatsCollector:
             ),
             **self._cpu_and_memory(container.id, usage),
         )
-        driver = self.daemon.storage_drivers.get(container.storage_driver)
-        if driver is not None and driver.plugin is not None:
-            try:
-                layer = driver.plugin.call("storage_usage", container_id=container.id)
-            except ShimhubError as exc:
-                log.debug("no writable-layer usage for %s: %s", container.id[:12], exc)
-            else:
-                stats.writable_layer.CopyFrom(
-                    cri.FilesystemUsage(
-                        timestamp=usage.timestamp,
-                        fs_id=cri.FilesystemIdentifier(mountpoint=self.daemon.config.storage.root),
-                        used_bytes=cri.UInt64Value(value=layer.used_bytes),
-                        inodes_used=cri.UInt64Value(value=layer.inodes_used),
-                    )
+        layer = self._writable_layer(container)
+        if layer is not None:
+            stats.writable_layer.CopyFrom(
+                cri.FilesystemUsage(
+                    timestamp=usage.timestamp,
+                    fs_id=cri.FilesystemIdentifier(mountpoint=self.daemon.config.storage.root),
+                    used_bytes=cri.UInt64Value(value=layer.used_bytes),
+                    inodes_used=cri.UInt64Value(value=layer.inodes_used),
                 )
+            )
         return stats
 
     def pod(self, sandbox: SandboxRecord) -> cri.PodSandboxStats:
@@ -199,6 +194,7 @@ class StatsCollector:
         samples = []
         for container, usage in zip(containers, usages, strict=True):
             name = container.container_config().metadata.name
+            layer = self._writable_layer(container)
             samples.append(
                 (
                     container.id,
@@ -207,38 +203,40 @@ class StatsCollector:
                         usage=usage,
                         resources=container.container_config().linux.resources,
                         started_at=container.state.started_at,
-                        fs_used_bytes=self._writable_layer(container),
+                        fs_used_bytes=layer.used_bytes if layer is not None else None,
                         fs=fs,
                     ),
                 )
             )
-        interfaces = (
-            []
-            if sandbox.host_network or sandbox.network_released or not sandbox.network.netns_path
-            else [c for c in netns.interface_counters(sandbox.network.netns_path) if c.name != "lo"]
-        )
         whole = metrics.Sample(
             labels=["POD", sandbox.id, "", pod.name, pod.namespace, pod.name],
             usage=self._runtime_answer(sandbox, "runtime_sandbox_stats") or summed(usages),
             started_at=sandbox.created_at,
-            interfaces=interfaces,
+            interfaces=self._interfaces(sandbox),
         )
         return metrics.pod_metrics(sandbox.id, whole, samples)
 
-    def _writable_layer(self, container: ContainerRecord) -> int | None:
+    def _writable_layer(self, container: ContainerRecord) -> FilesystemUsage | None:
+        """What the storage driver says the container's writable layer holds (None when it cannot say)."""
         driver = self.daemon.storage_drivers.get(container.storage_driver)
         if driver is None or driver.plugin is None:
             return None
         try:
-            return driver.plugin.call("storage_usage", container_id=container.id).used_bytes
-        except ShimhubError:
+            return driver.plugin.call("storage_usage", container_id=container.id)
+        except ShimhubError as exc:
+            log.debug("no writable-layer usage for %s: %s", container.id[:12], exc)
             return None
+
+    @staticmethod
+    def _interfaces(sandbox: SandboxRecord) -> list[netns.InterfaceCounters]:
+        """The counters of the pod's own interfaces ([] for host-network pods and released networks)."""
+        if sandbox.host_network or sandbox.network_released or not sandbox.network.netns_path:
+            return []
+        return [c for c in netns.interface_counters(sandbox.network.netns_path) if c.name != "lo"]
 
     def network(self, sandbox: SandboxRecord) -> cri.NetworkUsage | None:
         """Traffic of the pod's own network namespace (None for host-network pods and released networks)."""
-        if sandbox.host_network or sandbox.network_released or not sandbox.network.netns_path:
-            return None
-        counters = [c for c in netns.interface_counters(sandbox.network.netns_path) if c.name != "lo"]
+        counters = self._interfaces(sandbox)
         if not counters:
             return None
         interfaces = [

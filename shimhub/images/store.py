@@ -54,7 +54,7 @@ class ImageRecord:
 
     def user(self) -> tuple[int | None, str]:
         """(uid, username) that the image's config names; one of them is set, or neither."""
-        user = str(self.config.get("config", {}).get("User", "")).split(":")[0]
+        user = self.user_spec().split(":")[0]
         if not user:
             return None, ""
         return (int(user), "") if user.isdigit() else (None, user)
