@@ -12,11 +12,12 @@ from typing import Any
 import attrs
 
 from shimhub import config as config_module
-from shimhub import plugins, profiles, telemetry
+from shimhub import profiles, telemetry
 from shimhub.backends import Backend
 from shimhub.config import Config
 from shimhub.containers import ContainerManager
 from shimhub.errors import FailedPrecondition
+from shimhub.extensions import Extensions
 from shimhub.handlers import HandlerRegistry
 from shimhub.hooktypes import PluginContext
 from shimhub.images.manager import ImageManager
@@ -59,7 +60,7 @@ class Daemon:
         self.locks = KeyedLocks()
         self.pod_names = NameRegistry("pod sandbox")
         self.container_names = NameRegistry("container")
-        self.extensions = plugins.load_extensions(config.extensions)
+        self.extensions = Extensions(config.extensions)
         self.handlers = HandlerRegistry.build(config, self.plugin_context)
         self.network = Backend.setup(
             "network",
@@ -221,10 +222,7 @@ class Daemon:
 
     def emit(self, event: str, sandbox: SandboxRecord, container: ContainerRecord | None = None) -> None:
         """Tell the extensions and listeners about a lifecycle change; their errors are logged, never raised."""
-        try:
-            self.extensions.shimhub_lifecycle_event(event=event, sandbox=sandbox, container=container)
-        except Exception:
-            log.exception("an extension failed on %s", event)
+        self.extensions.lifecycle_event(event, sandbox, container)
         for listener in self.listeners:
             try:
                 listener(event, sandbox, container)

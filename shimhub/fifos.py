@@ -35,6 +35,13 @@ def make(path: Path) -> str:
     return str(path)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd`, however many writes it takes."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class Watch:
     """The FIFOs of one process being read."""
 

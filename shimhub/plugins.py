@@ -120,7 +120,7 @@ class LoadedPlugin:
         self.label = label
         self.manager = pluggy.PluginManager(PROJECT)
         self.manager.add_hookspecs(KINDS[kind][1])
-        self.instance = _register(self.manager, plugin_class, name, label)
+        self.instance = register(self.manager, plugin_class, name, label)
         missing = [hook for hook in KINDS[kind][2] if not self.implements(hook)]
         if missing:
             raise PluginLoadError(f"{label}: does not implement required hook(s) {', '.join(missing)}")
@@ -157,7 +157,7 @@ class LoadedPlugin:
             telemetry.PLUGIN_SECONDS.labels(self.kind, self.name, hook).observe(took)
 
 
-def _register(manager: pluggy.PluginManager, plugin_class: type, name: str, label: str) -> object:
+def register(manager: pluggy.PluginManager, plugin_class: type, name: str, label: str) -> object:
     """Instantiate `plugin_class` and register it, refusing hooks that do not match the specs."""
     try:
         instance = plugin_class()
@@ -168,19 +168,6 @@ def _register(manager: pluggy.PluginManager, plugin_class: type, name: str, labe
     except Exception as exc:
         raise PluginLoadError(f"{label}: cannot be instantiated: {type(exc).__name__}: {exc}") from exc
     return instance
-
-
-def load_extensions(names: list[str]) -> pluggy.HookRelay:
-    """Load the named extensions into one plugin manager; its hooks call every one of them."""
-    manager = pluggy.PluginManager(PROJECT)
-    manager.add_hookspecs(KINDS["extension"][1])
-    for name in names:
-        try:
-            plugin_class, label = load_class("extension", name)
-        except PluginMissing as exc:
-            raise PluginLoadError(f"extensions: {exc}") from None
-        _register(manager, plugin_class, name, label)
-    return manager.hook
 
 
 def load(kind: str, name: str) -> LoadedPlugin:

@@ -21,7 +21,7 @@ HERE = Path(__file__).parent
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, /run)")
 
 
-EXAMPLE_PLUGIN = HERE.parent / "docs" / "examples" / "procrun"
+EXAMPLE_PLUGIN = HERE.parent / "plugins" / "procrun"
 
 
 def install_in_venv(source: Path, base: Path) -> str:

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
+#: Every distribution of the tree (the core and each plugins/<name>), with its top-level packages' sources.
 DISTRIBUTIONS = {
     ".": ["shimhub", "proto/shimhub_proto"],
-    "plugins/runc": ["shimhub_runc"],
-    "plugins/cni": ["shimhub_cni"],
-    "plugins/kata": ["shimhub_kata"],
-    "plugins/clearcontainers": ["shimhub_clearcontainers"],
-    "docs/examples/procrun": ["shimhub_procrun"],
+    **{
+        f"plugins/{setup.parent.name}": [f"shimhub_{setup.parent.name}"]
+        for setup in (ROOT / "plugins").glob("*/setup.cfg")
+    },
 }
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from shimhub import plugins
 from shimhub.hooktypes import PluginContext
-from shimhub.storage.unpack import UnsafeLayer, Whiteouts, unpack
 from shimhub.testing.layers import tar
+from shimhub.unpack import UnsafeLayer, Whiteouts, unpack
 from tests.conftest import NEEDS_ROOT
 
 pytestmark = NEEDS_ROOT

@@ -15,8 +15,8 @@ import pytest
 
 from shimhub.testing.daemon import Pod, wait_for
 from shimhub.testing.leaks import leftovers
-from shimhub.vm import guest
 from shimhub_proto.cri.v1 import api_pb2 as cri
+from shimhub_vm import guest
 from tests.conftest import NEEDS_ROOT, Network
 
 KERNEL = guest.default_kernel()

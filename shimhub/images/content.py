@@ -18,7 +18,7 @@ from pathlib import Path
 
 from shimhub.errors import InvalidArgument
 from shimhub.hooktypes import FilesystemUsage
-from shimhub.storage.common import tree_usage
+from shimhub.mounts import tree_usage
 
 CHUNK = 1 << 20
 

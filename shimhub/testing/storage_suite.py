@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 import pytest
 
 from shimhub import mountinfo, plugins
+from shimhub.mounts import is_mounted
 from shimhub.plugins import LoadedPlugin
-from shimhub.storage.common import is_mounted
 from shimhub.testing.context import scratch_context
 from shimhub.testing.layers import tar
 

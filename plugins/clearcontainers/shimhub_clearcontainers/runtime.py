@@ -1,6 +1,6 @@
 """ClearContainersRuntime: one QEMU VM per pod; each container's root filesystem is a block device.
 
-The VM, its agent and every hook come from `shimhub.vm.runtime.VmRuntime`
+The VM, its agent and every hook come from `shimhub_vm.runtime.VmRuntime`
 (see there for the handler options). What is Clear Containers' own: a
 container's root filesystem reaches the guest as a disk. shimhub copies the
 root filesystem the storage driver prepared into an ext4 image file and
@@ -16,11 +16,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from shimhub.errors import PluginFailed
-from shimhub.records import ContainerRecord, SandboxRecord
-from shimhub.storage.common import run
-from shimhub.vm import qemu
-from shimhub.vm.runtime import VmRuntime
+from shimhub.sdk import ContainerRecord, PluginFailed, SandboxRecord, mounts
+from shimhub_vm import qemu
+from shimhub_vm.runtime import VmRuntime
 
 #: Room left in a root filesystem image beyond what the files take.
 HEADROOM_MIB = 64
@@ -44,7 +42,7 @@ class ClearContainersRuntime(VmRuntime):
     def share_rootfs(self, sandbox: SandboxRecord, container: ContainerRecord, rootfs: str) -> dict[str, str]:
         disk = self._disk(container)
         disk.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        run("mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-d", rootfs, str(disk), f"{_size_mib(rootfs)}M")
+        mounts.run("mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-d", rootfs, str(disk), f"{_size_mib(rootfs)}M")
         node, serial = f"disk-{container.id[:12]}", container.id[:20]
         qmp = qemu.Qmp(self._dir(sandbox))
         try:

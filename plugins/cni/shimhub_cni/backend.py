@@ -24,12 +24,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shimhub import netns, plugin_options
-from shimhub.errors import FailedPrecondition
-from shimhub.hookspecs import hookimpl
-from shimhub.hooktypes import PluginContext, PodNetwork, Readiness
-from shimhub.records import SandboxRecord
-from shimhub.state import write_atomically
+from shimhub.sdk import (
+    FailedPrecondition,
+    PluginContext,
+    PodNetwork,
+    Readiness,
+    SandboxRecord,
+    hookimpl,
+    netns,
+    plugin_options,
+    write_atomically,
+)
 from shimhub_cni import invoke
 from shimhub_cni.conf import ConfigDirectory, NetworkList
 from shimhub_proto.cri.v1 import api_pb2 as cri

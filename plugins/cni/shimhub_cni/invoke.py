@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from shimhub.errors import FailedPrecondition, PluginFailed
+from shimhub.sdk import FailedPrecondition, PluginFailed
 
 
 def find_plugin(kind: str, bin_dirs: list[str]) -> str:

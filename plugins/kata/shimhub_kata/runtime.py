@@ -1,6 +1,6 @@
 """KataRuntime: one QEMU micro-VM per pod; container root filesystems reach it through virtio-fs.
 
-The VM, its agent and every hook come from `shimhub.vm.runtime.VmRuntime`
+The VM, its agent and every hook come from `shimhub_vm.runtime.VmRuntime`
 (see there for the handler options). What is Kata's own: a container's root
 filesystem, mounted on the node by the storage driver, is bind-mounted into
 the pod's shared directory, which virtiofsd serves to the guest, so the
@@ -9,9 +9,8 @@ guest's runc uses it in place and writes land in the container's writable layer.
 
 from __future__ import annotations
 
-from shimhub.records import ContainerRecord, SandboxRecord
-from shimhub.storage.common import run, unmount
-from shimhub.vm.runtime import VmRuntime
+from shimhub.sdk import ContainerRecord, SandboxRecord, mounts
+from shimhub_vm.runtime import VmRuntime
 
 
 class KataRuntime(VmRuntime):
@@ -20,8 +19,8 @@ class KataRuntime(VmRuntime):
     def share_rootfs(self, sandbox: SandboxRecord, container: ContainerRecord, rootfs: str) -> dict[str, str]:
         target = self._shared(sandbox) / container.id / "rootfs"
         target.mkdir(parents=True, exist_ok=True)
-        run("mount", "--bind", rootfs, str(target))
+        mounts.run("mount", "--bind", rootfs, str(target))
         return {"type": "shared", "path": f"{container.id}/rootfs"}
 
     def release_rootfs(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
-        unmount(str(self._shared(sandbox) / container.id / "rootfs"))
+        mounts.unmount(str(self._shared(sandbox) / container.id / "rootfs"))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from attrs import define
 
-from shimhub.errors import PluginFailed
+from shimhub.sdk import PluginFailed
 
 LAUNCH_TIMEOUT = 60.0
 #: conmon's control-FIFO messages: "<type> <height> <width>"; type 1 resizes the terminal, 2 reopens the log.

@@ -23,22 +23,27 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shimhub import cgroups, netns, plugin_options
-from shimhub.errors import NotFound, PluginFailed
-from shimhub.hookspecs import hookimpl
-from shimhub.hooktypes import (
+from shimhub.sdk import (
+    ContainerRecord,
     ContainerState,
     ContainerStatus,
     ContainerUsage,
     HandlerFeatures,
+    NotFound,
     PluginContext,
+    PluginFailed,
     PodNetwork,
     Readiness,
+    SandboxRecord,
     StreamedProcess,
+    cgroups,
+    hookimpl,
+    netns,
+    oci,
+    plugin_options,
 )
-from shimhub.records import ContainerRecord, SandboxRecord
 from shimhub_proto.cri.v1 import api_pb2 as cri
-from shimhub_runc import conmon, containerspec, pod, spec, streams
+from shimhub_runc import conmon, streams
 
 OPTIONS: dict[str, Any] = {
     "binary": "runc",
@@ -102,7 +107,7 @@ class RuncRuntime:
         self.bundles = Path()
         self.exits = Path()
         self.attach = Path()
-        self.oom: containerspec.OomScore | None = None
+        self.oom: oci.container.OomScore | None = None
         self.cgroup_driver = "cgroupfs"
         self.context: PluginContext | None = None
         self.log = logging.getLogger(__name__)
@@ -132,7 +137,7 @@ class RuncRuntime:
         unsupported = _unsupported_cgroups(self.binary)
         if unsupported:
             return Readiness(ready=False, reason=unsupported)
-        self.oom = containerspec.OomScore(self.options["restrict_oom_score_adj"], self.log)
+        self.oom = oci.container.OomScore(self.options["restrict_oom_score_adj"], self.log)
         version = self._version()
         return Readiness(ready=True, features=self._features(), info={"binary": self.binary, "version": version})
 
@@ -169,20 +174,20 @@ class RuncRuntime:
     def runtime_sandbox_run(self, sandbox: SandboxRecord, config: cri.PodSandboxConfig, network: PodNetwork) -> None:
         directory = self.pods / sandbox.id
         try:
-            sandbox.runtime_data["pod"] = pod.create(
+            sandbox.runtime_data["pod"] = oci.pod.create(
                 directory, config, network.netns_path, network.ips, self.options["pause"]
             )
         except BaseException:
-            pod.remove({"dir": str(directory)})
+            oci.pod.remove({"dir": str(directory)})
             raise
 
     @hookimpl
     def runtime_sandbox_stop(self, sandbox: SandboxRecord) -> None:
-        pod.stop(sandbox.runtime_data.get("pod", {}))
+        oci.pod.stop(sandbox.runtime_data.get("pod", {}))
 
     @hookimpl
     def runtime_sandbox_remove(self, sandbox: SandboxRecord) -> None:
-        pod.remove(sandbox.runtime_data.get("pod", {"dir": str(self.pods / sandbox.id)}))
+        oci.pod.remove(sandbox.runtime_data.get("pod", {"dir": str(self.pods / sandbox.id)}))
 
     # -- containers -------------------------------------------------------------
 
@@ -199,7 +204,7 @@ class RuncRuntime:
         image: Mapping[str, Any],
     ) -> None:
         assert self.oom is not None and self.context is not None
-        oci, cgroup = containerspec.build(
+        oci_spec, cgroup = oci.container.build(
             sandbox,
             container,
             config,
@@ -212,7 +217,7 @@ class RuncRuntime:
         )
         monitor = self._monitor(container)
         monitor.bundle.mkdir(mode=0o700)
-        (monitor.bundle / "config.json").write_text(json.dumps(oci))
+        (monitor.bundle / "config.json").write_text(json.dumps(oci_spec))
         if container.log_path:
             Path(container.log_path).parent.mkdir(parents=True, exist_ok=True)
         extra = self.options["host_network_runtime_args"] if sandbox.host_network else []
@@ -230,8 +235,8 @@ class RuncRuntime:
                 stdin_once=config.stdin_once,
             ),
             cgroup=cgroup,
-            stop_signal=containerspec.stop_signal(config, image),
-            termination_log=containerspec.termination_log(config),
+            stop_signal=oci.container.stop_signal(config, image),
+            termination_log=oci.container.termination_log(config),
         )
 
     @hookimpl
@@ -257,7 +262,7 @@ class RuncRuntime:
                 finished_at=finished,
                 exit_code=code,
                 reason=reason,
-                message=containerspec.termination_message(data.get("termination_log", "")),
+                message=oci.container.termination_message(data.get("termination_log", "")),
             )
         if alive:
             return ContainerState(
@@ -334,7 +339,7 @@ class RuncRuntime:
     def runtime_container_update(
         self, sandbox: SandboxRecord, container: ContainerRecord, resources: cri.LinuxContainerResources
     ) -> None:
-        self._run("update", "--resources", "-", container.id, stdin=json.dumps(spec.resources(resources)).encode())
+        self._run("update", "--resources", "-", container.id, stdin=json.dumps(oci.spec.resources(resources)).encode())
 
     @hookimpl
     def runtime_container_reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:

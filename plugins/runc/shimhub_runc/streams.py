@@ -15,9 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from shimhub.errors import PluginFailed
-from shimhub.hooktypes import STDERR, STDOUT
-from shimhub.processes import kill_tree
+from shimhub.sdk import STDERR, STDOUT, PluginFailed, fifos, processes
 from shimhub_runc.conmon import Monitor
 
 CHUNK = 32 * 1024
@@ -56,7 +54,7 @@ def kill_command(pid_file: Path, runtime: subprocess.Popen[bytes], runtime_argv:
             if _is_runsc(runtime_argv):
                 _kill_in_sandbox(runtime_argv, container_id, int(internal.read_text()), deadline)
             else:
-                kill_tree(int(pid_file.read_text()), max(deadline - time.monotonic(), 0))
+                processes.kill_tree(int(pid_file.read_text()), max(deadline - time.monotonic(), 0))
             return
         except (OSError, ValueError, KeyError, TypeError, subprocess.SubprocessError):
             time.sleep(0.01)
@@ -101,13 +99,6 @@ def exec_argv(runtime: list[str], container_id: str, cmd: list[str], pid_file: P
     """`runtime` (the OCI runtime and its global arguments) exec-ing `cmd` in the container."""
     internal = ["--internal-pid-file", str(_internal_pid_file(pid_file))] if _is_runsc(runtime) else []
     return [*runtime, "exec", "--pid-file", str(pid_file), *internal, *(["--tty"] if tty else []), container_id, *cmd]
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """Write all of `data` to `fd`, however many writes it takes."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 class ExecProcess:
@@ -185,7 +176,7 @@ class ExecProcess:
     def write_input(self, data: bytes) -> None:
         with contextlib.suppress(OSError, ValueError):
             if self.tty:
-                write_all(self.master, data)
+                fifos.write_all(self.master, data)
             elif self.process.stdin is not None:
                 self.process.stdin.write(data)
                 self.process.stdin.flush()

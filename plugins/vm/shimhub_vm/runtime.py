@@ -1,0 +1,717 @@
+"""VmRuntime: the runtime plugin base class of VM pods (one QEMU VM per pod, containers run by the agent in it).
+
+A VM runtime plugin subclasses it and says how a container's root filesystem
+reaches the guest (`share_rootfs` / `release_rootfs`); everything else is
+here. Handler options (all optional):
+
+    hypervisor = "qemu-system-x86_64"
+    machine = "q35"
+    accel = "auto"             # "kvm", "tcg", or "auto": KVM when a probe guest runs under it, else TCG
+    kernel = ""                # guest kernel ("": the newest /boot/vmlinuz-*)
+    initrd = ""                # "": built from the kernel's modules
+    image = ""                 # guest OS image ("": built from this node's busybox, Python and runc)
+    vcpus = 1
+    memory_mib = 256
+    kernel_params = ""
+    max_vcpus = 4              # bounds for what pod annotations may ask for
+    max_memory_mib = 4096
+    virtiofsd = "/usr/lib/qemu/virtiofsd"
+    boot_timeout = 120.0       # seconds from QEMU's start until the agent answers
+    call_timeout = 60.0        # seconds any other call to the agent may take
+
+Pod annotations (when the handler's allowed_annotations let them through):
+``io.katacontainers.config.hypervisor.default_vcpus``, ``...default_memory``
+(MiB) and ``...kernel_params``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from shimhub.sdk import (
+    STDERR,
+    STDOUT,
+    ConfigError,
+    ContainerRecord,
+    ContainerState,
+    ContainerStatus,
+    ContainerUsage,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PluginContext,
+    PodNetwork,
+    Readiness,
+    SandboxRecord,
+    ShimhubError,
+    StreamedProcess,
+    Unavailable,
+    crilog,
+    hookimpl,
+    mountinfo,
+    mounts,
+    oci,
+    plugin_options,
+)
+from shimhub_proto.cri.v1 import api_pb2 as cri
+from shimhub_vm import guest, qemu, tap
+from shimhub_vm.agentclient import AgentClient
+
+OPTIONS: dict[str, Any] = {
+    "hypervisor": "qemu-system-x86_64",
+    "machine": "q35",
+    "accel": "auto",
+    "kernel": "",
+    "initrd": "",
+    "image": "",
+    "vcpus": 1,
+    "memory_mib": 256,
+    "kernel_params": "",
+    "max_vcpus": 4,
+    "max_memory_mib": 4096,
+    "virtiofsd": "/usr/lib/qemu/virtiofsd",
+    "boot_timeout": 120.0,
+    "call_timeout": 60.0,
+}
+ANNOTATION_PREFIX = "io.katacontainers.config.hypervisor."
+MIN_MEMORY_MIB = 128
+#: Kernel parameters a pod may not set: they would replace the guest's init (the agent).
+FORBIDDEN_KERNEL_PARAMS = ("init=", "rdinit=")
+KILL_WAIT = 10.0
+OUTPUT_WAIT = 2.0
+SHARE_SOCKET = "share.sock"
+VM_LOST = "the pod's VM exited unexpectedly; its containers are gone"
+
+
+class ContainerOutput:
+    """A container's output from the agent: written to its CRI log and to attached clients."""
+
+    def __init__(self, log_path: str) -> None:
+        self.log = crilog.LogFile(log_path)
+        self.ended = threading.Event()
+        self._attached: list[queue.Queue[tuple[int, bytes]]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, fd: int, data: bytes) -> None:
+        if not data:
+            self.ended.set()
+        else:
+            self.log.write("stderr" if fd == STDERR else "stdout", data)
+        with self._lock:
+            for listener in self._attached:
+                listener.put((fd, data))
+
+    def attach(self) -> queue.Queue[tuple[int, bytes]]:
+        listener: queue.Queue[tuple[int, bytes]] = queue.Queue()
+        with self._lock:
+            if self.ended.is_set():
+                listener.put((STDOUT, b""))
+            self._attached.append(listener)
+        return listener
+
+    def detach(self, listener: queue.Queue[tuple[int, bytes]]) -> None:
+        with self._lock:
+            if listener in self._attached:
+                self._attached.remove(listener)
+
+    def close(self) -> None:
+        self.log.close()
+
+
+class AgentProcess:
+    """A process in the VM relayed to a streaming client: an exec'd command, or an attached container."""
+
+    def __init__(
+        self, client: AgentClient, sid: str, output: queue.Queue[tuple[int, bytes]], *, owned: bool, stdin_once: bool
+    ) -> None:
+        self.client = client
+        self.sid = sid
+        self.output = output
+        self.owned = owned
+        self.stdin_once = stdin_once
+        self._ended = False
+        self._closed = False
+
+    def read_output(self) -> tuple[int, bytes]:
+        if self._ended:
+            return STDOUT, b""
+        fd, data = self.output.get()
+        if not data:
+            self._ended = True
+            return STDOUT, b""
+        return fd, data
+
+    def write_input(self, data: bytes) -> None:
+        with contextlib.suppress(ShimhubError):
+            self.client.write_input(self.sid, data)
+
+    def close_input(self) -> None:
+        if self.owned or self.stdin_once:
+            self.client.close_input(self.sid)
+
+    def resize(self, width: int, height: int) -> None:
+        with contextlib.suppress(ShimhubError):  # the process is gone: nothing to resize
+            self.client.call("resize", id=self.sid, width=width, height=height)
+
+    def wait(self) -> int | None:
+        if not self.owned:
+            return None
+        return int(self.client.call("wait", id=self.sid, seconds=KILL_WAIT)["exit_code"] or 0)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.owned:
+            with contextlib.suppress(ShimhubError):
+                self.client.call("kill", id=self.sid, signal_name="SIGKILL", all=False)
+                self.client.call("forget", id=self.sid)
+            self.client.unsubscribe(self.sid)
+        self.output.put((STDOUT, b""))  # a reader blocked on the output wakes up: closing ends the output
+
+
+class VmRuntime:
+    """Base of the VM runtime plugins; subclasses implement `share_rootfs` and `release_rootfs`."""
+
+    shimhub_api = "1.2"
+    #: Whether the VM gets a hot-pluggable SCSI controller (for block-device root filesystems).
+    block_devices = False
+
+    def __init__(self) -> None:
+        self.options: dict[str, Any] = dict(OPTIONS)
+        self.context: PluginContext | None = None
+        self.log = logging.getLogger(type(self).__module__)
+        self.vms = Path()
+        self.builder: guest.GuestBuilder | None = None
+        self.accel = ""
+        self.accel_reason = ""
+        self._clients: dict[str, AgentClient] = {}
+        self._outputs: dict[str, ContainerOutput] = {}
+        self._lock = threading.Lock()
+
+    # -- what a subclass decides -----------------------------------------------------
+
+    def share_rootfs(self, sandbox: SandboxRecord, container: ContainerRecord, rootfs: str) -> dict[str, str]:
+        """Make `rootfs` reachable from the guest; the agent's description of it."""
+        raise NotImplementedError
+
+    def release_rootfs(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
+        """Undo `share_rootfs`. Idempotent."""
+        raise NotImplementedError
+
+    # -- setup -----------------------------------------------------------------------
+
+    @hookimpl
+    def runtime_setup(self, options: Mapping[str, Any], context: PluginContext) -> Readiness:
+        self.options = plugin_options.validated(options, OPTIONS)
+        if self.options["accel"] not in ("auto", "kvm", "tcg"):
+            raise ConfigError(f"accel: expected auto, kvm or tcg, got {self.options['accel']!r}")
+        for key in ("vcpus", "memory_mib"):
+            if not 1 <= self.options[key] <= self.options[f"max_{key}"]:
+                raise ConfigError(f"{key}: {self.options[key]} is outside 1..max_{key}")
+        self.context, self.log = context, context.log
+        self.vms = context.run_dir / "vms"
+        self.vms.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.builder = guest.GuestBuilder(context.state_dir / "guest")
+        self.options["kernel"] = self.options["kernel"] or guest.default_kernel()
+        missing = [
+            f"{what} {path!r}"
+            for what, path in (
+                ("hypervisor", self.options["hypervisor"]),
+                ("virtiofsd", self.options["virtiofsd"]),
+                ("guest kernel", self.options["kernel"] or "/boot/vmlinuz-*"),
+                ("runc (for the guest image)", "runc"),
+                ("busybox (for the guest image)", "busybox"),
+            )
+            if not (shutil.which(path) or os.path.isfile(path))
+        ]
+        if missing:
+            return Readiness(ready=False, reason="not found: " + ", ".join(missing))
+        self.accel, self.accel_reason = self.options["accel"], ""
+        if self.accel == "auto":
+            self.accel, self.accel_reason = qemu.probe_acceleration(
+                self.options["hypervisor"], self.options["machine"], context.run_dir
+            )
+            if self.accel == "tcg":
+                self.log.warning("VMs run under software emulation (TCG), much slower than KVM: %s", self.accel_reason)
+        info = {"accel": self.accel, "kernel": self.options["kernel"]}
+        if self.accel_reason:
+            info["warning"] = f"software emulation (TCG): {self.accel_reason}"
+        return Readiness(ready=True, info=info)
+
+    @hookimpl
+    def runtime_recover(self, sandboxes: list[SandboxRecord], containers: list[ContainerRecord]) -> None:
+        by_id = {sandbox.id: sandbox for sandbox in sandboxes}
+        for container in containers:
+            sandbox = by_id.get(container.sandbox_id)
+            if sandbox is None or "vm" not in sandbox.runtime_data:
+                continue
+            self._client(sandbox).subscribe(container.id, self._output(container))
+
+    # -- the VM ----------------------------------------------------------------------
+
+    def _dir(self, sandbox: SandboxRecord) -> Path:
+        return self.vms / sandbox.id
+
+    def _shared(self, sandbox: SandboxRecord) -> Path:
+        return self._dir(sandbox) / "shared"
+
+    def _client(self, sandbox: SandboxRecord) -> AgentClient:
+        with self._lock:
+            client = self._clients.get(sandbox.id)
+            if client is None:
+                client = AgentClient(self._dir(sandbox), self.options["call_timeout"])
+                self._clients[sandbox.id] = client
+            return client
+
+    def _agent(self, sandbox: SandboxRecord, name: str, **args: Any) -> Any:
+        """Call the pod's agent; Unavailable naming the VM's end when QEMU is gone."""
+        vm = sandbox.runtime_data.get("vm", {})
+        try:
+            return self._client(sandbox).call(name, **args)
+        except Unavailable:
+            if not qemu.running(vm.get("pid", 0)):
+                raise Unavailable(VM_LOST) from None
+            raise
+
+    def _vm_settings(self, config: cri.PodSandboxConfig) -> tuple[int, int, str]:
+        """vCPUs, memory and kernel parameters: the handler's, overridden by allowed pod annotations."""
+        vcpus, memory, params = self.options["vcpus"], self.options["memory_mib"], self.options["kernel_params"]
+        annotations = config.annotations
+        for key, low, high in (("default_vcpus", 1, "max_vcpus"), ("default_memory", MIN_MEMORY_MIB, "max_memory_mib")):
+            text = annotations.get(ANNOTATION_PREFIX + key)
+            if text is None:
+                continue
+            try:
+                value = int(text)
+            except ValueError:
+                raise InvalidArgument(f"annotation {ANNOTATION_PREFIX}{key}: {text!r} is not an integer") from None
+            if not low <= value <= self.options[high]:
+                bounds = f"{low}..{self.options[high]} (the handler's {high})"
+                raise InvalidArgument(f"annotation {ANNOTATION_PREFIX}{key}: {value} is outside {bounds}")
+            vcpus, memory = (value, memory) if key == "default_vcpus" else (vcpus, value)
+        extra = annotations.get(ANNOTATION_PREFIX + "kernel_params", "")
+        if extra:
+            bad = [p for p in extra.split() if p.startswith(FORBIDDEN_KERNEL_PARAMS) or not p.isprintable()]
+            if bad:
+                raise InvalidArgument(f"annotation {ANNOTATION_PREFIX}kernel_params: {' '.join(bad)} may not be set")
+            params = f"{params} {extra}".strip()
+        return vcpus, memory, params
+
+    def _start_virtiofsd(self, sandbox: SandboxRecord) -> str:
+        """Serve the pod's shared directory; the name of the socket QEMU connects to."""
+        directory = self._dir(sandbox)
+        listening = qemu.listen(directory, SHARE_SOCKET)
+        try:
+            with open(directory / "virtiofsd.log", "ab") as log:
+                process = subprocess.Popen(
+                    [self.options["virtiofsd"], "-f", f"--fd={listening.fileno()}", "-o",
+                     f"source={self._shared(sandbox)}", "-o", "sandbox=chroot", "-o", "cache=none"],
+                    stdout=log, stderr=log, start_new_session=True, pass_fds=[listening.fileno()],
+                )  # fmt: skip
+        finally:
+            listening.close()
+        sandbox.runtime_data["vm"]["virtiofsd"] = process.pid
+        threading.Thread(target=process.wait, daemon=True).start()  # reap it when it exits with the VM
+        return SHARE_SOCKET
+
+    def _pod_files(self, sandbox: SandboxRecord, config: cri.PodSandboxConfig, ips: list[str]) -> None:
+        files = self._shared(sandbox) / "pod"
+        files.mkdir(parents=True)
+        (files / "resolv.conf").write_text(oci.pod.resolv_conf(config.dns_config))
+        (files / "hosts").write_text(oci.pod.hosts_file(config.hostname, ips))
+        (files / "hostname").write_text(config.hostname + "\n")
+
+    @hookimpl
+    def runtime_sandbox_run(self, sandbox: SandboxRecord, config: cri.PodSandboxConfig, network: PodNetwork) -> None:
+        assert self.builder is not None
+        vcpus, memory, params = self._vm_settings(config)
+        directory = self._dir(sandbox)
+        vm: dict[str, Any] = {"accel": self.accel, "vcpus": vcpus, "memory_mib": memory}
+        sandbox.runtime_data["vm"] = vm
+        try:
+            self._shared(sandbox).mkdir(parents=True, mode=0o700)
+            self._pod_files(sandbox, config, network.ips)
+            files = self.builder.files(self.options["kernel"], self.options["initrd"], self.options["image"])
+            interfaces, routes = [], []
+            vm_config = qemu.VmConfig(
+                hypervisor=self.options["hypervisor"],
+                machine=self.options["machine"],
+                accel=self.accel,
+                vcpus=vcpus,
+                memory_mib=memory,
+                guest=files,
+                kernel_params=params,
+                directory=directory,
+                scsi=self.block_devices,
+            )
+            described = tap.describe(network.netns_path) if network.netns_path else None
+            if described is not None:
+                vm.update(netns=network.netns_path, interface=described["interface"])
+                vm_config.netns, vm_config.mac = network.netns_path, described["mac"]
+                vm_config.tap = tap.attach(network.netns_path, described["interface"], described["mtu"])
+                interfaces = [{k: described[k] for k in ("mac", "mtu", "addresses")}]
+                routes = described["routes"]
+            vm_config.share_socket = self._start_virtiofsd(sandbox)
+            started = time.monotonic()
+            vm["pid"] = qemu.start(vm_config, self.options["boot_timeout"])
+            self._client(sandbox).connect(self.options["boot_timeout"])
+            vm["boot_seconds"] = round(time.monotonic() - started, 3)
+            self._agent(
+                sandbox, "setup_pod", hostname=config.hostname, interfaces=interfaces, routes=routes, share=True
+            )
+            self.log.info("pod %s: VM up in %.2f s (%s)", sandbox.id[:12], vm["boot_seconds"], self.accel)
+        except BaseException as exc:
+            console = directory / "console.log"
+            if console.exists() and not isinstance(exc, ShimhubError | KeyboardInterrupt):
+                self.log.warning(
+                    "pod %s: guest console ends with: %s", sandbox.id[:12], console.read_text(errors="replace")[-2000:]
+                )
+            self.runtime_sandbox_remove(sandbox)
+            raise
+
+    @hookimpl
+    def runtime_sandbox_stop(self, sandbox: SandboxRecord) -> None:
+        vm = sandbox.runtime_data.get("vm")
+        if not vm:
+            return
+        with self._lock:
+            client = self._clients.pop(sandbox.id, None)
+        if client is not None:
+            client.close()
+        qemu.stop(vm.get("pid", 0), self._dir(sandbox))
+        virtiofsd = vm.get("virtiofsd", 0)
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(virtiofsd)
+            if "virtiofsd" in process.name():
+                process.kill()
+                process.wait(KILL_WAIT)
+        if vm.get("netns"):
+            tap.detach(vm["netns"], vm["interface"])
+
+    @hookimpl
+    def runtime_sandbox_remove(self, sandbox: SandboxRecord) -> None:
+        self.runtime_sandbox_stop(sandbox)
+        shared = self._shared(sandbox)
+        if shared.exists():
+            for mount in sorted(_mounts_under(shared), reverse=True):
+                mounts.unmount(mount)
+        shutil.rmtree(self._dir(sandbox), ignore_errors=True)
+
+    @hookimpl
+    def runtime_sandbox_stats(self, sandbox: SandboxRecord) -> ContainerUsage | None:
+        """The QEMU process's usage: what the pod costs the node."""
+        pid = sandbox.runtime_data.get("vm", {}).get("pid", 0)
+        try:
+            process = psutil.Process(pid)
+            with process.oneshot():
+                times, memory = process.cpu_times(), process.memory_full_info()
+        except psutil.Error:
+            return None
+        return ContainerUsage(
+            timestamp=time.time_ns(),
+            cpu_usage_core_nanoseconds=int((times.user + times.system) * 1e9),
+            memory_usage_bytes=memory.rss,
+            memory_working_set_bytes=memory.uss,
+            memory_rss_bytes=memory.rss,
+        )
+
+    # -- containers --------------------------------------------------------------------
+
+    def _output(self, container: ContainerRecord) -> ContainerOutput:
+        output = self._outputs.get(container.id)
+        if output is None:
+            output = self._outputs[container.id] = ContainerOutput(container.log_path)
+        return output
+
+    def _guest_spec(
+        self,
+        sandbox: SandboxRecord,
+        container: ContainerRecord,
+        config: cri.ContainerConfig,
+        rootfs: str,
+        image: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """The container's OCI spec as the guest's runc needs it: the VM's namespaces, files from the share."""
+        assert self.context is not None
+        shared = self._shared(sandbox)
+        pod_config = sandbox.pod_config()
+        context = oci.spec.PodContext(
+            namespaces={"network": "", "ipc": "", "uts": ""},
+            hostname=pod_config.hostname,
+            resolv_conf=str(shared / "pod" / "resolv.conf"),
+            hosts=str(shared / "pod" / "hosts"),
+            hostname_file=str(shared / "pod" / "hostname"),
+            sysctls=dict(pod_config.linux.sysctls),
+        )
+        oci_spec = oci.spec.build(
+            config,
+            image,
+            rootfs,
+            pod=context,
+            cgroup_path=oci.spec.cgroups_path("cgroupfs", "", container.id),
+            oom_score_adj=config.linux.resources.oom_score_adj,
+            user=container.user,
+        )
+        self.context.extensions.adjust_oci_spec(sandbox, container, oci_spec)
+        oci_spec["linux"]["devices"] = []  # the host's device nodes are not the guest's
+        oci_spec["process"].pop("apparmorProfile", None)
+        mounts_dir = shared / container.id / "mounts"
+        for number, mount in enumerate(oci_spec["mounts"]):
+            if mount["type"] != "bind":
+                continue
+            source = Path(mount["source"])
+            if not source.is_relative_to(shared):
+                target = mounts_dir / str(number)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.mkdir() if source.is_dir() else target.touch()
+                mounts.run("mount", "--bind", str(source), str(target))
+                source = target
+            mount["source"], mount["shared"] = str(source.relative_to(shared)), True
+        return oci_spec
+
+    @hookimpl
+    def runtime_container_create(
+        self,
+        sandbox: SandboxRecord,
+        container: ContainerRecord,
+        config: cri.ContainerConfig,
+        rootfs: str,
+        image: Mapping[str, Any],
+    ) -> None:
+        if "vm" not in sandbox.runtime_data:
+            raise FailedPrecondition(f"pod sandbox {sandbox.id} was not set up by this runtime")
+        if not rootfs:
+            raise FailedPrecondition("this runtime runs containers from images: the container has no root filesystem")
+        data = container.runtime_data
+        data.update(
+            stop_signal=oci.container.stop_signal(config, image),
+            termination_log=oci.container.termination_log(config),
+            stdin_once=config.stdin_once,
+        )
+        client = self._client(sandbox)
+        client.subscribe(container.id, self._output(container))
+        try:
+            oci_spec = self._guest_spec(sandbox, container, config, rootfs, image)
+            described = self.share_rootfs(sandbox, container, rootfs)
+            data["pid"] = self._agent(
+                sandbox, "create", id=container.id, spec=oci_spec, rootfs=described, stdin=config.stdin
+            )["pid"]
+        except BaseException:
+            self.runtime_container_remove(sandbox, container)
+            raise
+
+    @hookimpl
+    def runtime_container_start(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
+        self._agent(sandbox, "start", id=container.id)
+
+    @hookimpl
+    def runtime_container_state(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerState:
+        data = container.runtime_data
+        if "lost" in data:
+            return self._exited(container, data["lost"])
+        try:
+            state = self._agent(sandbox, "state", id=container.id)
+        except Unavailable as exc:
+            if str(exc) != VM_LOST:
+                return ContainerState(status=ContainerStatus.UNKNOWN, message=str(exc))
+            data["lost"] = {"exit_code": 128 + signal.SIGKILL, "finished_at": time.time_ns(), "message": VM_LOST}
+            return self._exited(container, data["lost"])
+        except NotFound:
+            data["lost"] = {
+                "exit_code": 128 + signal.SIGKILL,
+                "finished_at": time.time_ns(),
+                "message": "the VM no longer knows the container",
+            }
+            return self._exited(container, data["lost"])
+        if state["status"] == "exited":
+            return self._exited(container, state)
+        status = ContainerStatus.RUNNING if state["status"] == "running" else ContainerStatus.CREATED
+        return ContainerState(status=status, pid=state["pid"], started_at=state["started_at"])
+
+    def _exited(self, container: ContainerRecord, state: Mapping[str, Any]) -> ContainerState:
+        output = self._outputs.get(container.id)
+        if output is not None:
+            output.ended.wait(OUTPUT_WAIT)  # the last output may still be on its way from the VM
+        code = state["exit_code"] or 0
+        return ContainerState(
+            status=ContainerStatus.EXITED,
+            started_at=state.get("started_at", 0),
+            finished_at=state["finished_at"],
+            exit_code=code,
+            reason="Completed" if code == 0 else "Error",
+            message=state.get("message")
+            or oci.container.termination_message(container.runtime_data.get("termination_log", "")),
+        )
+
+    @hookimpl
+    def runtime_container_stop(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: int) -> None:
+        if "lost" in container.runtime_data:
+            return
+        stop = container.runtime_data.get("stop_signal", "SIGTERM")
+        stop = signal.Signals(int(stop)).name if stop.isdigit() else stop
+        steps = [(stop, float(timeout)), ("SIGKILL", KILL_WAIT)] if timeout > 0 else [("SIGKILL", KILL_WAIT)]
+        try:
+            for name, wait in steps:
+                self._agent(sandbox, "kill", id=container.id, signal_name=name, all=name == "SIGKILL")
+                if self._agent(sandbox, "wait", id=container.id, seconds=wait)["exited"]:
+                    return
+        except (NotFound, Unavailable):
+            return  # gone with its VM, or never created
+        raise DeadlineExceeded(f"container {container.id[:12]} did not exit after SIGKILL")
+
+    @hookimpl
+    def runtime_container_remove(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
+        if "vm" in sandbox.runtime_data and "lost" not in container.runtime_data:
+            with contextlib.suppress(Unavailable):
+                self._agent(sandbox, "delete", id=container.id)
+        self._client(sandbox).unsubscribe(container.id)
+        output = self._outputs.pop(container.id, None)
+        if output is not None:
+            output.close()
+        self.release_rootfs(sandbox, container)
+        directory = self._shared(sandbox) / container.id
+        for mount in sorted(_mounts_under(directory), reverse=True):
+            mounts.unmount(mount)
+        shutil.rmtree(directory, ignore_errors=True)
+
+    @hookimpl
+    def runtime_container_stats(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
+        now = time.time_ns()
+        try:
+            stats = self._agent(sandbox, "stats", id=container.id)
+        except (NotFound, FailedPrecondition, Unavailable):
+            return ContainerUsage(timestamp=now)
+        memory = stats.get("memory", {})
+        usage = memory.get("usage", {}).get("usage")
+        raw = memory.get("raw", {})
+        inactive = raw.get("inactive_file", raw.get("total_inactive_file", 0))
+        return ContainerUsage(
+            timestamp=now,
+            cpu_usage_core_nanoseconds=stats.get("cpu", {}).get("usage", {}).get("total"),
+            memory_usage_bytes=usage,
+            memory_working_set_bytes=None if usage is None else max(0, usage - inactive),
+            memory_rss_bytes=raw.get("anon", raw.get("total_rss")),
+            memory_page_faults=raw.get("pgfault"),
+            memory_major_page_faults=raw.get("pgmajfault"),
+            memory_limit_bytes=memory.get("usage", {}).get("limit") or None,
+            process_count=stats.get("pids", {}).get("current"),
+        )
+
+    @hookimpl
+    def runtime_container_update(
+        self, sandbox: SandboxRecord, container: ContainerRecord, resources: cri.LinuxContainerResources
+    ) -> None:
+        self._agent(sandbox, "update", id=container.id, resources=oci.spec.resources(resources))
+
+    @hookimpl
+    def runtime_container_reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
+        output = self._outputs.get(container.id)
+        if output is None:
+            raise NotFound(f"container {container.id[:12]} has no output being copied (it was removed)")
+        output.log.reopen()
+
+    # -- exec, attach, port forward ------------------------------------------------------
+
+    def _exec(
+        self, sandbox: SandboxRecord, container: ContainerRecord, cmd: list[str], stdin: bool, tty: bool
+    ) -> AgentProcess:
+        if not cmd:
+            raise InvalidArgument("exec needs a command")
+        client = self._client(sandbox)
+        exec_id = f"exec-{os.urandom(8).hex()}"
+        output: queue.Queue[tuple[int, bytes]] = queue.Queue()
+        client.subscribe(exec_id, lambda fd, data: output.put((fd, data)))
+        process = AgentProcess(client, exec_id, output, owned=True, stdin_once=True)
+        try:
+            state = self._agent(sandbox, "state", id=container.id)
+            if state["status"] != "running":
+                raise FailedPrecondition(f"container {container.id[:12]} is not running")
+            self._agent(sandbox, "exec", id=container.id, exec_id=exec_id, args=cmd, stdin=stdin, tty=tty)
+        except BaseException:
+            client.unsubscribe(exec_id)
+            raise
+        return process
+
+    @hookimpl
+    def runtime_exec(
+        self, sandbox: SandboxRecord, container: ContainerRecord, cmd: list[str], tty: bool, stdin: bool
+    ) -> StreamedProcess:
+        return self._exec(sandbox, container, cmd, stdin, tty)
+
+    @hookimpl
+    def runtime_attach(self, sandbox: SandboxRecord, container: ContainerRecord, stdin: bool) -> StreamedProcess:
+        output = self._outputs.get(container.id)
+        if output is None:
+            raise FailedPrecondition(f"container {container.id[:12]} has no output being copied")
+        return _Attached(self._client(sandbox), container.id, output, container.runtime_data.get("stdin_once", False))
+
+    @hookimpl
+    def runtime_port_forward(self, sandbox: SandboxRecord, port: int) -> socket.socket:
+        client = self._client(sandbox)
+        sid = f"port-{os.urandom(8).hex()}"
+        ours, theirs = socket.socketpair()
+        answered = threading.Event()  # the pod's side of the connection ended
+
+        def deliver(fd: int, data: bytes) -> None:
+            try:
+                if data:
+                    ours.sendall(data)
+                else:
+                    ours.shutdown(socket.SHUT_WR)
+                    answered.set()
+            except OSError:  # the client went away
+                client.close_input(sid)
+                answered.set()
+
+        client.subscribe(sid, deliver)
+        try:
+            self._agent(sandbox, "port_open", sid=sid, port=port)
+        except BaseException:
+            client.unsubscribe(sid)
+            ours.close()
+            theirs.close()
+            raise
+
+        def pump() -> None:
+            with contextlib.suppress(OSError, ShimhubError):
+                while data := ours.recv(65536):
+                    client.write_input(sid, data)
+            client.close_input(sid)
+            answered.wait()
+            client.unsubscribe(sid)
+            ours.close()
+
+        threading.Thread(target=pump, name=f"port-forward {sandbox.id[:12]}:{port}", daemon=True).start()
+        return theirs
+
+
+class _Attached(AgentProcess):
+    """A client attached to a container's main process: its output from now on, its stdin."""
+
+    def __init__(self, client: AgentClient, container_id: str, output: ContainerOutput, stdin_once: bool) -> None:
+        super().__init__(client, container_id, output.attach(), owned=False, stdin_once=stdin_once)
+        self._container_output = output
+
+    def close(self) -> None:
+        self._container_output.detach(self.output)
+
+
+def _mounts_under(directory: Path) -> list[str]:
+    """Mount points at or below `directory`."""
+    return mountinfo.under(str(directory))

@@ -1,1 +1,0 @@
-"""Storage drivers: image layers and container root filesystems, one module per driver."""
