@@ -22,7 +22,7 @@ from shimhub.errors import (
 )
 from shimhub.faults import crash_point
 from shimhub.hooktypes import STDERR, STDOUT, ContainerState, ContainerStatus, ExecResult, StreamedProcess
-from shimhub.pods import new_id
+from shimhub.names import new_id
 from shimhub.records import (
     PENDING_CREATE,
     PENDING_REMOVE,
@@ -38,8 +38,8 @@ from shimhub_proto.cri.v1 import api_pb2 as cri
 
 if TYPE_CHECKING:
     from shimhub.backends import Backend
-    from shimhub.daemon import Daemon
     from shimhub.images.store import ImageRecord
+    from shimhub.node import Node
     from shimhub.plugins import LoadedPlugin
 
 log = logging.getLogger(__name__)
@@ -168,24 +168,24 @@ def _inside(root: str, sub_path: str, container_path: str) -> str:
 class ContainerManager:
     """Creates, starts, stops and removes containers, and keeps their state current."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, node: Node) -> None:
+        self.node = node
         self._state_guard = threading.Lock()
 
     def _sandbox_of(self, container: ContainerRecord) -> SandboxRecord:
-        return self.daemon.store.sandbox(container.sandbox_id)
+        return self.node.store.sandbox(container.sandbox_id)
 
     def create(self, sandbox_id: str, config: cri.ContainerConfig, digest: str, wait: float | None) -> str:
         """Create a container in a ready sandbox; return its id."""
-        daemon = self.daemon
-        sandbox = daemon.store.sandbox(sandbox_id)
+        node = self.node
+        sandbox = node.store.sandbox(sandbox_id)
         if sandbox.state != SANDBOX_READY:
             raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
         if not config.metadata.name:
             raise InvalidArgument("container metadata.name is empty")
         check_identity(config.linux.security_context, "container")
         profiles.check_lsm(config.linux.security_context, config.metadata.name)
-        handler = daemon.handlers.get(sandbox.handler)
+        handler = node.handlers.get(sandbox.handler)
         check_mounts(config, handler.backend.setup_readiness.features.recursive_read_only_mounts)
         pod_config = sandbox.pod_config()
         log_path = resolve_log_path(pod_config.log_directory, config.log_path)
@@ -195,22 +195,22 @@ class ContainerManager:
             return self._create(sandbox, config, name, log_path, digest)
 
         def reusable(container_id: str) -> bool:
-            found = self.daemon.store.container(container_id, missing_ok=True)
+            found = self.node.store.container(container_id, missing_ok=True)
             return found is not None and found.state.status == ContainerStatus.CREATED
 
-        return daemon.container_names.create(name, digest, create, reusable, wait)
+        return node.container_names.create(name, digest, create, reusable, wait)
 
     def _create(
         self, sandbox: SandboxRecord, config: cri.ContainerConfig, name: str, log_path: str, digest: str
     ) -> str:
-        daemon = self.daemon
-        handler = daemon.handlers.get(sandbox.handler)
+        node = self.node
+        handler = node.handlers.get(sandbox.handler)
         plugin = handler.require()
-        image = daemon.images.images.find(config.image.image) if config.image.image else None
+        image = node.images.images.find(config.image.image) if config.image.image else None
         if config.image.image and image is None:
             raise NotFound(f"image {config.image.image!r} is not present on the node; pull it first")
         names = (
-            daemon.images.images.names(image, config.image.user_specified_image, config.image.image)
+            node.images.images.names(image, config.image.user_specified_image, config.image.image)
             if image
             else ("", "")
         )
@@ -235,20 +235,20 @@ class ContainerManager:
         resources.fit(plugin_config.linux.resources)
         profiles.settle_seccomp(
             plugin_config.linux.security_context,
-            default_when_empty=daemon.config.seccomp_use_default_when_empty,
-            profile_root=daemon.config.seccomp_profile_root,
-            copies=Path(daemon.config.run_dir, "seccomp"),
+            default_when_empty=node.config.seccomp_use_default_when_empty,
+            profile_root=node.config.seccomp_profile_root,
+            copies=Path(node.config.run_dir, "seccomp"),
         )
-        with daemon.locks.hold(sandbox.id), daemon.locks.hold(record.id):
+        with node.locks.hold(sandbox.id), node.locks.hold(record.id):
             if sandbox.state != SANDBOX_READY:
                 raise FailedPrecondition(f"pod sandbox {sandbox.id} stopped while the container was being created")
             if image is not None or volumes:
-                record.storage_driver, driver = daemon.storage_for(sandbox.handler)
-            daemon.store.save_container(record)
+                record.storage_driver, driver = node.storage_for(sandbox.handler)
+            node.store.save_container(record)
             crash_point("create_container:saved")
             try:
                 if image is not None:
-                    daemon.images.provide_layers(image, record.storage_driver, driver)
+                    node.images.provide_layers(image, record.storage_driver, driver)
                     storage = driver.require()
                     storage.call("storage_rootfs_create", container_id=record.id, layer_id=_hex(image.top_layer))
                     record.rootfs = storage.call("storage_rootfs_mount", container_id=record.id)
@@ -259,7 +259,7 @@ class ContainerManager:
                 for number, volume_image in enumerate(volumes):
                     self._mount_image_volume(record, volume_image, number, driver)
                 _image_mounts_to_binds(plugin_config, record.image_volumes)
-                daemon.store.save_container(record)
+                node.store.save_container(record)
                 plugin.call(
                     "runtime_container_create",
                     sandbox=sandbox,
@@ -270,24 +270,24 @@ class ContainerManager:
                 )
                 crash_point("create_container:runtime")
                 record.pending = ""
-                daemon.store.save_container(record)
+                node.store.save_container(record)
             except BaseException:
                 self._undo(sandbox, record)
                 raise
-        daemon.emit("container_created", sandbox, record)
+        node.emit("container_created", sandbox, record)
         return record.id
 
     def roll_back(self, record: ContainerRecord) -> None:
         """Undo the creation of a container that a crash interrupted (after a restart)."""
-        with self.daemon.locks.hold(record.id):
+        with self.node.locks.hold(record.id):
             self._undo(self._sandbox_of(record), record)
-        self.daemon.container_names.release(record.name, record.id)
+        self.node.container_names.release(record.name, record.id)
         log.warning("container %s (%s): creation interrupted by a crash, rolled back", record.id[:12], record.name)
 
     def _undo(self, sandbox: SandboxRecord, record: ContainerRecord) -> None:
         """Best-effort removal of a container whose creation failed."""
         try:
-            self.daemon.handlers.get(sandbox.handler).installed().call(
+            self.node.handlers.get(sandbox.handler).installed().call(
                 "runtime_container_remove", sandbox=sandbox, container=record
             )
         except Exception:
@@ -299,12 +299,12 @@ class ContainerManager:
         if record.log_path:  # the kubelet counts attempts from the log files it finds
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(record.log_path)
-        self.daemon.store.delete_container(record.id)
+        self.node.store.delete_container(record.id)
 
     def _remove_rootfs(self, record: ContainerRecord) -> None:
         if not record.storage_driver:
             return
-        storage = self.daemon.storage_drivers[record.storage_driver].installed()
+        storage = self.node.storage_drivers[record.storage_driver].installed()
         for storage_id in [volume.storage_id for volume in record.image_volumes] + [record.id]:
             storage.call("storage_rootfs_unmount", container_id=storage_id)
             storage.call("storage_rootfs_remove", container_id=storage_id)
@@ -317,7 +317,7 @@ class ContainerManager:
                 continue
             if mount.host_path:
                 raise InvalidArgument(f"mount at {mount.container_path[:256]!r} sets both host_path and image")
-            volume_image = self.daemon.images.images.find(mount.image.image)
+            volume_image = self.node.images.images.find(mount.image.image)
             if volume_image is None:
                 raise NotFound(
                     f"image volume at {mount.container_path[:256]!r}: image {mount.image.image[:256]!r} is not "
@@ -329,70 +329,70 @@ class ContainerManager:
     def _mount_image_volume(self, record: ContainerRecord, image: ImageRecord, number: int, driver: Backend) -> None:
         """Give the container a filesystem of `image`'s layers, to be bind-mounted read-only."""
         storage = driver.require()
-        self.daemon.images.provide_layers(image, record.storage_driver, driver)
+        self.node.images.provide_layers(image, record.storage_driver, driver)
         volume = ImageVolume(image_id=image.id, storage_id=f"{record.id}-image-volume-{number}")
         record.image_volumes.append(volume)
-        self.daemon.store.save_container(record)  # a crash from here on rolls the volume back too
+        self.node.store.save_container(record)  # a crash from here on rolls the volume back too
         storage.call("storage_rootfs_create", container_id=volume.storage_id, layer_id=_hex(image.top_layer))
         volume.path = storage.call("storage_rootfs_mount", container_id=volume.storage_id)
 
     def start(self, container_id: str) -> None:
         """Start a created container."""
-        record = self.daemon.store.container(container_id)
+        record = self.node.store.container(container_id)
         sandbox = self._sandbox_of(record)
-        with self.daemon.locks.hold(record.id):
+        with self.node.locks.hold(record.id):
             if record.state.status != ContainerStatus.CREATED:
                 raise FailedPrecondition(f"container {record.id} is {record.state.status.value}, not created")
-            plugin = self.daemon.handlers.get(sandbox.handler).require()
+            plugin = self.node.handlers.get(sandbox.handler).require()
             plugin.call("runtime_container_start", sandbox=sandbox, container=record)
-            self.daemon.store.save_container(record)
+            self.node.store.save_container(record)
             self._refresh(sandbox, record)
-        self.daemon.emit("container_started", sandbox, record)
+        self.node.emit("container_started", sandbox, record)
 
     def stop(self, container_id: str, timeout: int) -> None:
         """Stop a container, forcibly after `timeout` seconds. Idempotent."""
-        record = self.daemon.store.container(container_id, missing_ok=True)
+        record = self.node.store.container(container_id, missing_ok=True)
         if record is None:
             return
         sandbox = self._sandbox_of(record)
-        with self.daemon.locks.hold(record.id):
+        with self.node.locks.hold(record.id):
             if self._refresh(sandbox, record).status == ContainerStatus.EXITED:
                 return
-            plugin = self.daemon.handlers.get(sandbox.handler).installed()
+            plugin = self.node.handlers.get(sandbox.handler).installed()
             plugin.call("runtime_container_stop", sandbox=sandbox, container=record, timeout=max(timeout, 0))
             self._refresh(sandbox, record)
 
     def remove(self, container_id: str) -> None:
         """Remove a container, stopping it first if it runs. Idempotent."""
-        record = self.daemon.store.container(container_id, missing_ok=True)
+        record = self.node.store.container(container_id, missing_ok=True)
         if record is None:
             return
         sandbox = self._sandbox_of(record)
-        with self.daemon.locks.hold(record.id):
+        with self.node.locks.hold(record.id):
             record.pending = PENDING_REMOVE
-            self.daemon.store.save_container(record)
+            self.node.store.save_container(record)
             if self._refresh(sandbox, record).status == ContainerStatus.RUNNING:
                 self.stop(record.id, timeout=0)
-            plugin = self.daemon.handlers.get(sandbox.handler).installed()
+            plugin = self.node.handlers.get(sandbox.handler).installed()
             plugin.call("runtime_container_remove", sandbox=sandbox, container=record)
             self._remove_rootfs(record)
-            self.daemon.store.delete_container(record.id)
-            self.daemon.container_names.release(record.name, record.id)
-        self.daemon.locks.forget(record.id)
+            self.node.store.delete_container(record.id)
+            self.node.container_names.release(record.name, record.id)
+        self.node.locks.forget(record.id)
         if record.image_ref or record.image_volumes:
-            self.daemon.collect_garbage()
-        self.daemon.emit("container_removed", sandbox, record)
+            self.node.collect_garbage()
+        self.node.emit("container_removed", sandbox, record)
 
     def state(self, container_id: str) -> tuple[ContainerRecord, ContainerState]:
         """A container's record with its current state."""
-        record = self.daemon.store.container(container_id)
+        record = self.node.store.container(container_id)
         return record, self._refresh(self._sandbox_of(record), record)
 
     def _refresh(self, sandbox: SandboxRecord, record: ContainerRecord) -> ContainerState:
         """Ask the runtime for a non-final state and persist any change."""
         if record.state.status == ContainerStatus.EXITED:
             return record.state
-        handler = self.daemon.handlers.get(sandbox.handler)
+        handler = self.node.handlers.get(sandbox.handler)
         if handler.backend.plugin is None:
             return record.state
         current = handler.backend.plugin.call("runtime_container_state", sandbox=sandbox, container=record)
@@ -404,9 +404,9 @@ class ContainerManager:
             changed = current != record.state and record.state.status != ContainerStatus.EXITED
             if changed:
                 record.state = current
-                self.daemon.store.save_container(record)
+                self.node.store.save_container(record)
         if changed and current.status == ContainerStatus.EXITED:
-            self.daemon.emit("container_stopped", sandbox, record)
+            self.node.emit("container_stopped", sandbox, record)
         return record.state
 
     def refresh_running(self) -> None:
@@ -416,14 +416,14 @@ class ContainerManager:
         once for all its containers; the others once per container.
         """
         by_handler: dict[str, list[tuple[SandboxRecord, ContainerRecord]]] = {}
-        for record in self.daemon.store.containers():
+        for record in self.node.store.containers():
             if record.state.status in (ContainerStatus.CREATED, ContainerStatus.RUNNING):
-                sandbox = self.daemon.store.sandbox(record.sandbox_id, missing_ok=True)
+                sandbox = self.node.store.sandbox(record.sandbox_id, missing_ok=True)
                 if sandbox is not None:
                     by_handler.setdefault(sandbox.handler, []).append((sandbox, record))
         for name, pairs in by_handler.items():
             try:
-                plugin = self.daemon.handlers.get(name).backend.plugin
+                plugin = self.node.handlers.get(name).backend.plugin
                 if plugin is not None and plugin.implements("runtime_container_states"):
                     states = plugin.call("runtime_container_states", containers=pairs)
                     for (sandbox, record), current in zip(pairs, states, strict=True):
@@ -444,7 +444,7 @@ class ContainerManager:
         if state.status != ContainerStatus.RUNNING:
             raise FailedPrecondition(f"container {record.id} is not running")
         sandbox = self._sandbox_of(record)
-        return sandbox, record, self.daemon.handlers.get(sandbox.handler).require()
+        return sandbox, record, self.node.handlers.get(sandbox.handler).require()
 
     def exec_sync(self, container_id: str, cmd: list[str], timeout: int) -> ExecResult:
         """Run `cmd` in a running container and wait for it; past `timeout` it is killed, with all it started,
@@ -470,14 +470,14 @@ class ContainerManager:
 
     def update_resources(self, container_id: str, limits: cri.LinuxContainerResources) -> None:
         """Apply new resource limits and remember them for ContainerStatus."""
-        record = self.daemon.store.container(container_id)
+        record = self.node.store.container(container_id)
         sandbox = self._sandbox_of(record)
-        with self.daemon.locks.hold(record.id):
-            plugin = self.daemon.handlers.get(sandbox.handler).require()
+        with self.node.locks.hold(record.id):
+            plugin = self.node.handlers.get(sandbox.handler).require()
             enforced = resources.fitted(limits)
             plugin.call("runtime_container_update", sandbox=sandbox, container=record, resources=enforced)
             record.set_resources(limits)
-            self.daemon.store.save_container(record)
+            self.node.store.save_container(record)
 
     def reopen_log(self, container_id: str) -> None:
         """Have the runtime reopen the container's log after rotation."""

@@ -85,8 +85,8 @@ class Daemon:
         }
         self.storage = self.storage_drivers[config.storage.driver]
         self.images = ImageManager(config.images, Path(config.state_dir, "images"), config.storage.driver)
-        self.pods = PodManager(self)
         self.containers = ContainerManager(self)
+        self.pods = PodManager(self, self.containers)
         #: The pod CIDR the kubelet last sent with UpdateRuntimeConfig.
         self.pod_cidr = ""
         #: Called with every lifecycle event after the extensions (the CRI event stream listens here).

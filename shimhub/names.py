@@ -10,6 +10,7 @@ digest) and the object is still usable.
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections.abc import Callable
 
@@ -105,3 +106,8 @@ class NameRegistry:
         if creation.error is not None:
             raise creation.error
         return creation.result
+
+
+def new_id() -> str:
+    """A fresh 64-hex-digit object id."""
+    return secrets.token_hex(32)

@@ -9,7 +9,6 @@ sandbox in it. Anything that fails undoes what was done before it.
 from __future__ import annotations
 
 import logging
-import secrets
 import socket
 import time
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ from shimhub import resources
 from shimhub.errors import FailedPrecondition, InvalidArgument
 from shimhub.faults import crash_point
 from shimhub.hooktypes import PodNetwork
+from shimhub.names import new_id
 from shimhub.records import (
     PENDING_CREATE,
     PENDING_REMOVE,
@@ -32,14 +32,10 @@ from shimhub.validation import check_hostname, check_identity, check_pod
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
 if TYPE_CHECKING:
-    from shimhub.daemon import Daemon
+    from shimhub.containers import ContainerManager
+    from shimhub.node import Node
 
 log = logging.getLogger(__name__)
-
-
-def new_id() -> str:
-    """A fresh 64-hex-digit object id."""
-    return secrets.token_hex(32)
 
 
 def sandbox_name(metadata: cri.PodSandboxMetadata) -> str:
@@ -50,8 +46,9 @@ def sandbox_name(metadata: cri.PodSandboxMetadata) -> str:
 class PodManager:
     """Runs, stops and removes pod sandboxes."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, node: Node, containers: ContainerManager) -> None:
+        self.node = node
+        self.containers = containers
 
     def run(self, config: cri.PodSandboxConfig, runtime_handler: str, digest: str, wait: float | None) -> str:
         """Create and start a sandbox; return its id (the in-flight or existing one for a retry)."""
@@ -62,21 +59,21 @@ class PodManager:
         check_hostname(config.hostname)
         check_pod(config)
         check_identity(config.linux.security_context, "pod sandbox")
-        handler = self.daemon.handlers.select(runtime_handler, config.annotations)
+        handler = self.node.handlers.select(runtime_handler, config.annotations)
         handler.require()
 
         def create() -> str:
             return self._create(config, handler.name, digest)
 
         def reusable(sandbox_id: str) -> bool:
-            found = self.daemon.store.sandbox(sandbox_id, missing_ok=True)
+            found = self.node.store.sandbox(sandbox_id, missing_ok=True)
             return found is not None and found.state == SANDBOX_READY
 
-        return self.daemon.pod_names.create(sandbox_name(metadata), digest, create, reusable, wait)
+        return self.node.pod_names.create(sandbox_name(metadata), digest, create, reusable, wait)
 
     def _create(self, config: cri.PodSandboxConfig, handler_name: str, digest: str) -> str:
-        daemon = self.daemon
-        handler = daemon.handlers.get(handler_name)
+        node = self.node
+        handler = node.handlers.get(handler_name)
         plugin = handler.require()
         record = SandboxRecord(
             id=new_id(),
@@ -94,114 +91,114 @@ class PodManager:
         plugin_config.annotations.update(handler.allowed_annotations(config.annotations))
         plugin_config.hostname = config.hostname or socket.gethostname()
         resources.fit(plugin_config.linux.resources)
-        with daemon.locks.hold(record.id):
-            daemon.store.save_sandbox(record)
+        with node.locks.hold(record.id):
+            node.store.save_sandbox(record)
             crash_point("run_pod:saved")
             try:
                 if not record.host_network:
-                    backend = daemon.network.require()
+                    backend = node.network.require()
                     record.network_released = False  # from here on, a rollback tears the network down
-                    daemon.store.save_sandbox(record)
+                    node.store.save_sandbox(record)
                     record.network = backend.call("network_pod_setup", sandbox=record, config=plugin_config)
                     crash_point("run_pod:network")
-                    daemon.store.save_sandbox(record)
+                    node.store.save_sandbox(record)
                 plugin.call("runtime_sandbox_run", sandbox=record, config=plugin_config, network=record.network)
                 crash_point("run_pod:sandbox")
                 record.state = SANDBOX_READY
                 record.pending = ""
-                daemon.store.save_sandbox(record)
+                node.store.save_sandbox(record)
             except BaseException:
                 self._undo(record)
                 raise
         log.info("pod sandbox %s (%s) ready on handler %s", record.id[:12], record.name, handler_name)
-        daemon.emit("sandbox_ready", record)
+        node.emit("sandbox_ready", record)
         return record.id
 
     def roll_back(self, record: SandboxRecord) -> None:
         """Undo the creation of a sandbox that a crash interrupted (after a restart)."""
-        with self.daemon.locks.hold(record.id):
+        with self.node.locks.hold(record.id):
             self._undo(record)
-        self.daemon.pod_names.release(record.name, record.id)
+        self.node.pod_names.release(record.name, record.id)
         log.warning("pod sandbox %s (%s): creation interrupted by a crash, rolled back", record.id[:12], record.name)
 
     def _undo(self, record: SandboxRecord) -> None:
         """Best-effort removal of a sandbox whose creation failed."""
         try:
-            self.daemon.handlers.get(record.handler).installed().call("runtime_sandbox_remove", sandbox=record)
+            self.node.handlers.get(record.handler).installed().call("runtime_sandbox_remove", sandbox=record)
         except Exception:
             log.exception("cleanup of failed sandbox %s: runtime removal failed", record.id[:12])
         try:
             self._release_network(record)
         except Exception:
             log.exception("cleanup of failed sandbox %s: network teardown failed", record.id[:12])
-        self.daemon.store.delete_sandbox(record.id)
+        self.node.store.delete_sandbox(record.id)
 
     def _release_network(self, record: SandboxRecord) -> None:
         if record.network_released:
             return
-        self.daemon.network.installed().call("network_pod_teardown", sandbox=record, network=record.network)
+        self.node.network.installed().call("network_pod_teardown", sandbox=record, network=record.network)
         record.network_released = True
         record.network = PodNetwork(netns_path=record.network.netns_path, data=record.network.data)
 
     def stop(self, sandbox_id: str) -> None:
         """Stop every container of the sandbox, the sandbox, and release its network. Idempotent."""
-        record = self.daemon.store.sandbox(sandbox_id, missing_ok=True)
+        record = self.node.store.sandbox(sandbox_id, missing_ok=True)
         if record is None:
             return
-        with self.daemon.locks.hold(record.id):
-            for container in self.daemon.store.containers(record.id):
-                self.daemon.containers.stop(container.id, timeout=0)
-            self.daemon.handlers.get(record.handler).installed().call("runtime_sandbox_stop", sandbox=record)
+        with self.node.locks.hold(record.id):
+            for container in self.node.store.containers(record.id):
+                self.containers.stop(container.id, timeout=0)
+            self.node.handlers.get(record.handler).installed().call("runtime_sandbox_stop", sandbox=record)
             self._release_network(record)
             changed = record.state != SANDBOX_NOTREADY
             record.state = SANDBOX_NOTREADY
-            self.daemon.store.save_sandbox(record)
+            self.node.store.save_sandbox(record)
         if changed:
-            self.daemon.emit("sandbox_stopped", record)
+            self.node.emit("sandbox_stopped", record)
 
     def remove(self, sandbox_id: str) -> None:
         """Remove the sandbox and its containers, stopping them first. Idempotent."""
-        record = self.daemon.store.sandbox(sandbox_id, missing_ok=True)
+        record = self.node.store.sandbox(sandbox_id, missing_ok=True)
         if record is None:
             return
-        with self.daemon.locks.hold(record.id):
+        with self.node.locks.hold(record.id):
             record.pending = PENDING_REMOVE
-            self.daemon.store.save_sandbox(record)
-            for container in self.daemon.store.containers(record.id):
-                self.daemon.containers.remove(container.id)
+            self.node.store.save_sandbox(record)
+            for container in self.node.store.containers(record.id):
+                self.containers.remove(container.id)
             crash_point("remove_pod:containers")
             if record.state == SANDBOX_READY:
                 self.stop(record.id)
-            self.daemon.handlers.get(record.handler).installed().call("runtime_sandbox_remove", sandbox=record)
+            self.node.handlers.get(record.handler).installed().call("runtime_sandbox_remove", sandbox=record)
             crash_point("remove_pod:runtime")
             self._release_network(record)
             crash_point("remove_pod:network")
-            self.daemon.store.delete_sandbox(record.id)
-            self.daemon.pod_names.release(record.name, record.id)
-        self.daemon.locks.forget(record.id)
+            self.node.store.delete_sandbox(record.id)
+            self.node.pod_names.release(record.name, record.id)
+        self.node.locks.forget(record.id)
         log.info("pod sandbox %s (%s) removed", record.id[:12], record.name)
-        self.daemon.emit("sandbox_removed", record)
+        self.node.emit("sandbox_removed", record)
 
     def update_resources(self, sandbox_id: str, limits: cri.LinuxContainerResources) -> None:
         """Hand new pod-level resources, those the node can enforce, to the runtime."""
-        record = self.daemon.store.sandbox(sandbox_id)
+        record = self.node.store.sandbox(sandbox_id)
         enforced = resources.fitted(limits)
-        with self.daemon.locks.hold(record.id):
-            plugin = self.daemon.handlers.get(record.handler).require()
+        with self.node.locks.hold(record.id):
+            plugin = self.node.handlers.get(record.handler).require()
             plugin.call("runtime_sandbox_update", sandbox=record, resources=enforced)
 
     def port_forward_request(self, request: cri.PortForwardRequest) -> PortForwardRequest:
         """Check a PortForward and prepare the connections made when its streaming client connects."""
-        record = self.daemon.store.sandbox(request.pod_sandbox_id)
+        record = self.node.store.sandbox(request.pod_sandbox_id)
         if record.state != SANDBOX_READY:
             raise FailedPrecondition(f"pod sandbox {record.id} is not ready")
-        plugin = self.daemon.handlers.get(record.handler).require()
+        plugin = self.node.handlers.get(record.handler).require()
         plugin.require_hook("runtime_port_forward")
         bad = [port for port in request.port if not portforward.is_port(port)]
         if bad:
             raise InvalidArgument(f"not TCP ports (1-65535): {bad}")
 
         def connect(port: int) -> socket.socket:
-            return plugin.call("runtime_port_forward", sandbox=self.daemon.store.sandbox(record.id), port=port)
+            return plugin.call("runtime_port_forward", sandbox=self.node.store.sandbox(record.id), port=port)
 
         return PortForwardRequest(list(request.port), connect)

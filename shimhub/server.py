@@ -74,7 +74,11 @@ class Server:
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS), options=options)
         self.streaming = StreamingServer(daemon.config.streaming)
         self.runtime_service = RuntimeService(daemon, self.streaming)
-        self.metrics = MetricsEndpoint(daemon, daemon.config.metrics_address) if daemon.config.metrics_address else None
+        self.metrics = (
+            MetricsEndpoint(daemon.store, daemon.status_info, daemon.config.metrics_address)
+            if daemon.config.metrics_address
+            else None
+        )
         shared = lanes()
         self.grpc.add_generic_rpc_handlers(
             [

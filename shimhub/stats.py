@@ -25,7 +25,7 @@ from shimhub.records import ContainerRecord, SandboxRecord
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
 if TYPE_CHECKING:
-    from shimhub.daemon import Daemon
+    from shimhub.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ def summed(usages: Iterable[ContainerUsage]) -> ContainerUsage:
 class StatsCollector:
     """Builds CRI stats messages and remembers the last CPU sample of each object."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, node: Node) -> None:
+        self.node = node
         self._previous: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()
 
@@ -122,7 +122,7 @@ class StatsCollector:
 
     def _runtime_answer(self, sandbox: SandboxRecord, hook: str, **arguments: object) -> ContainerUsage | None:
         """What the pod's runtime plugin answers to a stats hook; None when it has no such hook."""
-        handler = self.daemon.handlers.handlers.get(sandbox.handler)
+        handler = self.node.handlers.handlers.get(sandbox.handler)
         plugin = handler.backend.plugin if handler is not None else None
         if plugin is None or not plugin.implements(hook):
             return None
@@ -150,7 +150,7 @@ class StatsCollector:
             stats.writable_layer.CopyFrom(
                 cri.FilesystemUsage(
                     timestamp=usage.timestamp,
-                    fs_id=cri.FilesystemIdentifier(mountpoint=self.daemon.config.storage.root),
+                    fs_id=cri.FilesystemIdentifier(mountpoint=self.node.config.storage.root),
                     used_bytes=cri.UInt64Value(value=layer.used_bytes),
                     inodes_used=cri.UInt64Value(value=layer.inodes_used),
                 )
@@ -159,7 +159,7 @@ class StatsCollector:
 
     def pod(self, sandbox: SandboxRecord) -> cri.PodSandboxStats:
         """The PodSandboxStats of one pod, with the stats of each of its containers."""
-        containers = list(self.daemon.store.containers(sandbox.id))
+        containers = list(self.node.store.containers(sandbox.id))
         usages = [self.container_usage(sandbox, c) for c in containers]
         usage = self._runtime_answer(sandbox, "runtime_sandbox_stats") or summed(usages)
         config = sandbox.pod_config()
@@ -185,10 +185,10 @@ class StatsCollector:
         """cAdvisor's metrics of one pod and its containers."""
         config = sandbox.pod_config()
         pod = config.metadata
-        containers = list(self.daemon.store.containers(sandbox.id))
+        containers = list(self.node.store.containers(sandbox.id))
         usages = [self.container_usage(sandbox, c) for c in containers]
         try:
-            fs = os.statvfs(self.daemon.config.storage.root)
+            fs = os.statvfs(self.node.config.storage.root)
         except OSError:
             fs = None
         samples = []
@@ -218,7 +218,7 @@ class StatsCollector:
 
     def _writable_layer(self, container: ContainerRecord) -> FilesystemUsage | None:
         """What the storage driver says the container's writable layer holds (None when it cannot say)."""
-        driver = self.daemon.storage_drivers.get(container.storage_driver)
+        driver = self.node.storage_drivers.get(container.storage_driver)
         if driver is None or driver.plugin is None:
             return None
         try:

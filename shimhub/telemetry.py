@@ -19,7 +19,7 @@ import logging
 import socket
 import threading
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,7 @@ from shimhub.config import split_address
 from shimhub.errors import ConfigError
 
 if TYPE_CHECKING:
-    from shimhub.daemon import Daemon
+    from shimhub.state import StateStore
 
 #: Connections the endpoint serves at once, and the seconds each may wait for a read or a write.
 MAX_CONNECTIONS = 32
@@ -77,11 +77,11 @@ PLUGIN_SECONDS = Histogram(
 class ObjectCounts(Collector):
     """Pods and containers by state and runtime handler, counted at scrape time."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        sandboxes = self.daemon.store.sandboxes()
+        sandboxes = self.store.sandboxes()
         handler_of = {s.id: s.handler for s in sandboxes}
         pods = GaugeMetricFamily(
             "shimhub_pods", "Pod sandboxes by state and runtime handler.", labels=["state", "handler"]
@@ -92,21 +92,22 @@ class ObjectCounts(Collector):
         containers = GaugeMetricFamily(
             "shimhub_containers", "Containers by state and runtime handler.", labels=["state", "handler"]
         )
-        tally = Tally((c.state.status.value, handler_of.get(c.sandbox_id, "")) for c in self.daemon.store.containers())
+        tally = Tally((c.state.status.value, handler_of.get(c.sandbox_id, "")) for c in self.store.containers())
         for (state, handler), count in sorted(tally.items()):
             containers.add_metric([state, handler], count)
         yield containers
 
 
 class _Handler(BaseHTTPRequestHandler):
-    daemon: Daemon
+    #: What /status answers: the readiness of every handler and backend.
+    status: Callable[[], dict[str, Any]]
     timeout = CONNECTION_TIMEOUT  # seconds for each read and write of a connection
 
     def do_GET(self) -> None:
         if self.path == "/metrics":
             self._send(200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY))
         elif self.path == "/status":
-            self._json(200, self.daemon.status_info())
+            self._json(200, type(self).status())
         else:
             self._json(404, {"error": f"no such endpoint {self.path[:256]!r}; try /metrics or /status"})
 
@@ -149,10 +150,10 @@ class _BoundedServer(ThreadingHTTPServer):
 class MetricsEndpoint:
     """The HTTP endpoint, serving on its own thread."""
 
-    def __init__(self, daemon: Daemon, address: str) -> None:
+    def __init__(self, store: StateStore, status: Callable[[], dict[str, Any]], address: str) -> None:
         host, port = split_address(address) or ("", 0)
-        REGISTRY.register(ObjectCounts(daemon))
-        handler = type("Handler", (_Handler,), {"daemon": daemon})
+        REGISTRY.register(ObjectCounts(store))
+        handler = type("Handler", (_Handler,), {"status": staticmethod(status)})
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server_class = type("Server", (_BoundedServer,), {"address_family": family})
         try:

@@ -24,6 +24,14 @@ NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network n
 EXAMPLE_PLUGIN = HERE.parent / "plugins" / "procrun"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test not marked `unit` needs root and real parts: mark it `root`, so `-m unit` and `-m "not root"`
+    select the fast in-process layer."""
+    for item in items:
+        if item.get_closest_marker("unit") is None:
+            item.add_marker(pytest.mark.root)
+
+
 def install_in_venv(source: Path, base: Path) -> str:
     """A fresh virtual environment under `base` (seeing shimhub's own install) with the
     distribution at `source` pip-installed into it, as a plugin author would; its python."""

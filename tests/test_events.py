@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from shimhub.events import EventBus
 from shimhub.streaming import remotecommand
 from shimhub.streaming.spdy import Inbox
+
+pytestmark = pytest.mark.unit
 
 
 def test_a_stalled_subscriber_is_cut_off_by_bytes_not_only_by_count() -> None:

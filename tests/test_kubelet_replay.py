@@ -25,7 +25,7 @@ from shimhub.testing.daemon import Daemon, wait_for
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT
 
-pytestmark = NEEDS_ROOT
+pytestmark = [NEEDS_ROOT, pytest.mark.slow]
 
 
 def _recordings() -> Path:

@@ -10,6 +10,8 @@ import pytest
 from shimhub.errors import AlreadyExists, DeadlineExceeded, PluginFailed
 from shimhub.names import NameRegistry
 
+pytestmark = pytest.mark.unit
+
 
 def test_retry_during_slow_creation_gets_the_same_result() -> None:
     names = NameRegistry("pod sandbox")

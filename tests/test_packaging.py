@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).parent.parent
 #: Every distribution of the tree (the core and each plugins/<name>), with its top-level packages' sources.
 DISTRIBUTIONS = {

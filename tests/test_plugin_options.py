@@ -7,6 +7,8 @@ import pytest
 from shimhub.errors import ConfigError
 from shimhub.plugin_options import validated
 
+pytestmark = pytest.mark.unit
+
 DEFAULTS = {"binary": "runc", "timeout": 30.0, "size_gib": 10, "args": [], "strict": True}
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).parent.parent
 PROTO_DIR = ROOT / "proto"
 SCHEMA = "shimhub_proto/cri/v1/api.proto"

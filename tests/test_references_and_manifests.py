@@ -11,6 +11,8 @@ from shimhub.images import manifest
 from shimhub.images.manager import chain_ids
 from shimhub.images.reference import parse
 
+pytestmark = pytest.mark.unit
+
 DIGEST = "sha256:" + "ab" * 32
 
 

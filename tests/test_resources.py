@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from shimhub.resources import NodeCgroups, fit, page_size_kb
 from shimhub_proto.cri.v1 import api_pb2 as cri
+
+pytestmark = pytest.mark.unit
 
 
 def kubelet_burstable() -> cri.LinuxContainerResources:

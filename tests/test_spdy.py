@@ -15,6 +15,8 @@ from shimhub.streaming import spdy
 from shimhub.streaming.requests import PortForwardRequest, RequestCache
 from shimhub.testing.daemon import wait_for
 
+pytestmark = pytest.mark.unit
+
 
 def test_the_header_dictionary_is_the_drafts() -> None:
     # Length and zlib dictionary id of the SPDY/3 draft's dictionary (section 2.6.10.1).

@@ -23,6 +23,8 @@ KERNEL = guest.default_kernel()
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 #: What a test needs to run VM pods (KVM or not: without it they run under software emulation).
 VM_MARKS = [
+    pytest.mark.vm,
+    pytest.mark.slow,
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU is not installed (qemu-system-x86)"),
     pytest.mark.skipif(not KERNEL, reason="no guest kernel in /boot (linux-image-cloud-amd64)"),
     pytest.mark.skipif(not os.path.exists(VIRTIOFSD), reason="virtiofsd is not installed (qemu-system-common)"),

@@ -3,7 +3,7 @@
 Subclass `NetworkConformance`, set `backend`, and override `backend_options()` when
 the options depend on the test's temporary directory (a CNI config dir, say). A
 backend that says it is not ready (`network_setup` returning ``ready=False``) is
-skipped with its reason.
+skipped with its reason, or fails where SHIMHUB_REQUIRE_READY names it (see `readiness`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from shimhub.plugins import LoadedPlugin
 from shimhub.records import SandboxRecord, proto_to_dict
 from shimhub.testing.context import scratch_context
 from shimhub.testing.daemon import pod_config
+from shimhub.testing.readiness import not_ready
 
 #: Set up a pod on a backend: `(backend, name)` -> (the pod's record, its network).
 PodSetup = Callable[[LoadedPlugin, str], tuple[SandboxRecord, PodNetwork]]
@@ -73,7 +74,7 @@ class NetworkConformance:
             context = scratch_context(self.backend, tmp_path)
             readiness = loaded.call("network_setup", options=options, context=context)
             if not readiness.ready:
-                pytest.skip(f"network_setup: {self.backend} is not ready on this node: {readiness.reason}")
+                not_ready("network", self.backend, readiness.reason)
             return loaded
 
         return make

@@ -22,6 +22,7 @@ import pytest
 import tomli_w
 
 from shimhub.testing.daemon import POD_TIMEOUT, Daemon, Pod, wait_for
+from shimhub.testing.readiness import not_ready
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
 #: A CRI log line: time, stream, tag, message.
@@ -77,7 +78,7 @@ class RuntimeConformance:
         try:
             ready = {c.type: c for c in daemon.runtime.Status(cri.StatusRequest()).status.conditions}["RuntimeReady"]
             if not ready.status:
-                pytest.skip(f"runtime_setup: the handler is not ready on this node: {ready.message}")
+                not_ready("runtime", self.plugin, ready.message)
             daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/busybox:1")), timeout=120)
             yield RuntimeNode(daemon, directory, "conformance")
         finally:

@@ -3,7 +3,7 @@
 Subclass `StorageConformance`, set `driver` (and `options`); override `root()` when
 the driver needs its storage root on a particular filesystem. A driver that says
 it is not ready on this node (`storage_setup` returning ``ready=False``) is skipped
-with its reason.
+with its reason, or fails where SHIMHUB_REQUIRE_READY names it (see `readiness`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from shimhub.mounts import is_mounted
 from shimhub.plugins import LoadedPlugin
 from shimhub.testing.context import scratch_context
 from shimhub.testing.layers import tar
+from shimhub.testing.readiness import not_ready
 
 #: A base layer with every kind of entry an image may hold (device nodes it may not: unpacking refuses them).
 BASE = tar(
@@ -68,7 +69,7 @@ class StorageConformance:
         context = scratch_context(self.driver, tmp_path)
         readiness = loaded.call("storage_setup", root=str(root), options=dict(self.options), context=context)
         if not readiness.ready:
-            pytest.skip(f"storage_setup: {self.driver} is not ready on this node: {readiness.reason}")
+            not_ready("storage", self.driver, readiness.reason)
         loaded.root = root  # type: ignore[attr-defined]
         return loaded
 
