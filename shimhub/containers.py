@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shimhub import profiles, resources, users
+import attrs
+
+from shimhub import oci, profiles, resources, users
 from shimhub.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds ReopenContainerLog waits for the runtime to make the new log file.
 REOPEN_WAIT = 5.0
+#: Seconds a container has to exit after SIGKILL before StopContainer gives up.
+KILL_WAIT = 10.0
 #: Most output ExecSync returns per stream; the rest is dropped (as the CRI asks). Both streams together
 #: stay under the 16 MiB message limit of the kubelet's CRI client.
 EXEC_OUTPUT_LIMIT = 8 * 1024 * 1024 - 64 * 1024
@@ -165,6 +169,23 @@ def _inside(root: str, sub_path: str, container_path: str) -> str:
     return current
 
 
+def _escalate(plugin: LoadedPlugin, sandbox: SandboxRecord, record: ContainerRecord, timeout: int) -> None:
+    """Stop a running container as every runtime must: its stop signal and `timeout` seconds to exit (none
+    when 0), then SIGKILL to all its processes and KILL_WAIT seconds; DeadlineExceeded if it outlives both."""
+    stop_signal = record.stop_signal or record.runtime_data.get("stop_signal") or "SIGTERM"
+    steps = [(stop_signal, float(timeout)), ("SIGKILL", KILL_WAIT)] if timeout > 0 else [("SIGKILL", KILL_WAIT)]
+    for name, wait in steps:
+        plugin.call("runtime_container_kill", sandbox=sandbox, container=record, signal=name)
+        if plugin.call("runtime_container_wait", sandbox=sandbox, container=record, timeout=wait):
+            return
+    raise DeadlineExceeded(f"container {record.id} did not exit within {KILL_WAIT:g} s of SIGKILL")
+
+
+def exit_reason(exit_code: int) -> str:
+    """The CRI reason of an exit a runtime gave none for ("OOMKilled" is the runtime's to say)."""
+    return "Completed" if exit_code == 0 else "Error"
+
+
 class ContainerManager:
     """Creates, starts, stops and removes containers, and keeps their state current."""
 
@@ -226,6 +247,7 @@ class ContainerManager:
             image_ref=image.id if image else "",
             image_name=names[0],
             image_repo_digest=names[1],
+            stop_signal=oci.container.stop_signal(config, image.config if image else {}),
             pending=PENDING_CREATE,
         )
         plugin_config = cri.ContainerConfig()
@@ -359,7 +381,10 @@ class ContainerManager:
             if self._refresh(sandbox, record).status == ContainerStatus.EXITED:
                 return
             plugin = self.node.handlers.get(sandbox.handler).installed()
-            plugin.call("runtime_container_stop", sandbox=sandbox, container=record, timeout=max(timeout, 0))
+            if plugin.implements("runtime_container_kill"):
+                _escalate(plugin, sandbox, record, max(timeout, 0))
+            else:  # a runtime of plugin API < 1.4
+                plugin.call("runtime_container_stop", sandbox=sandbox, container=record, timeout=max(timeout, 0))
             self._refresh(sandbox, record)
 
     def remove(self, container_id: str) -> None:
@@ -400,6 +425,8 @@ class ContainerManager:
 
     def _record_state(self, sandbox: SandboxRecord, record: ContainerRecord, current: ContainerState) -> ContainerState:
         """Persist a changed state; announce an exit once."""
+        if current.status == ContainerStatus.EXITED and not current.reason:
+            current = attrs.evolve(current, reason=exit_reason(current.exit_code))
         with self._state_guard:  # several callers may see the same change; one records and announces it
             changed = current != record.state and record.state.status != ContainerStatus.EXITED
             if changed:

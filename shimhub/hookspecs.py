@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 PROJECT = "shimhub"
 #: The version of this contract. A new optional hook raises the minor; a
 #: changed or removed hook raises the major.
-API_VERSION = "1.3"
+API_VERSION = "1.4"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -122,8 +122,33 @@ class RuntimeSpec:
         """Start a created container. Required."""
 
     @hookspec(firstresult=True)
+    def runtime_container_kill(self, sandbox: SandboxRecord, container: ContainerRecord, signal: str) -> None:
+        """Send `signal` (a name such as "SIGTERM", or a number as a string) to the container's init process;
+        SIGKILL goes to every process of the container. A container that has already exited or is gone is
+        no error. Since 1.4; with `runtime_container_wait` it replaces `runtime_container_stop`: shimhub
+        then chooses the stop signal, escalates to SIGKILL and owns the timeouts.
+        """
+
+    @hookspec(firstresult=True)
+    def runtime_container_wait(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the container to exit: True once it has (or is gone), False if it
+        still runs. Since 1.4 (see `runtime_container_kill`).
+        """
+
+    @hookspec(
+        firstresult=True,
+        warn_on_impl=DeprecationWarning(
+            "runtime_container_stop is deprecated since plugin API 1.4 and goes in 2.0: implement "
+            "runtime_container_kill and runtime_container_wait, and shimhub owns the stop signal, the "
+            "escalation to SIGKILL and the timeouts"
+        ),
+    )
     def runtime_container_stop(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: int) -> None:
-        """Stop the container: its stop signal, then SIGKILL after `timeout` seconds. Idempotent. Required."""
+        """Stop the container: its stop signal, then SIGKILL after `timeout` seconds. Idempotent.
+
+        Deprecated since 1.4: called only for a plugin without `runtime_container_kill` and
+        `runtime_container_wait`. A runtime implements those two or this one.
+        """
 
     @hookspec(firstresult=True)
     def runtime_container_remove(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
@@ -285,6 +310,11 @@ class ExtensionSpec:
         """
 
 
+#: Hooks of which a plugin of the kind implements one set or the other: the current one first, then the
+#: deprecated one it replaces.
+ALTERNATIVES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "runtime": (("runtime_container_kill", "runtime_container_wait"), ("runtime_container_stop",)),
+}
 #: Entry point group, hook specification class and required hooks of each plugin kind.
 KINDS: dict[str, tuple[str, type, tuple[str, ...]]] = {
     "runtime": (
@@ -297,7 +327,6 @@ KINDS: dict[str, tuple[str, type, tuple[str, ...]]] = {
             "runtime_sandbox_remove",
             "runtime_container_create",
             "runtime_container_start",
-            "runtime_container_stop",
             "runtime_container_remove",
             "runtime_container_state",
         ),

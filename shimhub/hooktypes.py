@@ -73,7 +73,8 @@ class ContainerState:
     started_at: int = 0
     finished_at: int = 0
     exit_code: int = 0
-    #: CRI reason: "Completed", "Error", "OOMKilled" once exited.
+    #: CRI reason once exited: "OOMKilled" when the kernel killed it for memory; left empty, the core
+    #: says "Completed" (exit code 0) or "Error", the same for every runtime.
     reason: str = ""
     message: str = ""
 

@@ -23,7 +23,7 @@ from attrs import define
 
 from shimhub import telemetry
 from shimhub.errors import ConfigError, PluginFailed, PluginLoadError, ShimhubError, Unimplemented
-from shimhub.hookspecs import API_VERSION, KINDS, PROJECT
+from shimhub.hookspecs import ALTERNATIVES, API_VERSION, KINDS, PROJECT
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,20 @@ class LoadedPlugin:
         missing = [hook for hook in KINDS[kind][2] if not self.implements(hook)]
         if missing:
             raise PluginLoadError(f"{label}: does not implement required hook(s) {', '.join(missing)}")
+        if kind in ALTERNATIVES:
+            current, deprecated = ALTERNATIVES[kind]
+            if not all(map(self.implements, current)):
+                if not all(map(self.implements, deprecated)):
+                    raise PluginLoadError(
+                        f"{label}: does not implement required hook(s) {' and '.join(current)} "
+                        f"(or the deprecated {' and '.join(deprecated)})"
+                    )
+                log.warning(
+                    "%s implements the deprecated hook(s) %s, which go in plugin API 2.0: implement %s",
+                    label,
+                    ", ".join(deprecated),
+                    " and ".join(current),
+                )
 
     def implements(self, hook: str) -> bool:
         """Whether the plugin implements `hook` (False for a hook its kind does not have)."""

@@ -101,6 +101,9 @@ class ContainerRecord:
     image_repo_digest: str = ""
     #: Who the container's process runs as, resolved from the CRI config and the image at creation.
     user: User = field(factory=User)
+    #: The signal that asks it to stop: the CRI config's, else the image's, else SIGTERM ("" in records
+    #: written before shimhub chose it; then SIGTERM).
+    stop_signal: str = ""
     #: Images mounted into the container, in the order of their mounts.
     image_volumes: list[ImageVolume] = field(factory=list)
     #: Mount point of the root filesystem ("" for a container without an image).

@@ -11,9 +11,11 @@ Groups:
 * records the hooks receive (`SandboxRecord`, `ContainerRecord`);
 * the CRI's meaning, built by the core: `oci` (OCI spec, seccomp, a pod's
   shared pieces), `User`;
+* a container's output into its CRI log and to attached clients: `OutputFanout`;
 * node helpers: `cgroups`, `netns`, `namespaces`, `fifos`, `ttrpc`, `crilog`,
   `mountinfo`, `mounts`, `processes`, `plugin_options`, `write_atomically`,
-  `unpack` (layer archives, confined to their target).
+  `unpack` (layer archives, confined to their target) with `Whiteouts` (`APPLY`, or a
+  driver's own subclass), `remove_path`, `make_directories`.
 """
 
 from shimhub import (
@@ -60,16 +62,19 @@ from shimhub.hooktypes import (
     Readiness,
     StreamedProcess,
 )
+from shimhub.output import Attachment, OutputFanout
 from shimhub.records import ContainerRecord, SandboxRecord
 from shimhub.state import write_atomically
-from shimhub.unpack import UnsafeLayer, Whiteouts, unpack
+from shimhub.unpack import APPLY, UnsafeLayer, Whiteouts, make_directories, remove_path, unpack
 from shimhub.users import User
 
 __all__ = [
     "API_VERSION",
+    "APPLY",
     "STDERR",
     "STDOUT",
     "AlreadyExists",
+    "Attachment",
     "ConfigError",
     "ContainerRecord",
     "ContainerState",
@@ -83,6 +88,7 @@ __all__ = [
     "HandlerFeatures",
     "InvalidArgument",
     "NotFound",
+    "OutputFanout",
     "PermissionDenied",
     "PluginContext",
     "PluginFailed",
@@ -102,6 +108,7 @@ __all__ = [
     "error_from_status",
     "fifos",
     "hookimpl",
+    "make_directories",
     "mountinfo",
     "mounts",
     "namespaces",
@@ -109,6 +116,7 @@ __all__ = [
     "oci",
     "plugin_options",
     "processes",
+    "remove_path",
     "ttrpc",
     "unpack",
     "write_atomically",

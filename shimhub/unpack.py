@@ -6,27 +6,23 @@ a symlink (from this layer or an earlier one) can never lead a write outside
 it. Hardlinks must point inside the target too. Ownership, modes, xattrs,
 times, hardlinks, symlinks, FIFOs and device nodes are kept.
 
-Whiteouts (OCI image layer spec) are handled in one of three ways:
-
-* ``APPLY`` — the target holds the parent's content; whiteouts delete from it
-  (vfs, btrfs, devicemapper);
-* ``OVERLAY`` — the target is one overlayfs layer; a whiteout becomes a 0/0
-  character device and an opaque marker the ``trusted.overlay.opaque`` xattr;
-* ``AUFS`` — the target is one aufs branch; ``.wh.`` files are kept as they
-  are, which is aufs's own whiteout format.
+Whiteouts (OCI image layer spec) are applied by a `Whiteouts` object: the base
+class, `APPLY`, deletes what they hide from a target that holds the parent's
+content (vfs, btrfs, devicemapper); a storage driver whose layers are branches
+of a union mount subclasses it to mark deletions in its filesystem's own form.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import os
 import shutil
 import stat
 import tarfile
+from collections.abc import Callable
 from pathlib import PurePosixPath
-from typing import IO
+from typing import IO, ClassVar
 
 from attrs import define
 
@@ -37,12 +33,25 @@ OPAQUE_MARKER = ".wh..wh..opq"
 MAX_SYMLINK_HOPS = 40
 
 
-class Whiteouts(enum.Enum):
-    """How a driver represents deletions of lower-layer content."""
+class Whiteouts:
+    """How a driver represents deletions of lower-layer content; this base class deletes it."""
 
-    APPLY = "apply"
-    OVERLAY = "overlay"
-    AUFS = "aufs"
+    #: Keep whiteout entries as the files they are (a union filesystem that reads them itself).
+    keep_entries: ClassVar[bool] = False
+
+    def opaque(self, directory: str, created: Callable[[str], bool]) -> None:
+        """The lower layers' content of `directory` is hidden; `created(name)`: this layer made the entry."""
+        for entry in os.listdir(directory):
+            if not created(entry):
+                remove_path(os.path.join(directory, entry))
+
+    def hide(self, path: str) -> None:
+        """The lower layers' entry at `path` is deleted."""
+        remove_path(path)
+
+
+#: Whiteouts applied by deleting.
+APPLY = Whiteouts()
 
 
 class UnsafeLayer(InvalidArgument):
@@ -111,7 +120,8 @@ class ScopedRoot:
         return os.path.join(self.resolve_parent(relative), os.path.basename(relative))
 
 
-def _remove(path: str) -> None:
+def remove_path(path: str) -> None:
+    """Remove a file or a directory tree at `path` if there is one (never following a symlink)."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
@@ -122,7 +132,7 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-def _makedirs(path: str) -> None:
+def make_directories(path: str) -> None:
     """Create missing parent directories (root-owned, 0755), as tar does for implicit parents."""
     os.makedirs(path, mode=0o755, exist_ok=True)
 
@@ -161,11 +171,11 @@ class _Unpacker:
         name = _clean_name(member.name)
         if not name:
             return  # the layer root itself
-        if os.path.basename(name).startswith(WHITEOUT_PREFIX) and self.whiteouts is not Whiteouts.AUFS:
+        if os.path.basename(name).startswith(WHITEOUT_PREFIX) and not self.whiteouts.keep_entries:
             _whiteout(self.root, name, self.whiteouts, self.created)
             return
         path = self.root.resolve(name)
-        _makedirs(os.path.dirname(path))
+        make_directories(os.path.dirname(path))
         _extract(archive, member, path, self.root)
         self.created.add(name)
         self.result.inodes += 1
@@ -186,27 +196,16 @@ def _whiteout(root: ScopedRoot, name: str, mode: Whiteouts, created: set[str]) -
     parent = root.resolve_parent(name)
     base = os.path.basename(name)
     if base == OPAQUE_MARKER:
-        _makedirs(parent)
-        if mode is Whiteouts.OVERLAY:
-            os.setxattr(parent, "trusted.overlay.opaque", b"y")
-            return
+        make_directories(parent)
         prefix = f"{parent_rel}/" if parent_rel else ""
-        for entry in os.listdir(parent):
-            if f"{prefix}{entry}" not in created:
-                _remove(os.path.join(parent, entry))
+        mode.opaque(parent, lambda entry: f"{prefix}{entry}" in created)
         return
     hidden = base[len(WHITEOUT_PREFIX) :]
     if not hidden or hidden in (".", ".."):
         raise UnsafeLayer(f"layer entry {name!r} is not a valid whiteout")
     if f"{parent_rel}/{hidden}".lstrip("/") in created:
         return  # whiteouts hide lower layers only, never this layer's own entries
-    path = os.path.join(parent, hidden)
-    if mode is Whiteouts.OVERLAY:
-        _makedirs(parent)
-        _remove(path)
-        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(0, 0))
-    else:
-        _remove(path)
+    mode.hide(os.path.join(parent, hidden))
 
 
 def _extract(archive: tarfile.TarFile, member: tarfile.TarInfo, path: str, root: ScopedRoot) -> None:
@@ -214,7 +213,7 @@ def _extract(archive: tarfile.TarFile, member: tarfile.TarInfo, path: str, root:
     with contextlib.suppress(FileNotFoundError):
         existing = os.lstat(path)
     if existing is not None and not (member.isdir() and stat.S_ISDIR(existing.st_mode)):
-        _remove(path)
+        remove_path(path)
     if member.isdir():
         os.makedirs(path, mode=0o700, exist_ok=True)
     elif member.isreg():

@@ -109,7 +109,7 @@ def _signatures() -> dict[str, dict[str, str]]:
             options = getattr(function, f"{hookspecs.PROJECT}_spec", {})
             hooks[name] = (
                 f"{inspect.signature(function)} firstresult={bool(options.get('firstresult'))}"
-                f" required={name in required}"
+                f" required={name in required} deprecated={options.get('warn_on_impl') is not None}"
             )
         result[kind] = hooks
     return result

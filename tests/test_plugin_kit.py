@@ -86,15 +86,15 @@ def test_the_example_plugin_passes_the_kit(tmp_path: Path, registry) -> None:
     ("hook", "original", "broken", "failing_test"),
     [
         (
-            "runtime_container_stop",
-            "for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):",
-            "for sig, wait in ((signal.SIGTERM, timeout),):",
+            "runtime_container_kill",
+            'os.killpg(container.runtime_data["pid"], number)',
+            'os.killpg(container.runtime_data["pid"], signal.SIGKILL)',
             "test_stop_honours_the_signal_then_kills_after_the_timeout",
         ),
         (
             "runtime_container_state",
-            'reason="Completed" if code == 0 else "Error",',
-            'reason="Completed",',
+            "exit_code=code,",
+            "exit_code=0,",
             "test_output_lands_in_a_cri_log_and_the_exit_code_is_reported",
         ),
     ],

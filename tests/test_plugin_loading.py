@@ -70,6 +70,11 @@ BROKEN = {
         GOOD_HOOKS + "class Plugin(Base):\n    runtime_container_state = None\n",
         "does not implement required hook(s) runtime_container_state",
     ),
+    "no-stop": (
+        GOOD_HOOKS + "class Plugin(Base):\n    runtime_container_stop = None\n",
+        "does not implement required hook(s) runtime_container_kill and runtime_container_wait "
+        "(or the deprecated runtime_container_stop)",
+    ),
     "failing-init": (
         GOOD_HOOKS + "class Plugin(Base):\n    def __init__(self):\n        raise OSError('no /dev/kvm')\n",
         "cannot be instantiated: OSError: no /dev/kvm",
@@ -108,6 +113,26 @@ def test_broken_plugin_stops_startup_naming_it(daemon_factory, tmp_path: Path, c
     assert f"error: {label}" in listing.stdout
 
 
+def test_a_runtime_with_the_deprecated_stop_hook_loads_with_a_warning(daemon_factory, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    install_fake_distribution(
+        site,
+        "shimhub-oldstop",
+        "oldstop",
+        GOOD_HOOKS + "class Plugin(Base): pass\n",
+        "[shimhub.runtime]\nold = oldstop:Plugin\n",
+    )
+    config = 'default_runtime = "old"\n[runtimes.old]\nplugin = "old"\n[network]\nbackend = "host"\n'
+    daemon = daemon_factory(config, env={"PYTHONPATH": str(site)}).start()
+    conditions = {c.type: c for c in daemon.runtime.Status(cri.StatusRequest()).status.conditions}
+    assert conditions["RuntimeReady"].status
+    assert (
+        "runtime plugin 'old' (shimhub.runtime = oldstop:Plugin, distribution shimhub-oldstop 0.1) implements the "
+        "deprecated hook(s) runtime_container_stop, which go in plugin API 2.0: implement runtime_container_kill "
+        "and runtime_container_wait"
+    ) in daemon.log()
+
+
 def test_two_distributions_claiming_one_name(daemon_factory, tmp_path: Path) -> None:
     site = tmp_path / "site"
     install_fake_distribution(
@@ -124,7 +149,7 @@ def test_two_distributions_claiming_one_name(daemon_factory, tmp_path: Path) -> 
     assert served.returncode == 2
     assert "2 distributions provide runtime plugin 'proc'" in served.stderr
     assert "distribution shimhub-impostor 0.1" in served.stderr
-    assert "distribution shimhub-procrun 1.1.0" in served.stderr
+    assert "distribution shimhub-procrun 1.2.0" in served.stderr
 
 
 def test_invalid_plugin_options_stop_startup(daemon_factory) -> None:

@@ -28,7 +28,7 @@ backend = "host"
 def test_listed_by_shimhub_plugins(daemon_factory) -> None:
     listing = daemon_factory(CONFIG).command("plugins")
     line = next(line for line in listing.stdout.splitlines() if " proc " in line)
-    assert line.split()[:4] == ["runtime", "proc", "shimhub-procrun", "1.1.0"]
+    assert line.split()[:4] == ["runtime", "proc", "shimhub-procrun", "1.2.0"]
     assert "[ok]" in line
     assert listing.returncode == 0, listing.stdout + listing.stderr
 

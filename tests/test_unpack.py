@@ -13,7 +13,8 @@ import pytest
 from shimhub import plugins
 from shimhub.hooktypes import PluginContext
 from shimhub.testing.layers import tar
-from shimhub.unpack import UnsafeLayer, Whiteouts, unpack
+from shimhub.unpack import APPLY, UnsafeLayer, unpack
+from shimhub_storage.overlay import OverlayWhiteouts
 from tests.conftest import NEEDS_ROOT
 
 pytestmark = NEEDS_ROOT
@@ -33,12 +34,12 @@ def outside(target: Path) -> list[str]:
 
 def test_dot_dot_is_refused(target: Path) -> None:
     with pytest.raises(UnsafeLayer, match=r"layer entry '\.\./escaped' points outside the layer"):
-        unpack(io.BytesIO(tar(("../escaped", "file", "x"))), str(target), Whiteouts.APPLY)
+        unpack(io.BytesIO(tar(("../escaped", "file", "x"))), str(target), APPLY)
     assert outside(target) == ["jail"]
 
 
 def test_absolute_names_stay_inside(target: Path) -> None:
-    unpack(io.BytesIO(tar(("/etc/escaped", "file", "x"))), str(target), Whiteouts.APPLY)
+    unpack(io.BytesIO(tar(("/etc/escaped", "file", "x"))), str(target), APPLY)
     assert (target / "etc/escaped").read_text() == "x"
     assert outside(target) == ["jail"]
 
@@ -46,15 +47,15 @@ def test_absolute_names_stay_inside(target: Path) -> None:
 @pytest.mark.parametrize("link_target", ["/", "..", "../..", "/tmp/../..", "a/../../.."])
 def test_symlink_cannot_lead_a_write_outside(target: Path, link_target: str) -> None:
     layer = tar(("exit", "symlink", link_target), ("exit/escaped", "file", "x"))
-    unpack(io.BytesIO(layer), str(target), Whiteouts.APPLY)
+    unpack(io.BytesIO(layer), str(target), APPLY)
     assert os.readlink(target / "exit") == link_target
     assert outside(target) == ["jail"]
     assert (target / "escaped").read_text() == "x"  # resolved as if the layer were the root
 
 
 def test_symlink_from_an_earlier_layer_is_confined_too(target: Path) -> None:
-    unpack(io.BytesIO(tar(("usr", "symlink", "/"))), str(target), Whiteouts.APPLY)
-    unpack(io.BytesIO(tar(("usr/escaped", "file", "x"))), str(target), Whiteouts.APPLY)
+    unpack(io.BytesIO(tar(("usr", "symlink", "/"))), str(target), APPLY)
+    unpack(io.BytesIO(tar(("usr/escaped", "file", "x"))), str(target), APPLY)
     assert outside(target) == ["jail"]
 
 
@@ -63,7 +64,7 @@ def test_hardlinks_outside_the_layer_are_refused(target: Path, link_name: str) -
     (target.parent.parent / "outside").write_text("secret")
     layer = tar(("sym", "symlink", "/.."), ("stolen", "hardlink", link_name))
     with pytest.raises(UnsafeLayer):
-        unpack(io.BytesIO(layer), str(target), Whiteouts.APPLY)
+        unpack(io.BytesIO(layer), str(target), APPLY)
     assert not (target / "stolen").exists()
 
 
@@ -71,20 +72,20 @@ def test_hardlinks_outside_the_layer_are_refused(target: Path, link_name: str) -
 def test_device_nodes_are_refused(target: Path, kind: str, numbers: tuple[int, int]) -> None:
     """/dev/mem (1:1) or the node's first disk (8:0) in an image would be a way out of a container."""
     with pytest.raises(UnsafeLayer, match=f"{numbers[0]}:{numbers[1]}; images may not carry device nodes"):
-        unpack(io.BytesIO(tar(("dev/disk", kind, numbers))), str(target), Whiteouts.APPLY)
+        unpack(io.BytesIO(tar(("dev/disk", kind, numbers))), str(target), APPLY)
     assert not (target / "dev" / "disk").exists()
 
 
 def test_inert_overlay_whiteout_device_is_kept(target: Path) -> None:
-    unpack(io.BytesIO(tar(("gone", "chardev", (0, 0)))), str(target), Whiteouts.APPLY)
+    unpack(io.BytesIO(tar(("gone", "chardev", (0, 0)))), str(target), APPLY)
     assert os.stat(target / "gone").st_rdev == os.makedev(0, 0)
 
 
 def test_garbage_and_size_limit(target: Path) -> None:
     with pytest.raises(UnsafeLayer, match="not a valid tar archive"):
-        unpack(io.BytesIO(b"\x00not a tar" * 100), str(target), Whiteouts.APPLY)
+        unpack(io.BytesIO(b"\x00not a tar" * 100), str(target), APPLY)
     with pytest.raises(UnsafeLayer, match="layer unpacks to more than 10 bytes"):
-        unpack(io.BytesIO(tar(("big", "file", "x" * 11))), str(target), Whiteouts.APPLY, max_bytes=10)
+        unpack(io.BytesIO(tar(("big", "file", "x" * 11))), str(target), APPLY, max_bytes=10)
 
 
 LOWER = tar(("d", "dir", None), ("d/a", "file", "a"), ("f", "file", "f"))
@@ -92,8 +93,8 @@ UPPER = tar(("d/.wh..wh..opq", "file", ""), ("d/b", "file", "b"), (".wh.f", "fil
 
 
 def test_apply_mode_deletes(target: Path) -> None:
-    unpack(io.BytesIO(LOWER), str(target), Whiteouts.APPLY)
-    unpack(io.BytesIO(UPPER), str(target), Whiteouts.APPLY)
+    unpack(io.BytesIO(LOWER), str(target), APPLY)
+    unpack(io.BytesIO(UPPER), str(target), APPLY)
     assert sorted(os.listdir(target)) == ["d"]
     assert os.listdir(target / "d") == ["b"]
 
@@ -110,14 +111,14 @@ def test_whiteout_does_not_hide_the_layers_own_entries(target: Path) -> None:
             )
         ),
         str(target),
-        Whiteouts.APPLY,
+        APPLY,
     )
     assert (target / "d/mine").read_text() == "m"
     assert (target / "x").read_text() == "x"
 
 
 def test_overlay_mode_marks(target: Path) -> None:
-    unpack(io.BytesIO(UPPER), str(target), Whiteouts.OVERLAY)
+    unpack(io.BytesIO(UPPER), str(target), OverlayWhiteouts())
     assert stat.S_ISCHR(os.lstat(target / "f").st_mode)
     assert os.lstat(target / "f").st_rdev == os.makedev(0, 0)
     assert os.getxattr(target / "d", "trusted.overlay.opaque") == b"y"

@@ -157,7 +157,7 @@ class RuntimeConformance:
         assert (final.exit_code, final.reason) == (0, "Completed")
 
     def test_stop_honours_the_signal_then_kills_after_the_timeout(self, node: RuntimeNode) -> None:
-        """runtime_container_stop: SIGTERM reaches the process; one that ignores it is killed after `timeout`."""
+        """runtime_container_kill/_wait (or _stop): SIGTERM reaches it; one ignoring it dies after `timeout`."""
         pod = node.pod()
         polite = pod.run("polite", ["sh", "-c", "trap 'echo got-term; exit 0' TERM; while :; do sleep 0.1; done"])
         stubborn = pod.run("stubborn", ["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"])
@@ -167,7 +167,7 @@ class RuntimeConformance:
         node.rt.StopContainer(cri.StopContainerRequest(container_id=polite, timeout=10), timeout=POD_TIMEOUT)
         status = pod.status(polite)
         assert (status.state, status.exit_code) == (cri.CONTAINER_EXITED, 0), (
-            f"runtime_container_stop: after SIGTERM the trap should exit 0, got state {status.state} "
+            f"runtime_container_kill/_wait (or _stop): after SIGTERM the trap should exit 0, got state {status.state} "
             f"exit code {status.exit_code}"
         )
         wait_for(lambda: "got-term" in pod.output("polite"), 5)
@@ -176,10 +176,12 @@ class RuntimeConformance:
         took = time.monotonic() - began
         status = pod.status(stubborn)
         assert status.state == cri.CONTAINER_EXITED, (
-            f"runtime_container_stop: a process ignoring SIGTERM still runs {took:.1f} s after StopContainer(timeout=1)"
+            f"StopContainer: a process ignoring SIGTERM still runs {took:.1f} s after StopContainer(timeout=1)"
         )
-        assert status.exit_code == 137, f"runtime_container_stop: SIGKILLed process reported {status.exit_code}"
-        assert took < 1 + 10, f"runtime_container_stop took {took:.1f} s with timeout=1"
+        assert status.exit_code == 137, (
+            f"runtime_container_kill/_wait (or _stop): SIGKILLed process reported {status.exit_code}"
+        )
+        assert took < 1 + 10, f"StopContainer took {took:.1f} s with timeout=1"
 
     def test_exec_sync(self, node: RuntimeNode) -> None:
         """ExecSync through runtime_exec (or runtime_exec_sync): output, exit code, and the timeout, after which
@@ -249,4 +251,4 @@ class RuntimeConformance:
         )
         assert "done" in pod.output("job"), "runtime_recover: the output of the restart's time was lost"
         node.rt.StopContainer(cri.StopContainerRequest(container_id=server, timeout=1), timeout=POD_TIMEOUT)
-        assert pod.status(server).state == cri.CONTAINER_EXITED, "runtime_container_stop after a restart"
+        assert pod.status(server).state == cri.CONTAINER_EXITED, "StopContainer after a restart"

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from signal import Signals
 from typing import Any
 
 import psutil
@@ -47,7 +48,7 @@ OPTIONS = {"nsenter": "nsenter", "chroot": "chroot"}
 class ProcRuntime:
     """The `proc` runtime: one instance per runtime handler that names it."""
 
-    shimhub_api = "1.2"
+    shimhub_api = "1.4"
 
     def __init__(self) -> None:
         self.state_dir = Path()
@@ -141,7 +142,6 @@ class ProcRuntime:
                 started_at=data["started_at"],
                 finished_at=finished,
                 exit_code=code,
-                reason="Completed" if code == 0 else "Error",
             )
         if "pid" not in data:
             return ContainerState(status=ContainerStatus.CREATED)
@@ -152,25 +152,29 @@ class ProcRuntime:
             started_at=data["started_at"],
             finished_at=time.time_ns(),
             exit_code=255,
-            reason="Error",
             message="the container's supervisor died: its exit code is unknown",
         )
 
     @hookimpl
-    def runtime_container_stop(self, container: ContainerRecord, timeout: int) -> None:
+    def runtime_container_kill(self, container: ContainerRecord, signal: str) -> None:
         if self.runtime_container_state(container).status != ContainerStatus.RUNNING:
             return
+        number = int(signal) if signal.isdigit() else int(Signals[signal])
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(container.runtime_data["pid"], number)  # the command and what it started
+
+    @hookimpl
+    def runtime_container_wait(self, container: ContainerRecord, timeout: float) -> bool:
+        if "pid" not in container.runtime_data:
+            return True
         exit_file = self._dir(container) / "exit"
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(container.runtime_data["pid"], sig)  # the command and what it started
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                if exit_file.exists():
-                    self._wait_for_supervisor(container)
-                    return
-                time.sleep(0.02)
-        raise RuntimeError(f"container {container.id} survived SIGKILL")
+        deadline = time.monotonic() + timeout
+        while not exit_file.exists():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        self._wait_for_supervisor(container)
+        return True
 
     @staticmethod
     def _wait_for_supervisor(container: ContainerRecord) -> None:

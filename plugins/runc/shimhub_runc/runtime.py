@@ -53,7 +53,6 @@ OPTIONS: dict[str, Any] = {
     "host_network_runtime_args": [],
     "restrict_oom_score_adj": True,
 }
-KILL_WAIT = 10.0
 COMMAND_TIMEOUT = 60.0
 
 
@@ -96,7 +95,7 @@ def _unsupported_cgroups(binary: str) -> str:
 class RuncRuntime:
     """Runs pods and containers with an OCI runtime binary under conmon."""
 
-    shimhub_api = "1.2"
+    shimhub_api = "1.4"
 
     def __init__(self) -> None:
         self.options: dict[str, Any] = dict(OPTIONS)
@@ -255,7 +254,7 @@ class RuncRuntime:
         exited = monitor.exited()
         if exited is not None:
             code, finished = exited
-            reason = "OOMKilled" if monitor.oom_file.exists() else ("Completed" if code == 0 else "Error")
+            reason = "OOMKilled" if monitor.oom_file.exists() else ""
             return ContainerState(
                 status=ContainerStatus.EXITED,
                 started_at=started,
@@ -297,23 +296,20 @@ class RuncRuntime:
         return states
 
     @hookimpl
-    def runtime_container_stop(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: int) -> None:
+    def runtime_container_kill(self, sandbox: SandboxRecord, container: ContainerRecord, signal: str) -> None:
         monitor = self._monitor(container)
         if "pid" not in container.runtime_data or monitor.exited() is not None:
             return
-        signals = [(container.runtime_data.get("stop_signal", "SIGTERM"), float(timeout)), ("SIGKILL", KILL_WAIT)]
-        if timeout <= 0:
-            signals = signals[1:]
-        for name, wait in signals:
-            try:
-                self._run("kill", container.id, name)
-            except PluginFailed as exc:
-                if _gone(exc) or monitor.exited() is not None:
-                    return
+        try:
+            self._run("kill", container.id, signal)
+        except PluginFailed as exc:
+            if not (_gone(exc) or monitor.exited() is not None):
                 raise
-            if _wait_for(lambda: monitor.exited() is not None, wait):
-                return
-        raise PluginFailed(f"container {container.id[:12]} did not exit after SIGKILL")
+
+    @hookimpl
+    def runtime_container_wait(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: float) -> bool:
+        monitor = self._monitor(container)
+        return "pid" not in container.runtime_data or _wait_for(lambda: monitor.exited() is not None, timeout)
 
     @hookimpl
     def runtime_container_remove(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from signal import Signals
 from typing import Any
 
 from google.protobuf.any_pb2 import Any as AnyMessage
@@ -162,7 +163,7 @@ def _remove_dead_socket(address: str) -> None:
 class ShimV2Runtime:
     """Runs pods and containers through a containerd shim v2 binary, over ttrpc."""
 
-    shimhub_api = "1.2"
+    shimhub_api = "1.4"
 
     def __init__(self) -> None:
         self.options: dict[str, Any] = dict(OPTIONS)
@@ -449,7 +450,6 @@ class ShimV2Runtime:
             started_at=container.runtime_data.get("started_at", 0),
             finished_at=finished,
             exit_code=code,
-            reason="Completed" if code == 0 else "Error",
             message=message or oci.container.termination_message(container.runtime_data.get("termination_log", "")),
         )
 
@@ -506,15 +506,26 @@ class ShimV2Runtime:
         return False
 
     @hookimpl
-    def runtime_container_stop(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: int) -> None:
+    def runtime_container_kill(self, sandbox: SandboxRecord, container: ContainerRecord, signal: str) -> None:
         data = container.runtime_data
         if "shim" not in data or "shim_lost" in data:
             return
-        stop = data.get("stop_signal", "SIGTERM")
-        stop = stop if not stop.isdigit() else signal.Signals(int(stop)).name
-        signals = [(stop, float(timeout)), ("SIGKILL", KILL_WAIT)] if timeout > 0 else [("SIGKILL", KILL_WAIT)]
-        if not self._kill(container.id, data["shim"], signals):
-            raise PluginFailed(f"container {container.id[:12]} did not exit after SIGKILL")
+        number = int(signal) if signal.isdigit() else int(Signals[signal])
+        with contextlib.suppress(NotFound, Unavailable, FailedPrecondition):  # gone, or already finished
+            self._client(data["shim"]).kill(container.id, number, all_processes=signal == "SIGKILL")
+
+    @hookimpl
+    def runtime_container_wait(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: float) -> bool:
+        data = container.runtime_data
+        if "shim" not in data or "shim_lost" in data:
+            return True
+        try:
+            self._client(data["shim"]).wait(container.id, timeout=timeout)
+        except DeadlineExceeded:
+            return False
+        except (NotFound, Unavailable, FailedPrecondition):
+            return True
+        return True
 
     @hookimpl
     def runtime_container_remove(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
@@ -551,7 +562,7 @@ class ShimV2Runtime:
         output = self._outputs.get(container.id)
         if output is None:
             raise NotFound(f"container {container.id[:12]} has no output being copied (it was removed)")
-        output.log.reopen()
+        output.fanout.log.reopen()
 
     # -- exec, attach, port forward -------------------------------------------------
 

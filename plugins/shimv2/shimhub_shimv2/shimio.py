@@ -7,23 +7,21 @@ output goes to the streaming client or to ExecSync's result.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-import queue
 import shutil
 import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from shimhub.sdk import STDERR, STDOUT, ShimhubError, crilog, fifos, processes
+from shimhub.sdk import STDERR, STDOUT, Attachment, OutputFanout, ShimhubError, fifos, processes
 from shimhub_proto.containerd.task.v2 import shim_pb2 as task
 from shimhub_shimv2.shim import PROCESS_TYPE, TaskClient, json_any
 
-#: Chunks an attached client may fall behind before newer output is dropped for it.
-ATTACH_BACKLOG = 1024
+#: Bytes of an exec's output a streaming client may fall behind before newer output is dropped for it.
+EXEC_BACKLOG = 64 * 1024 * 1024
 KILL_WAIT = 10.0
-_END = (STDOUT, b"")
-STREAM_NAMES = {STDOUT: "stdout", STDERR: "stderr"}
 
 
 class _Stdio:
@@ -62,56 +60,16 @@ class _Stdio:
         return True
 
 
-class _Output:
-    """Chunks of a process's output in a queue, ending once every stream ended."""
-
-    def __init__(self, streams: int, maxsize: int = 0) -> None:
-        self.chunks: queue.Queue[tuple[int, bytes]] = queue.Queue(maxsize)
-        self._streams = streams
-
-    def sink(self, stream: int) -> fifos.Sink:
-        def deliver(data: bytes) -> None:
-            # An attached client that fell this far behind misses output (the CRI log has it).
-            with contextlib.suppress(queue.Full):
-                self.chunks.put_nowait((stream, data))
-
-        return deliver
-
-    def end(self) -> None:
-        """End the output early (a reader waiting gets the end)."""
-        for _ in range(self._streams):
-            self.sink(STDOUT)(b"")
-
-    def read(self) -> tuple[int, bytes]:
-        """The next chunk; (STDOUT, b"") once all streams ended."""
-        while self._streams:
-            stream, data = self.chunks.get()
-            if data:
-                return stream, data
-            self._streams -= 1
-        return _END
-
-
 class ContainerOutput:
-    """A container's stdout/stderr FIFOs copied into its CRI log and to attached clients; its held stdin."""
+    """A container's stdout/stderr FIFOs fanned out into its CRI log and to attached clients; its held stdin."""
 
     def __init__(self, relay: fifos.OutputRelay, bundle: Path, log_path: str, stdin: bool, tty: bool) -> None:
-        self.log = crilog.LogFile(log_path)
-        self._lock = threading.Lock()
-        self._attached: list[_Output] = []
+        self.fanout = OutputFanout(log_path, streams=1 if tty else 2)
         self._settled = False
         self.stdio = _Stdio(bundle / "io", relay, self._sink, stdin=stdin, tty=tty)
 
     def _sink(self, stream: int) -> fifos.Sink:
-        name = STREAM_NAMES[stream]
-
-        def deliver(data: bytes) -> None:
-            self.log.write(name, data)
-            with self._lock:
-                for output in self._attached:
-                    output.sink(stream)(data)
-
-        return deliver
+        return functools.partial(self.fanout.write, stream)
 
     def settle(self, timeout: float) -> None:
         """Once the container exited: wait, the first time only, up to `timeout` for its last output."""
@@ -119,26 +77,11 @@ class ContainerOutput:
             self.stdio.watch.wait(timeout)
             self._settled = True
 
-    def attach(self) -> _Output:
-        """A new queue of the container's output from now on."""
-        output = _Output(streams=self.stdio.streams, maxsize=ATTACH_BACKLOG)
-        with self._lock:
-            if self.stdio.watch.wait(0):
-                output = _Output(streams=0)  # the output already ended
-            else:
-                self._attached.append(output)
-        return output
-
-    def detach(self, output: _Output) -> None:
-        with self._lock:
-            if output in self._attached:
-                self._attached.remove(output)
-
     def close(self) -> None:
-        """Stop copying and close the log. Idempotent."""
+        """Stop copying, end attached clients' output and close the log. Idempotent."""
         self.stdio.close_input()
         self.stdio.watch.close()
-        self.log.close()
+        self.fanout.close()
 
 
 class AttachedContainer:
@@ -149,10 +92,10 @@ class AttachedContainer:
         self._id = container_id
         self._output = output
         self._stdin_once = stdin_once
-        self._queue = output.attach()
+        self._attachment = output.fanout.attach()
 
     def read_output(self) -> tuple[int, bytes]:
-        return self._queue.read()
+        return self._attachment.read()
 
     def write_input(self, data: bytes) -> None:
         self._output.stdio.write_input(data)
@@ -169,8 +112,7 @@ class AttachedContainer:
         return None
 
     def close(self) -> None:
-        self._output.detach(self._queue)
-        self._queue.end()
+        self._output.fanout.detach(self._attachment)
 
 
 class ShimExec:
@@ -196,8 +138,10 @@ class ShimExec:
         self._exit: int | None = None
         self._created = False
         self._pid = 0
-        self._output = _Output(streams=1 if tty else 2)
-        self._stdio = _Stdio(directory, relay, self._output.sink, stdin=stdin, tty=tty)
+        self._output = Attachment(streams=1 if tty else 2, backlog=EXEC_BACKLOG)
+        self._stdio = _Stdio(
+            directory, relay, lambda stream: functools.partial(self._output.put, stream), stdin=stdin, tty=tty
+        )
         paths = self._stdio.paths
         try:
             client.exec(

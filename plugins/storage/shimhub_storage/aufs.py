@@ -17,12 +17,18 @@ from shimhub_storage.driver import UnionDriverBase
 MOUNT_OPTIONS_LIMIT = 4096
 
 
+class AufsWhiteouts(Whiteouts):
+    """aufs's form is the OCI one: whiteout files are kept as they are and aufs honours them."""
+
+    keep_entries = True
+
+
 class AufsDriver(UnionDriverBase):
     """Layers as aufs read-only branches."""
 
     mount_dir = "mnt"
     writable_dir = "rw"
-    whiteouts = Whiteouts.AUFS
+    whiteouts = AufsWhiteouts()
 
     @hookimpl
     def storage_setup(self, root: str, options: Mapping[str, Any], context: PluginContext) -> Readiness:

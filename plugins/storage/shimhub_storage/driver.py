@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from shimhub.sdk import (
+    APPLY,
     FilesystemUsage,
     NotFound,
     PluginContext,
@@ -28,7 +29,7 @@ class DriverBase:
     shimhub_api = "1.0"
     #: Options this driver accepts, with their defaults.
     option_defaults: Mapping[str, Any] = {}
-    whiteouts = Whiteouts.APPLY
+    whiteouts: Whiteouts = APPLY
 
     def __init__(self) -> None:
         self.root = Path()

@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Mapping
+import stat
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from shimhub.sdk import FilesystemUsage, InvalidArgument, PluginContext, Readiness, Whiteouts, hookimpl, mounts
+from shimhub.sdk import (
+    FilesystemUsage,
+    InvalidArgument,
+    PluginContext,
+    Readiness,
+    Whiteouts,
+    hookimpl,
+    make_directories,
+    mounts,
+    remove_path,
+)
 from shimhub_storage.driver import UnionDriverBase
 
 #: The kernel copies mount options into one page.
@@ -27,12 +38,24 @@ def _mount(options: str, target: Path, cwd: Path | None = None) -> None:
     mounts.run("mount", "-t", "overlay", "overlay", "-o", options, str(target), cwd=str(cwd) if cwd else None)
 
 
+class OverlayWhiteouts(Whiteouts):
+    """overlayfs's form: a deleted entry is a 0/0 character device, an opaque directory has an xattr."""
+
+    def opaque(self, directory: str, created: Callable[[str], bool]) -> None:
+        os.setxattr(directory, "trusted.overlay.opaque", b"y")
+
+    def hide(self, path: str) -> None:
+        make_directories(os.path.dirname(path))
+        remove_path(path)
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(0, 0))
+
+
 class OverlayDriver(UnionDriverBase):
     """Layers as overlayfs lower directories."""
 
     mount_dir = "merged"
     writable_dir = "upper"
-    whiteouts = Whiteouts.OVERLAY
+    whiteouts = OverlayWhiteouts()
 
     @hookimpl
     def storage_setup(self, root: str, options: Mapping[str, Any], context: PluginContext) -> Readiness:

@@ -29,31 +29,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from signal import Signals
 from typing import Any
 
 import psutil
 
 from shimhub.sdk import (
-    STDERR,
-    STDOUT,
+    Attachment,
     ConfigError,
     ContainerRecord,
     ContainerState,
     ContainerStatus,
     ContainerUsage,
-    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OutputFanout,
     PluginContext,
     PodNetwork,
     Readiness,
@@ -61,7 +60,6 @@ from shimhub.sdk import (
     ShimhubError,
     StreamedProcess,
     Unavailable,
-    crilog,
     hookimpl,
     mountinfo,
     mounts,
@@ -94,67 +92,25 @@ MIN_MEMORY_MIB = 128
 FORBIDDEN_KERNEL_PARAMS = ("init=", "rdinit=")
 KILL_WAIT = 10.0
 OUTPUT_WAIT = 2.0
+#: Bytes of an exec's output a streaming client may fall behind before newer output is dropped for it.
+EXEC_BACKLOG = 64 * 1024 * 1024
 SHARE_SOCKET = "share.sock"
 VM_LOST = "the pod's VM exited unexpectedly; its containers are gone"
-
-
-class ContainerOutput:
-    """A container's output from the agent: written to its CRI log and to attached clients."""
-
-    def __init__(self, log_path: str) -> None:
-        self.log = crilog.LogFile(log_path)
-        self.ended = threading.Event()
-        self._attached: list[queue.Queue[tuple[int, bytes]]] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, fd: int, data: bytes) -> None:
-        if not data:
-            self.ended.set()
-        else:
-            self.log.write("stderr" if fd == STDERR else "stdout", data)
-        with self._lock:
-            for listener in self._attached:
-                listener.put((fd, data))
-
-    def attach(self) -> queue.Queue[tuple[int, bytes]]:
-        listener: queue.Queue[tuple[int, bytes]] = queue.Queue()
-        with self._lock:
-            if self.ended.is_set():
-                listener.put((STDOUT, b""))
-            self._attached.append(listener)
-        return listener
-
-    def detach(self, listener: queue.Queue[tuple[int, bytes]]) -> None:
-        with self._lock:
-            if listener in self._attached:
-                self._attached.remove(listener)
-
-    def close(self) -> None:
-        self.log.close()
 
 
 class AgentProcess:
     """A process in the VM relayed to a streaming client: an exec'd command, or an attached container."""
 
-    def __init__(
-        self, client: AgentClient, sid: str, output: queue.Queue[tuple[int, bytes]], *, owned: bool, stdin_once: bool
-    ) -> None:
+    def __init__(self, client: AgentClient, sid: str, output: Attachment, *, owned: bool, stdin_once: bool) -> None:
         self.client = client
         self.sid = sid
         self.output = output
         self.owned = owned
         self.stdin_once = stdin_once
-        self._ended = False
         self._closed = False
 
     def read_output(self) -> tuple[int, bytes]:
-        if self._ended:
-            return STDOUT, b""
-        fd, data = self.output.get()
-        if not data:
-            self._ended = True
-            return STDOUT, b""
-        return fd, data
+        return self.output.read()
 
     def write_input(self, data: bytes) -> None:
         with contextlib.suppress(ShimhubError):
@@ -182,13 +138,13 @@ class AgentProcess:
                 self.client.call("kill", id=self.sid, signal_name="SIGKILL", all=False)
                 self.client.call("forget", id=self.sid)
             self.client.unsubscribe(self.sid)
-        self.output.put((STDOUT, b""))  # a reader blocked on the output wakes up: closing ends the output
+        self.output.end()  # a reader blocked on the output wakes up: closing ends the output
 
 
 class VmRuntime:
     """Base of the VM runtime plugins; subclasses implement `share_rootfs` and `release_rootfs`."""
 
-    shimhub_api = "1.2"
+    shimhub_api = "1.4"
     #: Whether the VM gets a hot-pluggable SCSI controller (for block-device root filesystems).
     block_devices = False
 
@@ -201,7 +157,7 @@ class VmRuntime:
         self.accel = ""
         self.accel_reason = ""
         self._clients: dict[str, AgentClient] = {}
-        self._outputs: dict[str, ContainerOutput] = {}
+        self._outputs: dict[str, OutputFanout] = {}
         self._lock = threading.Lock()
 
     # -- what a subclass decides -----------------------------------------------------
@@ -433,11 +389,12 @@ class VmRuntime:
 
     # -- containers --------------------------------------------------------------------
 
-    def _output(self, container: ContainerRecord) -> ContainerOutput:
+    def _output(self, container: ContainerRecord) -> Callable[[int, bytes], None]:
+        """Where the agent's chunks of the container's output go: one stream, whose end ends both."""
         output = self._outputs.get(container.id)
         if output is None:
-            output = self._outputs[container.id] = ContainerOutput(container.log_path)
-        return output
+            output = self._outputs[container.id] = OutputFanout(container.log_path, streams=1)
+        return output.write
 
     def _guest_spec(
         self,
@@ -547,33 +504,33 @@ class VmRuntime:
     def _exited(self, container: ContainerRecord, state: Mapping[str, Any]) -> ContainerState:
         output = self._outputs.get(container.id)
         if output is not None:
-            output.ended.wait(OUTPUT_WAIT)  # the last output may still be on its way from the VM
+            output.wait_ended(OUTPUT_WAIT)  # the last output may still be on its way from the VM
         code = state["exit_code"] or 0
         return ContainerState(
             status=ContainerStatus.EXITED,
             started_at=state.get("started_at", 0),
             finished_at=state["finished_at"],
             exit_code=code,
-            reason="Completed" if code == 0 else "Error",
             message=state.get("message")
             or oci.container.termination_message(container.runtime_data.get("termination_log", "")),
         )
 
     @hookimpl
-    def runtime_container_stop(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: int) -> None:
+    def runtime_container_kill(self, sandbox: SandboxRecord, container: ContainerRecord, signal: str) -> None:
         if "lost" in container.runtime_data:
             return
-        stop = container.runtime_data.get("stop_signal", "SIGTERM")
-        stop = signal.Signals(int(stop)).name if stop.isdigit() else stop
-        steps = [(stop, float(timeout)), ("SIGKILL", KILL_WAIT)] if timeout > 0 else [("SIGKILL", KILL_WAIT)]
+        name = Signals(int(signal)).name if signal.isdigit() else signal
+        with contextlib.suppress(NotFound, Unavailable):  # gone with its VM, or never created
+            self._agent(sandbox, "kill", id=container.id, signal_name=name, all=name == "SIGKILL")
+
+    @hookimpl
+    def runtime_container_wait(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: float) -> bool:
+        if "lost" in container.runtime_data:
+            return True
         try:
-            for name, wait in steps:
-                self._agent(sandbox, "kill", id=container.id, signal_name=name, all=name == "SIGKILL")
-                if self._agent(sandbox, "wait", id=container.id, seconds=wait)["exited"]:
-                    return
+            return bool(self._agent(sandbox, "wait", id=container.id, seconds=timeout)["exited"])
         except (NotFound, Unavailable):
-            return  # gone with its VM, or never created
-        raise DeadlineExceeded(f"container {container.id[:12]} did not exit after SIGKILL")
+            return True
 
     @hookimpl
     def runtime_container_remove(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
@@ -635,8 +592,8 @@ class VmRuntime:
             raise InvalidArgument("exec needs a command")
         client = self._client(sandbox)
         exec_id = f"exec-{os.urandom(8).hex()}"
-        output: queue.Queue[tuple[int, bytes]] = queue.Queue()
-        client.subscribe(exec_id, lambda fd, data: output.put((fd, data)))
+        output = Attachment(streams=1, backlog=EXEC_BACKLOG)  # the agent ends an exec's output once
+        client.subscribe(exec_id, output.put)
         process = AgentProcess(client, exec_id, output, owned=True, stdin_once=True)
         try:
             state = self._agent(sandbox, "state", id=container.id)
@@ -704,7 +661,7 @@ class VmRuntime:
 class _Attached(AgentProcess):
     """A client attached to a container's main process: its output from now on, its stdin."""
 
-    def __init__(self, client: AgentClient, container_id: str, output: ContainerOutput, stdin_once: bool) -> None:
+    def __init__(self, client: AgentClient, container_id: str, output: OutputFanout, stdin_once: bool) -> None:
         super().__init__(client, container_id, output.attach(), owned=False, stdin_once=stdin_once)
         self._container_output = output
 
