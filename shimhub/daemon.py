@@ -14,6 +14,7 @@ import attrs
 from shimhub import config as config_module
 from shimhub import profiles, telemetry
 from shimhub.backends import Backend
+from shimhub.background import Coalesced
 from shimhub.config import Config
 from shimhub.containers import ContainerManager
 from shimhub.errors import FailedPrecondition
@@ -85,6 +86,8 @@ class Daemon:
         }
         self.storage = self.storage_drivers[config.storage.driver]
         self.images = ImageManager(config.images, Path(config.state_dir, "images"), config.storage.driver)
+        #: Garbage collection after a container's removal, off the RemoveContainer call.
+        self._garbage = Coalesced(self.collect_garbage, "image garbage collection")
         self.containers = ContainerManager(self)
         self.pods = PodManager(self, self.containers)
         #: The pod CIDR the kubelet last sent with UpdateRuntimeConfig.
@@ -125,6 +128,10 @@ class Daemon:
         in_use = {c.image_ref for c in self.store.containers()}
         in_use |= {volume.image_id for c in self.store.containers() for volume in c.image_volumes}
         self.images.collect_garbage(self.storage_drivers, in_use)
+
+    def collect_garbage_soon(self) -> None:
+        """Collect garbage on the collector's thread (requests while it runs make one more run)."""
+        self._garbage.request()
 
     def filesystem_usage(self) -> tuple[tuple[str, int, int], tuple[str, int, int]]:
         """(mountpoint, bytes, inodes) of image content and of container writable layers."""

@@ -41,3 +41,6 @@ class Node(Protocol):
 
     def collect_garbage(self) -> None:
         """Remove image layers and blobs nothing uses any more."""
+
+    def collect_garbage_soon(self) -> None:
+        """Collect garbage on a thread of its own, without waiting."""
