@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -88,7 +89,12 @@ def test_evented_restart_leads_to_the_new_attempt(node, tmp_path: Path) -> None:
     """With the evented PLEG the kubelet takes the first status with a container's name in the pod's statuses."""
     events: list[cri.ContainerEventResponse] = []
     stream = node.runtime.GetContainerEvents(cri.GetEventsRequest())
-    reader = threading.Thread(target=lambda: events.extend(stream), daemon=True)
+
+    def read() -> None:
+        with contextlib.suppress(grpc.RpcError):  # CANCELLED when the test is done with the stream
+            events.extend(stream)
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
     pod = Pod(node, tmp_path)
     first = pod.run("app", ["sh", "-c", "exit 1"], metadata=cri.ContainerMetadata(name="app", attempt=0))
