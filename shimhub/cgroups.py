@@ -8,7 +8,7 @@ import signal
 import time
 from pathlib import Path
 
-from shimhub.hooktypes import ContainerUsage, DeviceIo
+from shimhub.hooktypes import ContainerUsage, DeviceIo, Pressure, PressureLine
 
 ROOT = Path("/sys/fs/cgroup")
 #: cgroup v1 reports "no memory limit" as this page-rounded maximum, or above.
@@ -147,6 +147,10 @@ def usage(cgroups_path: str, root: Path = ROOT) -> ContainerUsage:
             oom_events=events.get("oom_kill"),
             threads_max=_limit(group / "pids.max"),
             io=_io_v2(group / "io.stat"),
+            cpu_pressure=_pressure(group / "cpu.pressure"),
+            memory_pressure=_pressure(group / "memory.pressure"),
+            io_pressure=_pressure(group / "io.pressure"),
+            swap_limit_bytes=_number(group / "memory.swap.max"),
         )
         return _with_processes(found, [group])
     memory = _flat_keyed(root / "memory" / relative / "memory.stat")
@@ -217,6 +221,27 @@ def _limit(path: Path) -> int | None:
 
 def _times(value: int | None, factor: int) -> int | None:
     return None if value is None else value * factor
+
+
+def _pressure(path: Path) -> Pressure | None:
+    """A cgroup v2 pressure file ("some avg10=0.12 avg60=0.05 avg300=0.01 total=1234", and "full ...")."""
+    text = _read(path)
+    if text is None:
+        return None
+    lines: dict[str, PressureLine] = {}
+    for line in text.splitlines():
+        kind, *pairs = line.split()
+        values = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+        try:
+            lines[kind] = PressureLine(
+                total_ns=int(values["total"]) * 1000,
+                avg10=float(values["avg10"]),
+                avg60=float(values["avg60"]),
+                avg300=float(values["avg300"]),
+            )
+        except (KeyError, ValueError):
+            continue
+    return Pressure(some=lines["some"], full=lines.get("full")) if "some" in lines else None
 
 
 def _io_v2(path: Path) -> list[DeviceIo]:

@@ -133,6 +133,29 @@ class ContainerUsage:
     sockets: int | None = None
     #: Block I/O per device.
     io: list[DeviceIo] = field(factory=list)
+    # Since plugin API 1.4, for the CRI's PSI and swap fields (cgroup v2); None where the node cannot say.
+    cpu_pressure: Pressure | None = None
+    memory_pressure: Pressure | None = None
+    io_pressure: Pressure | None = None
+    swap_limit_bytes: int | None = None
+
+
+@define
+class PressureLine:
+    """One line of a cgroup v2 pressure file: the share of time tasks stalled, over 10/60/300 s, and in total."""
+
+    total_ns: int = 0
+    avg10: float = 0.0
+    avg60: float = 0.0
+    avg300: float = 0.0
+
+
+@define
+class Pressure:
+    """Pressure-stall information of one resource: some tasks stalled, or all (`full`; None for cpu before 5.13)."""
+
+    some: PressureLine = field(factory=PressureLine)
+    full: PressureLine | None = None
 
 
 @define

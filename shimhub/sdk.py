@@ -59,6 +59,8 @@ from shimhub.hooktypes import (
     HandlerFeatures,
     PluginContext,
     PodNetwork,
+    Pressure,
+    PressureLine,
     Readiness,
     StreamedProcess,
 )
@@ -93,6 +95,8 @@ __all__ = [
     "PluginContext",
     "PluginFailed",
     "PodNetwork",
+    "Pressure",
+    "PressureLine",
     "Readiness",
     "ResourceExhausted",
     "SandboxRecord",

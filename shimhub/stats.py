@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 
 from shimhub import metrics, netns
 from shimhub.errors import ShimhubError
-from shimhub.hooktypes import ContainerUsage, FilesystemUsage
+from shimhub.hooktypes import ContainerUsage, FilesystemUsage, Pressure, PressureLine
 from shimhub.records import ContainerRecord, SandboxRecord
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
@@ -57,6 +57,18 @@ def _value(number: int | None) -> cri.UInt64Value | None:
 def _fields(**values: object) -> dict[str, object]:
     """Keyword arguments for a message, without the ones that are unknown (None)."""
     return {key: value for key, value in values.items() if value is not None}
+
+
+def _psi(pressure: Pressure) -> cri.PsiStats:
+    """The CRI's PsiStats of a resource's pressure (totals in nanoseconds)."""
+
+    def data(line: PressureLine) -> cri.PsiData:
+        return cri.PsiData(Total=line.total_ns, Avg10=line.avg10, Avg60=line.avg60, Avg300=line.avg300)
+
+    stats = cri.PsiStats(Some=data(pressure.some))
+    if pressure.full is not None:
+        stats.Full.CopyFrom(data(pressure.full))
+    return stats
 
 
 def summed(usages: Iterable[ContainerUsage]) -> ContainerUsage:
@@ -118,7 +130,14 @@ class StatsCollector:
                 major_page_faults=_value(usage.memory_major_page_faults),
             ),
         )
-        return {"cpu": cpu, "memory": memory}
+        if usage.cpu_pressure is not None:
+            cpu.psi.CopyFrom(_psi(usage.cpu_pressure))
+        if usage.memory_pressure is not None:
+            memory.psi.CopyFrom(_psi(usage.memory_pressure))
+        found: dict[str, Message] = {"cpu": cpu, "memory": memory}
+        if usage.io_pressure is not None:
+            found["io"] = cri.IoUsage(timestamp=usage.timestamp, psi=_psi(usage.io_pressure))
+        return found
 
     def _runtime_answer(self, sandbox: SandboxRecord, hook: str, **arguments: object) -> ContainerUsage | None:
         """What the pod's runtime plugin answers to a stats hook; None when it has no such hook."""
@@ -145,6 +164,16 @@ class StatsCollector:
             ),
             **self._cpu_and_memory(container.id, usage),
         )
+        if usage.memory_swap_bytes is not None:
+            available = (
+                max(usage.swap_limit_bytes - usage.memory_swap_bytes, 0) if usage.swap_limit_bytes is not None else None
+            )
+            stats.swap.CopyFrom(
+                cri.SwapUsage(
+                    timestamp=usage.timestamp,
+                    **_fields(swap_usage_bytes=_value(usage.memory_swap_bytes), swap_available_bytes=_value(available)),
+                )
+            )
         layer = self._writable_layer(container)
         if layer is not None:
             stats.writable_layer.CopyFrom(
