@@ -28,7 +28,7 @@ from shimhub.records import (
 )
 from shimhub.streaming import portforward
 from shimhub.streaming.requests import PortForwardRequest
-from shimhub.validation import check_hostname, check_identity, check_pod
+from shimhub.validation import check_cgroup_parent, check_hostname, check_identity, check_pod
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ class PodManager:
                 raise InvalidArgument(f"pod sandbox metadata.{field_name} is empty")
         check_hostname(config.hostname)
         check_pod(config)
+        check_cgroup_parent(config.linux.cgroup_parent, self.node.config.cgroup_driver)
         check_identity(config.linux.security_context, "pod sandbox")
         handler = self.node.handlers.select(runtime_handler, config.annotations)
         handler.require()

@@ -80,6 +80,24 @@ def check_pod(config: cri.PodSandboxConfig) -> None:
         _check_sysctl(key, value, config.linux.security_context.namespace_options)
 
 
+def check_cgroup_parent(parent: str, driver: str) -> None:
+    """Refuse a cgroup parent in the other cgroup driver's form: a slice name for systemd, a path for cgroupfs."""
+    if not parent:
+        return
+    where = f"linux.cgroup_parent {parent[:256]!r}"
+    if driver == "systemd":
+        if "/" in parent or not parent.endswith(".slice") or any(c.isspace() for c in parent):
+            raise InvalidArgument(
+                f"{where} is not a systemd slice name (such as kubepods-burstable-pod<uid>.slice), "
+                "and shimhub's cgroup_driver is systemd: set the kubelet's cgroupDriver to systemd too"
+            )
+    elif parent.endswith(".slice") or ".." in parent.split("/"):
+        raise InvalidArgument(
+            f"{where} is a systemd slice name or climbs with '..', and shimhub's cgroup_driver is cgroupfs: "
+            "set the kubelet's cgroupDriver to cgroupfs too, or shimhub's cgroup_driver to systemd"
+        )
+
+
 def _sysctl_namespace(key: str) -> str:
     """The namespace a sysctl belongs to ("" for one that is the whole node's)."""
     if key in IPC_SYSCTLS or key.startswith(IPC_SYSCTL_PREFIXES):

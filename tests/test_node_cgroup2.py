@@ -14,7 +14,7 @@ from shimhub.testing.daemon import Pod, wait_for
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.test_runc import runc_config
 
-pytestmark = [
+NODE_MARKS = [
     pytest.mark.node,
     # inside the booted node (SHIMHUB_NODE=1) they run whatever the node is, so a wrong node fails them
     pytest.mark.skipif(
@@ -22,6 +22,7 @@ pytestmark = [
         reason="needs a cgroup v2 (unified) node: python3 -m tests.booted_node runs them in one",
     ),
 ]
+pytestmark = NODE_MARKS
 MIB = 1024 * 1024
 HANDLERS = ["runc", "crun"]
 
@@ -33,7 +34,7 @@ def node(daemon_factory, shimhub_registry):
     return daemon
 
 
-def _cgroup(pod: Pod, container_id: str) -> Path:
+def cgroup_of(pod: Pod, container_id: str) -> Path:
     """The container's cgroup directory on the node, from what its own process sees."""
     answer = pod.rt.ExecSync(cri.ExecSyncRequest(container_id=container_id, cmd=["cat", "/proc/self/cgroup"]))
     (line,) = answer.stdout.decode().splitlines()
@@ -57,7 +58,7 @@ def test_resources_land_in_the_v2_files_and_update(node, tmp_path: Path, handler
         unified={"memory.high": str(48 * MIB)},
     )
     container = pod.run("app", ["sleep", "300"], linux=cri.LinuxContainerConfig(resources=resources))
-    group = _cgroup(pod, container)
+    group = cgroup_of(pod, container)
     assert (group / "cpu.weight").read_text().strip() == str(_weight(512))
     assert (group / "cpu.max").read_text().split() == ["50000", "100000"]
     assert int((group / "memory.max").read_text()) == 64 * MIB
