@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shimhub.testing import RuntimeConformance
 from shimhub.testing.daemon import Pod, wait_for
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.test_node_cgroup2 import MIB, NODE_MARKS, cgroup_of
@@ -69,6 +70,13 @@ def test_containers_run_in_scopes_under_the_kubelets_slice(node, tmp_path: Path,
     pod.rt.RemoveContainer(cri.RemoveContainerRequest(container_id=container))
     wait_for(lambda: _unit_state(scope.name) in ("inactive", ""))
     assert not scope.exists()
+
+
+class TestRuncWithSystemdOnNode(RuntimeConformance):
+    """The whole runtime suite through the systemd driver, kill -9 and restart of shimhub included."""
+
+    plugin = "runc"
+    settings = 'cgroup_driver = "systemd"\n'
 
 
 def test_a_cgroupfs_parent_is_invalid_argument(node, tmp_path: Path) -> None:

@@ -91,10 +91,12 @@ def exited(process: psutil.Process) -> bool:
 
 
 def _cgroups(ids: set[str]) -> list[str]:
+    """Cgroups of these containers anywhere in the node's trees (v1 or v2, cgroupfs or systemd scopes)."""
+    names = {f"shimhub-{i}" for i in ids} | {f"shimhub-{i}.scope" for i in ids}
     found = []
-    for controller in Path("/sys/fs/cgroup").glob("*/shimhub"):
-        found += [str(p) for p in controller.iterdir() if p.is_dir() and p.name.removeprefix("shimhub-") in ids]
-    return found
+    for directory, subdirectories, _files in os.walk("/sys/fs/cgroup"):
+        found += [os.path.join(directory, name) for name in subdirectories if name in names]
+    return sorted(found)
 
 
 def _temporary_files(root: Path) -> list[str]:

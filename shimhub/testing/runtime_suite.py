@@ -59,6 +59,8 @@ class RuntimeConformance:
     options: ClassVar[dict[str, Any]] = {}
     #: Seconds a container may take to show its output or exit (a VM boots first).
     patience: ClassVar[float] = 30.0
+    #: Top-level settings of the daemon's config, as TOML (e.g. 'cgroup_driver = "systemd"\n').
+    settings: ClassVar[str] = ""
 
     @pytest.fixture(scope="class")
     def runtime_node(self, shimhub_registry: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeNode]:
@@ -68,6 +70,7 @@ class RuntimeConformance:
         directory = tmp_path_factory.mktemp(f"runtime-{self.plugin}")
         handler = {"runtimes": {"conformance": {"plugin": self.plugin, "options": dict(self.options)}}}
         config = (
+            f"{self.settings}"
             'default_runtime = "conformance"\n'
             f"{tomli_w.dumps(handler)}\n"
             '[network]\nbackend = "host"\n[storage]\ndriver = "overlay"\n'

@@ -220,6 +220,10 @@ class RuncRuntime:
         if container.log_path:
             Path(container.log_path).parent.mkdir(parents=True, exist_ok=True)
         extra = self.options["host_network_runtime_args"] if sandbox.host_network else []
+        if Path(self.binary).name == "runc":
+            # runc's warnings (e.g. of a device its systemd driver cannot find) to a file of the bundle, not into
+            # the container's stderr and so its CRI log; its errors still reach conmon on stderr
+            extra = [*extra, f"--log={monitor.bundle / 'runtime.log'}"]
         container.runtime_data.update(
             pid=conmon.launch(
                 self.conmon,
