@@ -18,8 +18,8 @@ from pathlib import Path
 
 import grpc
 
+from bench.daemon import IMAGE, busybox_daemon
 from bench.lifecycle import timed
-from bench.node import IMAGE, busybox_daemon
 from bench.stats import summary
 from shimhub.testing.daemon import Daemon, pod_config
 from shimhub_proto.cri.v1 import api_pb2 as cri

@@ -3,7 +3,7 @@
 Each run: RunPodSandbox (on a CNI bridge of the script's own, or loopback only
 with --network host), CreateContainer + StartContainer (busybox from a registry
 on 127.0.0.1), ExecSync, ContainerStats, PodSandboxStats, then StopContainer +
-RemoveContainer + StopPodSandbox + RemovePodSandbox.
+RemoveContainer (also timed alone) + StopPodSandbox + RemovePodSandbox.
 Run as root from a checkout:
 python3 -m bench.lifecycle [--runs 50] [--handler runc|runsc|shim] [--network cni|host]
 """
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.node import IMAGE, busybox_daemon
+from bench.daemon import IMAGE, busybox_daemon
 from bench.stats import summary
 from shimhub.testing.daemon import pod_config
 from shimhub_proto.cri.v1 import api_pb2 as cri
@@ -123,7 +123,8 @@ def measure(rt: api_pb2_grpc.RuntimeServiceStub, root: Path, args: argparse.Name
             rt.PodSandboxStats(cri.PodSandboxStatsRequest(pod_sandbox_id=pod_id))
         with timed(samples, "stop+remove container and pod"):
             rt.StopContainer(cri.StopContainerRequest(container_id=container_id, timeout=0))
-            rt.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id))
+            with timed(samples, "RemoveContainer (stopped)"):
+                rt.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id))
             rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
             rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
     return samples

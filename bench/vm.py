@@ -20,8 +20,8 @@ from pathlib import Path
 
 import psutil
 
+from bench.daemon import IMAGE, busybox_daemon
 from bench.lifecycle import BENCH_BRIDGE, network_config, timed
-from bench.node import IMAGE, busybox_daemon
 from bench.stats import summary
 from shimhub.testing.daemon import pod_config
 from shimhub_proto.cri.v1 import api_pb2 as cri
