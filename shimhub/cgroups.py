@@ -109,6 +109,10 @@ def destroy(cgroups_path: str, timeout: float, root: Path = ROOT) -> int:
     return len(found)
 
 
+#: The leaf of a systemd scope in which crun runs a container's process, with its limits.
+DELEGATED_LEAF = "container"
+
+
 def usage(cgroups_path: str, root: Path = ROOT) -> ContainerUsage:
     """CPU, memory, process and block I/O usage of a cgroup, from cgroup v2 or v1 alike.
 
@@ -131,7 +135,7 @@ def usage(cgroups_path: str, root: Path = ROOT) -> ContainerUsage:
             memory_rss_bytes=memory.get("anon"),
             memory_page_faults=memory.get("pgfault"),
             memory_major_page_faults=memory.get("pgmajfault"),
-            memory_limit_bytes=_number(group / "memory.max"),
+            memory_limit_bytes=_number(group / "memory.max") or _number(group / DELEGATED_LEAF / "memory.max"),
             process_count=_number(group / "pids.current"),
             cpu_user_nanoseconds=_times(cpu.get("user_usec"), 1000),
             cpu_system_nanoseconds=_times(cpu.get("system_usec"), 1000),

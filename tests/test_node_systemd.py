@@ -66,6 +66,7 @@ def test_containers_run_in_scopes_under_the_kubelets_slice(node, tmp_path: Path,
     assert int((group / "memory.max").read_text()) == 96 * MIB
     stats = pod.rt.ContainerStats(cri.ContainerStatsRequest(container_id=container)).stats
     assert stats.memory.working_set_bytes.value > 0
+    assert 0 < stats.memory.available_bytes.value < 96 * MIB, "the limit, wherever the runtime put it"
     pod.rt.StopContainer(cri.StopContainerRequest(container_id=container, timeout=0))
     pod.rt.RemoveContainer(cri.RemoveContainerRequest(container_id=container))
     wait_for(lambda: _unit_state(scope.name) in ("inactive", ""))
