@@ -5,7 +5,8 @@ with --network host), CreateContainer + StartContainer (busybox from a registry
 on 127.0.0.1), ExecSync, ContainerStats, PodSandboxStats, then StopContainer +
 RemoveContainer (also timed alone) + StopPodSandbox + RemovePodSandbox.
 Run as root from a checkout:
-python3 -m bench.lifecycle [--runs 50] [--handler runc|runsc|shim] [--network cni|host]
+python3 -m bench.lifecycle [--runs 50] [--handler runc|crun|runsc|shim] [--network cni|host]
+                          [--cgroup-driver cgroupfs|systemd]
 """
 
 from __future__ import annotations
@@ -76,10 +77,13 @@ def main() -> None:
         default="cni",
         help="cni: a bridge network on a subnet of the script's own (default); host: loopback only",
     )
+    parser.add_argument("--cgroup-driver", choices=("cgroupfs", "systemd"), default="cgroupfs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="shimhub-bench-") as tmp:
         root = Path(tmp)
         tables = (
+            f'cgroup_driver = "{args.cgroup_driver}"\n'
+            '[runtimes.crun]\nplugin = "runc"\n[runtimes.crun.options]\nbinary = "crun"\n'
             '[runtimes.runsc]\nplugin = "runc"\n[runtimes.runsc.options]\nbinary = "runsc"\n'
             f'runtime_args = ["--network=host"]\n'
             '[runtimes.shim]\nplugin = "shimv2"\n[runtimes.shim.options]\nshim = "containerd-shim-runc-v2"\n'
@@ -90,7 +94,10 @@ def main() -> None:
                 samples = measure(daemon.runtime, root, args)
         finally:
             subprocess.run(["ip", "link", "delete", BENCH_BRIDGE], capture_output=True, check=False)
-        print(f"handler {args.handler}, network {args.network}, {args.runs} runs, milliseconds")
+        print(
+            f"handler {args.handler}, network {args.network}, cgroup driver {args.cgroup_driver}, "
+            f"{args.runs} runs, milliseconds"
+        )
         for name, values in samples.items():
             print(f"{name:<32} {summary(values)}")
 

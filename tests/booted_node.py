@@ -1,6 +1,7 @@
 """A test node booted in QEMU: Debian with systemd as init and pure cgroup v2, running our `node` tests.
 
     python3 -m tests.booted_node [PYTEST ARGS]     # default: -m node
+    python3 -m tests.booted_node -- COMMAND ...    # any command from the checkout, e.g. a benchmark
 
 The node's root filesystem is built from Debian's packages with mmdebstrap
 (systemd, runc, crun, conmon, the CNI plugins, dmsetup, thin-provisioning
@@ -174,8 +175,8 @@ def _qemu_argv(
     ]  # fmt: skip
 
 
-def run(pytest_args: list[str]) -> int:
-    """Boot the node, run pytest there with `pytest_args`, print its output; pytest's exit code."""
+def run(command: list[str]) -> int:
+    """Boot the node, run `command` there from the checkout, print its output; its exit code."""
     directory = image()
     with tempfile.TemporaryDirectory(prefix="shimhub-node-") as scratch:
         work = Path(scratch)
@@ -184,7 +185,7 @@ def run(pytest_args: list[str]) -> int:
         params = {
             "binds": binds(),
             "cwd": str(ROOT),
-            "argv": [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *pytest_args],
+            "argv": command,
         }
         encoded = base64.b64encode(json.dumps(params).encode()).decode()
         accel, why = probe_acceleration("qemu-system-x86_64", "q35", work)
@@ -246,5 +247,12 @@ def _follow(output: Path, console: Path, qemu: subprocess.Popen[bytes], deadline
     return code
 
 
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--"]:
+        command = argv[1:]
+        return run([sys.executable, *command[1:]] if command[:1] == ["python3"] else command)  # this Python
+    return run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *(argv or ["-q", "-m", "node"])])
+
+
 if __name__ == "__main__":
-    sys.exit(run(sys.argv[1:] or ["-q", "-m", "node"]))
+    sys.exit(main(sys.argv[1:]))
