@@ -73,6 +73,22 @@ def test_containers_run_in_scopes_under_the_kubelets_slice(node, tmp_path: Path,
     assert not scope.exists()
 
 
+def test_conmon_in_a_scope_of_its_own_in_the_pods_slice(daemon_factory, shimhub_registry, tmp_path: Path) -> None:
+    tables = '[runtimes.runc.options]\nconmon_cgroup = "pod"\n'
+    daemon = daemon_factory('cgroup_driver = "systemd"\n' + runc_config(shimhub_registry, tables)).start()
+    daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/busybox:1")))
+    slice_name = f"kubepods-besteffort-pod{secrets.token_hex(4)}.slice"
+    pod = Pod(daemon, tmp_path, linux=cri.LinuxPodSandboxConfig(cgroup_parent=slice_name))
+    container = pod.run("app", ["sleep", "300"])
+    unit = f"shimhub-conmon-{container}.scope"
+    found = subprocess.run(["pgrep", "-f", f"conmon .*--cid {container}"], capture_output=True, text=True, check=False)
+    (pid,) = found.stdout.split()
+    assert Path(f"/proc/{pid}/cgroup").read_text().strip().endswith(f"/{slice_name}/{unit}")
+    assert _unit_state(unit) == "active"
+    pod.rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
+    wait_for(lambda: _unit_state(unit) in ("inactive", ""))
+
+
 class TestRuncWithSystemdOnNode(RuntimeConformance):
     """The whole runtime suite through the systemd driver, kill -9 and restart of shimhub included."""
 

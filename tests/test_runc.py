@@ -532,3 +532,10 @@ def test_exec_sync_output_is_bounded_not_buffered(node, tmp_path: Path) -> None:
     assert (len(answer.stdout), len(answer.stderr), answer.exit_code) == (EXEC_OUTPUT_LIMIT, EXEC_OUTPUT_LIMIT, 0)
     assert answer.ByteSize() < 16 << 20
     assert daemon.memory_info().rss - before < 100 << 20
+
+
+def test_conmon_cgroup_needs_the_systemd_driver(daemon_factory, registry) -> None:
+    daemon = daemon_factory(runc_config(registry, '[runtimes.runc.options]\nconmon_cgroup = "pod"\n'))
+    served = daemon.command("serve", "--config", str(daemon.config_path))
+    assert served.returncode == 2
+    assert "conmon_cgroup 'pod' needs cgroup_driver = \"systemd\"" in served.stderr

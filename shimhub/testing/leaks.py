@@ -92,7 +92,9 @@ def exited(process: psutil.Process) -> bool:
 
 def _cgroups(ids: set[str]) -> list[str]:
     """Cgroups of these containers anywhere in the node's trees (v1 or v2, cgroupfs or systemd scopes)."""
-    names = {f"shimhub-{i}" for i in ids} | {f"shimhub-{i}.scope" for i in ids}
+    names = {f"shimhub-{i}{suffix}" for i in ids for suffix in ("", ".scope")} | {
+        f"shimhub-conmon-{i}.scope" for i in ids
+    }
     found = []
     for directory, subdirectories, _files in os.walk("/sys/fs/cgroup"):
         found += [os.path.join(directory, name) for name in subdirectories if name in names]

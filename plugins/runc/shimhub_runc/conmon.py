@@ -79,11 +79,29 @@ def launch(
     terminal: bool,
     stdin: bool,
     stdin_once: bool,
+    conmon_slice: str = "",
 ) -> int:
-    """Create a container under conmon; return the container's pid once it exists."""
+    """Create a container under conmon; return the container's pid once it exists.
+
+    With `conmon_slice` (systemd driver), conmon runs in a scope of its own, shimhub-conmon-<id>.scope,
+    in that slice; otherwise in shimhub's own cgroup.
+    """
     sync_read, sync_write = os.pipe()
     start_read, start_write = os.pipe()
+    scope = (
+        [
+            "systemd-run",
+            "--scope",
+            "--quiet",
+            "--collect",
+            f"--unit=shimhub-conmon-{container_id}",
+            f"--slice={conmon_slice}",
+        ]
+        if conmon_slice
+        else []
+    )
     argv = [
+        *scope,
         conmon,
         "--api-version",
         "1",

@@ -8,6 +8,8 @@ One instance per runtime handler. Handler options (all optional):
     runtime_args = []                    # global arguments for every runtime call, e.g. ["--platform=ptrace"]
     host_network_runtime_args = []       # added for host-network pods, e.g. ["--network=host"] for runsc
     restrict_oom_score_adj = true        # clamp oom_score_adj to what shimhub itself may set
+    conmon_cgroup = ""                   # systemd driver only: "pod" (a scope in the pod's slice) or a slice
+                                         # such as "system.slice"; "" keeps conmon in shimhub's cgroup
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from shimhub.sdk import (
+    ConfigError,
     ContainerRecord,
     ContainerState,
     ContainerStatus,
@@ -52,6 +55,7 @@ OPTIONS: dict[str, Any] = {
     "runtime_args": [],
     "host_network_runtime_args": [],
     "restrict_oom_score_adj": True,
+    "conmon_cgroup": "",
 }
 COMMAND_TIMEOUT = 60.0
 
@@ -125,6 +129,11 @@ class RuncRuntime:
         self.bundles = context.state_dir / "containers"
         for directory in (self.state_root, self.exits, self.attach, self.pods, self.bundles):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        conmon_cgroup = self.options["conmon_cgroup"]
+        if conmon_cgroup and self.cgroup_driver != "systemd":
+            raise ConfigError(f'conmon_cgroup {conmon_cgroup!r} needs cgroup_driver = "systemd"')
+        if conmon_cgroup not in ("", "pod") and not (conmon_cgroup.endswith(".slice") and "/" not in conmon_cgroup):
+            raise ConfigError(f'conmon_cgroup {conmon_cgroup!r}: give "pod" or a slice name such as "system.slice"')
         self.binary = shutil.which(self.options["binary"]) or ""
         self.conmon = shutil.which(self.options["conmon"]) or ""
         if not self.binary:
@@ -190,6 +199,13 @@ class RuncRuntime:
 
     # -- containers -------------------------------------------------------------
 
+    def _conmon_slice(self, sandbox: SandboxRecord) -> str:
+        """The slice conmon's own scope goes in ("" for shimhub's cgroup), as conmon_cgroup says."""
+        wanted = self.options["conmon_cgroup"]
+        if wanted == "pod":
+            return sandbox.pod_config().linux.cgroup_parent or "system.slice"
+        return wanted
+
     def _monitor(self, container: ContainerRecord) -> conmon.Monitor:
         return conmon.Monitor(bundle=self.bundles / container.id, exit_dir=self.exits, socket_dir=self.attach)
 
@@ -233,6 +249,7 @@ class RuncRuntime:
                 monitor,
                 log_path=container.log_path,
                 cgroup_driver=self.cgroup_driver,
+                conmon_slice=self._conmon_slice(sandbox),
                 terminal=config.tty,
                 stdin=config.stdin,
                 stdin_once=config.stdin_once,
