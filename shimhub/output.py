@@ -16,6 +16,8 @@ from shimhub.hooktypes import STDERR, STDOUT
 
 #: Bytes an attached client may fall behind before newer output is dropped for it.
 ATTACH_BACKLOG = 4 * 1024 * 1024
+#: Bytes of an exec's output its streaming client may fall behind before newer output is dropped for it.
+EXEC_BACKLOG = 64 * 1024 * 1024
 #: What `Attachment.read` returns once the output ended.
 END = (STDOUT, b"")
 STREAM_NAMES = {STDOUT: "stdout", STDERR: "stderr"}

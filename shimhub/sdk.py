@@ -64,7 +64,7 @@ from shimhub.hooktypes import (
     Readiness,
     StreamedProcess,
 )
-from shimhub.output import Attachment, OutputFanout
+from shimhub.output import EXEC_BACKLOG, Attachment, OutputFanout
 from shimhub.records import ContainerRecord, SandboxRecord
 from shimhub.state import write_atomically
 from shimhub.unpack import APPLY, UnsafeLayer, Whiteouts, make_directories, remove_path, unpack
@@ -73,6 +73,7 @@ from shimhub.users import User
 __all__ = [
     "API_VERSION",
     "APPLY",
+    "EXEC_BACKLOG",
     "STDERR",
     "STDOUT",
     "AlreadyExists",

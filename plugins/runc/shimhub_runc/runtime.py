@@ -255,7 +255,6 @@ class RuncRuntime:
                 stdin_once=config.stdin_once,
             ),
             cgroup=cgroup,
-            stop_signal=oci.container.stop_signal(config, image),
             termination_log=oci.container.termination_log(config),
         )
 

@@ -409,7 +409,6 @@ class ShimV2Runtime:
         data = container.runtime_data
         data.update(
             cgroup=cgroup,
-            stop_signal=oci.container.stop_signal(config, image),
             termination_log=oci.container.termination_log(config),
             tty=config.tty,
             stdin=config.stdin,

@@ -15,12 +15,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from shimhub.sdk import STDERR, STDOUT, Attachment, OutputFanout, ShimhubError, fifos, processes
+from shimhub.sdk import EXEC_BACKLOG, STDERR, STDOUT, Attachment, OutputFanout, ShimhubError, fifos, processes
 from shimhub_proto.containerd.task.v2 import shim_pb2 as task
 from shimhub_shimv2.shim import PROCESS_TYPE, TaskClient, json_any
 
-#: Bytes of an exec's output a streaming client may fall behind before newer output is dropped for it.
-EXEC_BACKLOG = 64 * 1024 * 1024
 KILL_WAIT = 10.0
 
 

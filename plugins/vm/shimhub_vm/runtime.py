@@ -43,6 +43,7 @@ from typing import Any
 import psutil
 
 from shimhub.sdk import (
+    EXEC_BACKLOG,
     Attachment,
     ConfigError,
     ContainerRecord,
@@ -92,8 +93,6 @@ MIN_MEMORY_MIB = 128
 FORBIDDEN_KERNEL_PARAMS = ("init=", "rdinit=")
 KILL_WAIT = 10.0
 OUTPUT_WAIT = 2.0
-#: Bytes of an exec's output a streaming client may fall behind before newer output is dropped for it.
-EXEC_BACKLOG = 64 * 1024 * 1024
 SHARE_SOCKET = "share.sock"
 VM_LOST = "the pod's VM exited unexpectedly; its containers are gone"
 
@@ -457,7 +456,6 @@ class VmRuntime:
             raise FailedPrecondition("this runtime runs containers from images: the container has no root filesystem")
         data = container.runtime_data
         data.update(
-            stop_signal=oci.container.stop_signal(config, image),
             termination_log=oci.container.termination_log(config),
             stdin_once=config.stdin_once,
         )
