@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -232,46 +232,54 @@ def main() -> None:
     parser.add_argument("--churn-seconds", type=float, default=15.0)
     parser.add_argument("--clients", type=int, default=10)
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="shimhub-compare-") as tmp, side_by_side(Path(tmp)) as (runtimes, image):
+        run_all(runtimes, Path(tmp), image, args)
+
+
+@contextlib.contextmanager
+def side_by_side(root: Path) -> Iterator[tuple[list[Runtime], str]]:
+    """shimhub and containerd started under `root` with the busybox and pause images in a registry on
+    127.0.0.1; yields both runtimes (shimhub first) and the busybox reference; stops and cleans up after."""
     if not shutil.which("containerd"):
         raise SystemExit("containerd is not installed: apt-get install containerd (or ./install --dev)")
-    with tempfile.TemporaryDirectory(prefix="shimhub-compare-") as tmp:
-        root = Path(tmp)
-        registry = Registry(root / "registry", root / "registry" / "storage")
-        pusher = Pusher(registry)
-        layer = busybox_layer()
-        pusher.image("bench/busybox", "1", [layer])
-        pusher.image("bench/pause", "1", [layer], config={"Cmd": ["sleep", "2147483647"], "Env": ["PATH=/bin"]})
-        image = f"{registry.host}/{BUSYBOX_IMAGE}"
-        (root / "shimhub" / "daemon").mkdir(parents=True)
-        (root / "containerd").mkdir()
-        bridge, subnet = BRIDGES["shimhub"]
-        conf_dir = cni_conf_dir(root / "shimhub", bridge, subnet)
-        shimhubd = Daemon(
-            root / "shimhub" / "daemon",
-            f'[network]\nbackend = "cni"\n[network.options]\nconf_dir = "{conf_dir}"\n'
-            f'[images.registries."{registry.host}"]\ninsecure = true\n',
-            log_level="info",  # as a node runs it: debug logging costs every call
-        )
-        shimhubd.start()
-        containerd, containerd_socket = start_containerd(root / "containerd", registry.host)
-        try:
-            assert shimhubd.proc is not None
-            runtimes = [
+    registry = Registry(root / "registry", root / "registry" / "storage")
+    pusher = Pusher(registry)
+    layer = busybox_layer()
+    pusher.image("bench/busybox", "1", [layer])
+    pusher.image("bench/pause", "1", [layer], config={"Cmd": ["sleep", "2147483647"], "Env": ["PATH=/bin"]})
+    image = f"{registry.host}/{BUSYBOX_IMAGE}"
+    (root / "shimhub" / "daemon").mkdir(parents=True)
+    (root / "containerd").mkdir()
+    bridge, subnet = BRIDGES["shimhub"]
+    conf_dir = cni_conf_dir(root / "shimhub", bridge, subnet)
+    shimhubd = Daemon(
+        root / "shimhub" / "daemon",
+        f'[network]\nbackend = "cni"\n[network.options]\nconf_dir = "{conf_dir}"\n'
+        f'[images.registries."{registry.host}"]\ninsecure = true\n',
+        log_level="info",  # as a node runs it: debug logging costs every call
+    )
+    shimhubd.start()
+    containerd, containerd_socket = start_containerd(root / "containerd", registry.host)
+    try:
+        assert shimhubd.proc is not None
+        yield (
+            [
                 Runtime("shimhub", shimhubd.socket, shimhubd.proc.pid, str(shimhubd.root)),
                 Runtime("containerd", containerd_socket, containerd.pid, f"-address {containerd_socket}"),
-            ]
-            run_all(runtimes, root, image, args)
-        finally:
-            shimhubd.stop()
-            containerd.terminate()
-            containerd.wait(30)
-            for process in psutil.process_iter(["cmdline"]):
-                if str(containerd_socket) in " ".join(process.info["cmdline"] or []):
-                    process.kill()
-            subprocess.run(["umount", "-R", str(root / "containerd" / "state")], capture_output=True, check=False)
-            registry.stop()
-            for bridge, _ in BRIDGES.values():
-                subprocess.run(["ip", "link", "delete", bridge], capture_output=True, check=False)
+            ],
+            image,
+        )
+    finally:
+        shimhubd.stop()
+        containerd.terminate()
+        containerd.wait(30)
+        for process in psutil.process_iter(["cmdline"]):
+            if str(containerd_socket) in " ".join(process.info["cmdline"] or []):
+                process.kill()
+        subprocess.run(["umount", "-R", str(root / "containerd" / "state")], capture_output=True, check=False)
+        registry.stop()
+        for bridge, _ in BRIDGES.values():
+            subprocess.run(["ip", "link", "delete", bridge], capture_output=True, check=False)
 
 
 def run_all(runtimes: list[Runtime], root: Path, image: str, args: argparse.Namespace) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from shimhub import oci, profiles, resources, users
+from shimhub.background import Coalesced
 from shimhub.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -192,6 +193,15 @@ class ContainerManager:
     def __init__(self, node: Node) -> None:
         self.node = node
         self._state_guard = threading.Lock()
+        #: Finishes removals after RemoveContainer has answered (see `remove`).
+        self.removals = Coalesced(self.finish_removals, "container removal")
+
+    def visible(self, container_id: str) -> ContainerRecord:
+        """A container the CRI can see: NotFound for one whose removal was asked for."""
+        record = self.node.store.container(container_id)
+        if record.removing:
+            raise NotFound(f"container {container_id!r} not found: it is being removed")
+        return record
 
     def _sandbox_of(self, container: ContainerRecord) -> SandboxRecord:
         return self.node.store.sandbox(container.sandbox_id)
@@ -217,7 +227,7 @@ class ContainerManager:
 
         def reusable(container_id: str) -> bool:
             found = self.node.store.container(container_id, missing_ok=True)
-            return found is not None and found.state.status == ContainerStatus.CREATED
+            return found is not None and not found.removing and found.state.status == ContainerStatus.CREATED
 
         return node.container_names.create(name, digest, create, reusable, wait)
 
@@ -360,7 +370,7 @@ class ContainerManager:
 
     def start(self, container_id: str) -> None:
         """Start a created container."""
-        record = self.node.store.container(container_id)
+        record = self.visible(container_id)
         sandbox = self._sandbox_of(record)
         with self.node.locks.hold(record.id):
             if record.state.status != ContainerStatus.CREATED:
@@ -371,10 +381,10 @@ class ContainerManager:
             self._refresh(sandbox, record)
         self.node.emit("container_started", sandbox, record)
 
-    def stop(self, container_id: str, timeout: int) -> None:
+    def stop(self, container_id: str, timeout: int, removing: bool = False) -> None:
         """Stop a container, forcibly after `timeout` seconds. Idempotent."""
         record = self.node.store.container(container_id, missing_ok=True)
-        if record is None:
+        if record is None or (record.removing and not removing):
             return
         sandbox = self._sandbox_of(record)
         with self.node.locks.hold(record.id):
@@ -388,29 +398,62 @@ class ContainerManager:
             self._refresh(sandbox, record)
 
     def remove(self, container_id: str) -> None:
-        """Remove a container, stopping it first if it runs. Idempotent."""
+        """Remove a container, stopping it first if it runs. Idempotent.
+
+        As containerd's CRI does, the call answers once the container is stopped, its
+        removal recorded and its name free: from then on the CRI does not see it. The
+        runtime's and the storage's cleanup finish on the removal thread (`finish_removal`);
+        a pod's removal, and a restart after a crash, finish them first.
+        """
+        record = self.node.store.container(container_id, missing_ok=True)
+        if record is None or record.removing:
+            return
+        sandbox = self._sandbox_of(record)
+        with self.node.locks.hold(record.id):
+            if record.removing:
+                return
+            record.pending = PENDING_REMOVE
+            self.node.store.save_container(record)
+            if self._refresh(sandbox, record).status == ContainerStatus.RUNNING:
+                self.stop(record.id, timeout=0, removing=True)
+            self.node.container_names.release(record.name, record.id)
+        self.removals.request()
+
+    def finish_removals(self) -> None:
+        """Finish every removal asked for; one that fails is logged and tried again at the next request."""
+        for record in self.node.store.containers():
+            if record.removing:
+                try:
+                    self.finish_removal(record.id)
+                except Exception as exc:  # noqa: BLE001 - one container must not hold up the others
+                    log.error("container %s: removal failed, tried again later: %s", record.id[:12], exc)
+
+    def finish_removal(self, container_id: str) -> None:
+        """The runtime's and the storage's part of a container's removal; the record goes last."""
         record = self.node.store.container(container_id, missing_ok=True)
         if record is None:
             return
         sandbox = self._sandbox_of(record)
         with self.node.locks.hold(record.id):
-            record.pending = PENDING_REMOVE
-            self.node.store.save_container(record)
-            if self._refresh(sandbox, record).status == ContainerStatus.RUNNING:
-                self.stop(record.id, timeout=0)
+            if self.node.store.container(container_id, missing_ok=True) is None:
+                return  # another caller finished it
             plugin = self.node.handlers.get(sandbox.handler).installed()
             plugin.call("runtime_container_remove", sandbox=sandbox, container=record)
             self._remove_rootfs(record)
             self.node.store.delete_container(record.id)
-            self.node.container_names.release(record.name, record.id)
         self.node.locks.forget(record.id)
         if record.image_ref or record.image_volumes:
-            self.node.collect_garbage()
+            self.node.collect_garbage_soon()
         self.node.emit("container_removed", sandbox, record)
+
+    def remove_now(self, container_id: str) -> None:
+        """Remove a container and finish its removal before returning (a pod's removal, recovery)."""
+        self.remove(container_id)
+        self.finish_removal(container_id)
 
     def state(self, container_id: str) -> tuple[ContainerRecord, ContainerState]:
         """A container's record with its current state."""
-        record = self.node.store.container(container_id)
+        record = self.visible(container_id)
         return record, self._refresh(self._sandbox_of(record), record)
 
     def _refresh(self, sandbox: SandboxRecord, record: ContainerRecord) -> ContainerState:
@@ -444,7 +487,7 @@ class ContainerManager:
         """
         by_handler: dict[str, list[tuple[SandboxRecord, ContainerRecord]]] = {}
         for record in self.node.store.containers():
-            if record.state.status in (ContainerStatus.CREATED, ContainerStatus.RUNNING):
+            if record.state.status in (ContainerStatus.CREATED, ContainerStatus.RUNNING) and not record.removing:
                 sandbox = self.node.store.sandbox(record.sandbox_id, missing_ok=True)
                 if sandbox is not None:
                     by_handler.setdefault(sandbox.handler, []).append((sandbox, record))
@@ -497,7 +540,7 @@ class ContainerManager:
 
     def update_resources(self, container_id: str, limits: cri.LinuxContainerResources) -> None:
         """Apply new resource limits and remember them for ContainerStatus."""
-        record = self.node.store.container(container_id)
+        record = self.visible(container_id)
         sandbox = self._sandbox_of(record)
         with self.node.locks.hold(record.id):
             plugin = self.node.handlers.get(sandbox.handler).require()

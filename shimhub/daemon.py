@@ -202,7 +202,7 @@ class Daemon:
             if container.pending == PENDING_CREATE:
                 steps.append((f"container {container.id}", partial(self.containers.roll_back, container)))
             elif container.pending == PENDING_REMOVE:
-                steps.append((f"container {container.id}", partial(self.containers.remove, container.id)))
+                steps.append((f"container {container.id}", partial(self.containers.finish_removal, container.id)))
         for sandbox in sandboxes:
             if sandbox.pending == PENDING_CREATE:
                 steps.append((f"pod sandbox {sandbox.id}", partial(self.pods.roll_back, sandbox)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 import stat
@@ -13,6 +15,8 @@ from shimhub.errors import FailedPrecondition, PluginFailed
 from shimhub.hooktypes import FilesystemUsage
 
 COMMAND_TIMEOUT = 120.0
+MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def run(*argv: str, cwd: str | None = None) -> str:
@@ -32,9 +36,18 @@ def is_mounted(path: str) -> bool:
 
 
 def unmount(path: str) -> None:
-    """Unmount `path` if mounted (lazily if busy)."""
-    if os.path.exists(path) and is_mounted(path):
-        run("umount", path)
+    """Unmount `path` if mounted (lazily if busy): the umount2 call, no umount(8) process."""
+    if not (os.path.exists(path) and is_mounted(path)):
+        return
+    for flags in (0, MNT_DETACH):
+        if _libc.umount2(os.fsencode(path), flags) == 0:
+            return
+        error = ctypes.get_errno()
+        if error == errno.EINVAL:  # unmounted meanwhile
+            return
+        if error != errno.EBUSY:
+            break
+    raise PluginFailed(f"umount {path}: {os.strerror(error)}")
 
 
 def kernel_has_filesystem(name: str) -> bool:

@@ -148,7 +148,10 @@ class PodManager:
             return
         with self.node.locks.hold(record.id):
             for container in self.node.store.containers(record.id):
-                self.containers.stop(container.id, timeout=0)
+                if container.removing:  # its runtime cleanup goes before the pod's
+                    self.containers.finish_removal(container.id)
+                else:
+                    self.containers.stop(container.id, timeout=0)
             self.node.handlers.get(record.handler).installed().call("runtime_sandbox_stop", sandbox=record)
             self._release_network(record)
             changed = record.state != SANDBOX_NOTREADY
@@ -166,7 +169,7 @@ class PodManager:
             record.pending = PENDING_REMOVE
             self.node.store.save_sandbox(record)
             for container in self.node.store.containers(record.id):
-                self.containers.remove(container.id)
+                self.containers.remove_now(container.id)
             crash_point("remove_pod:containers")
             if record.state == SANDBOX_READY:
                 self.stop(record.id)

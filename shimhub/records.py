@@ -118,6 +118,11 @@ class ContainerRecord:
     #: `config` parsed, kept for the list and status calls (not persisted).
     _parsed: cri.ContainerConfig | None = field(default=None, init=False, eq=False, repr=False)
 
+    @property
+    def removing(self) -> bool:
+        """RemoveContainer was answered: the CRI no longer sees it, its removal finishes in the background."""
+        return self.pending == PENDING_REMOVE
+
     def container_config(self) -> cri.ContainerConfig:
         """The container's ContainerConfig, parsed once: treat it as read-only."""
         if self._parsed is None:

@@ -9,7 +9,7 @@ import pytest
 
 from shimhub import containers
 from shimhub.containers import ContainerManager
-from shimhub.errors import DeadlineExceeded
+from shimhub.errors import DeadlineExceeded, NotFound
 from shimhub.hooktypes import ContainerState, ContainerStatus
 from shimhub.locks import KeyedLocks
 from shimhub.records import ContainerRecord, SandboxRecord
@@ -27,6 +27,7 @@ class FakeRuntime:
         self.api = api
         self.fatal: set[str] = {"SIGKILL"}
         self.calls: list[tuple[str, Any]] = []
+        self.removal_error: Exception | None = None
 
     def implements(self, hook: str) -> bool:
         if hook in ("runtime_container_kill", "runtime_container_wait"):
@@ -44,6 +45,11 @@ class FakeRuntime:
             if kwargs["signal"] in self.fatal:
                 code = 137 if kwargs["signal"] == "SIGKILL" else 0
                 self.states[container.id] = ContainerState(ContainerStatus.EXITED, exit_code=code, finished_at=5)
+            return None
+        if hook == "runtime_container_remove":
+            self.calls.append(("remove", container.id))
+            if self.removal_error:
+                raise self.removal_error
             return None
         if hook == "runtime_container_wait":
             self.calls.append(("wait", kwargs["timeout"]))
@@ -65,6 +71,7 @@ class FakeNode:
         self.handlers = type("Handlers", (), {"get": staticmethod(lambda name: handler)})()
         self.locks = KeyedLocks()
         self.events: list[tuple[str, str]] = []
+        self.container_names = type("Names", (), {"release": staticmethod(lambda name, owner: None)})()
 
     def emit(self, event: str, sandbox: SandboxRecord, container: ContainerRecord | None = None) -> None:
         self.events.append((event, container.id if container else ""))
@@ -153,3 +160,36 @@ def test_stopping_an_exited_container_asks_nothing(tmp_path: Path) -> None:
     runtime = node.handlers.get("").installed()
     manager.stop("app", timeout=7)
     assert runtime.calls == []
+
+
+def test_a_removed_container_is_gone_at_once_and_cleaned_up_after(tmp_path: Path) -> None:
+    node, manager = _node(tmp_path, _running())
+    runtime = node.handlers.get("").installed()
+    runtime.fatal = {"SIGKILL"}
+    manager.remove("app")
+    with pytest.raises(NotFound, match="being removed"):
+        manager.state("app")
+    assert ("kill", "SIGKILL") in runtime.calls, "RemoveContainer answers only once the container is stopped"
+    assert manager.removals.wait_idle(10)
+    assert ("remove", "app") in runtime.calls
+    assert node.store.container("app", missing_ok=True) is None
+    assert node.events[-1] == ("container_removed", "app")
+    manager.remove("app")  # idempotent
+    assert runtime.calls.count(("remove", "app")) == 1
+
+
+def test_a_failed_cleanup_stays_recorded_and_is_finished_later(tmp_path: Path) -> None:
+    node, manager = _node(tmp_path, _running())
+    runtime = node.handlers.get("").installed()
+    runtime.removal_error = OSError("device busy")
+    manager.remove("app")
+    assert manager.removals.wait_idle(10)
+    reloaded = StateStore(tmp_path)
+    reloaded.load()
+    assert reloaded.container("app").removing, "a crash from here on finishes the removal at the next start"
+    with pytest.raises(NotFound):
+        manager.state("app")
+    runtime.removal_error = None
+    manager.remove_now("app")  # as a pod's removal does
+    assert node.store.container("app", missing_ok=True) is None
+    assert runtime.calls.count(("remove", "app")) == 2

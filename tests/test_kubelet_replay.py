@@ -22,36 +22,26 @@ import pytest
 from google.protobuf import json_format
 
 from shimhub.testing.daemon import Daemon, wait_for
+from shimhub.testing.kubelet import localize, recordings_dir, scenario_calls
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT
 
 pytestmark = [NEEDS_ROOT, pytest.mark.slow]
 
 
-def _recordings() -> Path:
-    """SHIMHUB_KUBELET_CRI, else shared/kubelet-cri beside the checkout or beside one of its parents."""
-    if "SHIMHUB_KUBELET_CRI" in os.environ:
-        return Path(os.environ["SHIMHUB_KUBELET_CRI"])
-    for parent in Path(__file__).resolve().parents[1:]:
-        if (parent / "shared" / "kubelet-cri").is_dir():
-            return parent / "shared" / "kubelet-cri"
-    return Path("shared") / "kubelet-cri"
-
-
-RECORDINGS = _recordings()
+RECORDINGS = recordings_dir()
 IMAGE = "test/busybox:1"
 HOST_PORT = 18090
 
 
 def recorded(scenario: str) -> list[dict[str, Any]]:
     """The recorded RunPodSandbox/CreateContainer/PullImage calls of one scenario, in order."""
-    path = RECORDINGS / "by-scenario" / f"scenario-{scenario}-creates.json"
-    if not path.exists():
-        message = f"no kubelet recordings at {RECORDINGS} (set SHIMHUB_KUBELET_CRI)"
+    try:
+        return scenario_calls(scenario)
+    except FileNotFoundError as missing:
         if os.environ.get("CI"):
-            pytest.fail(message)  # in CI the recordings are beside the checkout: their absence is a fault
-        pytest.skip(message)
-    return json.loads(path.read_text())["calls"]
+            pytest.fail(str(missing))  # in CI the recordings are beside the checkout: their absence is a fault
+        pytest.skip(str(missing))
 
 
 class Kubelet:
@@ -65,29 +55,10 @@ class Kubelet:
         self.sandboxes: list[str] = []
 
     def localize(self, request: dict[str, Any]) -> dict[str, Any]:
-        text = json.dumps(request)
-        text = text.replace("/var/lib/kubelet", str(self.root / "kubelet"))
-        text = text.replace("/var/log/pods", str(self.root / "pods"))
-        moved = json.loads(text)
-        image = moved.get("config", {}).get("image")
-        if image:
-            image["image"] = self.image_id
-            image["user_specified_image"] = IMAGE
-        if "image" in moved and "config" not in moved:  # PullImage
-            moved["image"]["image"] = IMAGE
-        for mount in moved.get("config", {}).get("mounts", []):
-            host = Path(mount["host_path"])
-            if mount["container_path"] in ("/etc/hosts", "/dev/termination-log"):
-                host.parent.mkdir(parents=True, exist_ok=True)
-                host.touch()
-            else:
-                host.mkdir(parents=True, exist_ok=True)
-                host.chmod(0o777)
-        return moved
+        return localize(request, self.root, self.image_id, IMAGE)
 
     def run_pod(self, call: dict[str, Any]) -> str:
         request = json_format.ParseDict(self.localize(call["request"]), cri.RunPodSandboxRequest())
-        Path(request.config.log_directory).mkdir(parents=True, exist_ok=True)
         sandbox_id = self.daemon.runtime.RunPodSandbox(request, timeout=240).pod_sandbox_id
         self.sandboxes.append(sandbox_id)
         return sandbox_id

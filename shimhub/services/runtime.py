@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -14,7 +15,7 @@ from google.protobuf.message import Message
 
 from shimhub import __version__, metrics
 from shimhub.config import converter
-from shimhub.errors import ResourceExhausted
+from shimhub.errors import NotFound, ResourceExhausted
 from shimhub.events import EventBus
 from shimhub.hooktypes import ContainerState, ContainerStatus
 from shimhub.records import SANDBOX_READY, ContainerRecord, SandboxRecord
@@ -208,6 +209,19 @@ def container_status(record: ContainerRecord, state: ContainerState) -> cri.Cont
     )
 
 
+def _current_status(record: ContainerRecord) -> cri.ContainerStatus:
+    return container_status(record, record.state)
+
+
+def _status_key(record: ContainerRecord) -> tuple[object, ...]:
+    """What a container's status is made of that can change: its state and its config (new resources)."""
+    return (record.state, record.container_config())
+
+
+#: PodSandboxStatusResponse.timestamp's tag (field 4, varint).
+_TIMESTAMP_TAG = bytes([4 << 3])
+
+
 def _json(value: object) -> str:
     return json.dumps(converter.unstructure(value), sort_keys=True)
 
@@ -235,6 +249,18 @@ class RuntimeService:
         )
         self.listed_sandboxes: ListEntries[SandboxRecord] = ListEntries(
             cri.ListPodSandboxResponse.DESCRIPTOR.fields_by_name["items"], sandbox_summary, lambda record: record.state
+        )
+        # Status answers of unchanged objects are the bytes serialized last time (non-verbose calls).
+        self.container_statuses: ListEntries[ContainerRecord] = ListEntries(
+            cri.ContainerStatusResponse.DESCRIPTOR.fields_by_name["status"], _current_status, _status_key
+        )
+        self.pod_container_statuses: ListEntries[ContainerRecord] = ListEntries(
+            cri.PodSandboxStatusResponse.DESCRIPTOR.fields_by_name["containers_statuses"], _current_status, _status_key
+        )
+        self.sandbox_statuses: ListEntries[SandboxRecord] = ListEntries(
+            cri.PodSandboxStatusResponse.DESCRIPTOR.fields_by_name["status"],
+            sandbox_status,
+            lambda record: (record.state, record.network_released, record.network),
         )
         self.stats = StatsCollector(daemon)
         self.events: EventBus[cri.ContainerEventResponse] = EventBus(size=lambda event: event.ByteSize())
@@ -333,19 +359,30 @@ class RuntimeService:
 
     def PodSandboxStatus(
         self, request: cri.PodSandboxStatusRequest, context: grpc.ServicerContext
-    ) -> cri.PodSandboxStatusResponse:
+    ) -> cri.PodSandboxStatusResponse | bytes:
         record = self.daemon.store.sandbox(request.pod_sandbox_id)
-        statuses = [
-            container_status(*self.daemon.containers.state(container.id)) for container in self._newest_first(record.id)
-        ]
-        info = {"info": _json(record)} if request.verbose else {}
+        containers = []
+        for container in self._newest_first(record.id):
+            with contextlib.suppress(NotFound):  # removed meanwhile
+                containers.append(self.daemon.containers.state(container.id)[0])
+        if not request.verbose:  # in wire form, from the entries of what did not change
+            return (
+                self.sandbox_statuses.entry(record)
+                + self.pod_container_statuses.answer(containers)
+                + _TIMESTAMP_TAG
+                + _varint(time.time_ns())
+            )
         return cri.PodSandboxStatusResponse(
-            status=sandbox_status(record), containers_statuses=statuses, info=info, timestamp=time.time_ns()
+            status=sandbox_status(record),
+            containers_statuses=[container_status(container, container.state) for container in containers],
+            info={"info": _json(record)},
+            timestamp=time.time_ns(),
         )
 
     def _newest_first(self, sandbox_id: str) -> list[ContainerRecord]:
         """A pod's containers, the newest first: the kubelet takes the first status with a container's name."""
-        return sorted(self.daemon.store.containers(sandbox_id), key=lambda record: record.created_at, reverse=True)
+        visible = [record for record in self.daemon.store.containers(sandbox_id) if not record.removing]
+        return sorted(visible, key=lambda record: record.created_at, reverse=True)
 
     def _sandboxes(self, query: cri.PodSandboxFilter) -> list[SandboxRecord]:
         return [
@@ -402,17 +439,19 @@ class RuntimeService:
 
     def ContainerStatus(
         self, request: cri.ContainerStatusRequest, context: grpc.ServicerContext
-    ) -> cri.ContainerStatusResponse:
+    ) -> cri.ContainerStatusResponse | bytes:
         record, state = self.daemon.containers.state(request.container_id)
-        info = {"info": _json(record)} if request.verbose else {}
-        return cri.ContainerStatusResponse(status=container_status(record, state), info=info)
+        if not request.verbose:
+            return self.container_statuses.entry(record)
+        return cri.ContainerStatusResponse(status=container_status(record, state), info={"info": _json(record)})
 
     def _container_records(self, query: cri.ContainerFilter | cri.ContainerStatsFilter) -> list[ContainerRecord]:
         """Containers matching the id prefix, pod id prefix and label selector of a filter."""
         return [
             record
             for record in self.daemon.store.containers()
-            if record.id.startswith(query.id)
+            if not record.removing
+            and record.id.startswith(query.id)
             and record.sandbox_id.startswith(query.pod_sandbox_id)
             and (not query.label_selector or labels_match(record.container_config().labels, query.label_selector))
         ]
@@ -478,7 +517,7 @@ class RuntimeService:
     def ContainerStats(
         self, request: cri.ContainerStatsRequest, context: grpc.ServicerContext
     ) -> cri.ContainerStatsResponse:
-        record = self.daemon.store.container(request.container_id)
+        record = self.daemon.containers.visible(request.container_id)
         return cri.ContainerStatsResponse(
             stats=self.stats.container(self.daemon.store.sandbox(record.sandbox_id), record)
         )
@@ -544,9 +583,11 @@ class RuntimeService:
         if event in ("container_removed", "sandbox_removed"):
             self.stats.forget(container.id if container is not None else sandbox.id)
         if event == "container_removed" and container is not None:
-            self.listed_containers.forget(container.id)
+            for entries in (self.listed_containers, self.container_statuses, self.pod_container_statuses):
+                entries.forget(container.id)
         if event == "sandbox_removed":
             self.listed_sandboxes.forget(sandbox.id)
+            self.sandbox_statuses.forget(sandbox.id)
         kind = _EVENT_TYPES.get(event)
         if kind is None or container is None or not self.events.has_subscribers:
             return
