@@ -9,6 +9,9 @@ the configured credentials file; they are never logged.
 
 Mirrors of a registry are tried in order; a mirror that fails or lacks the
 content is skipped, and the registry itself is tried last.
+
+httpx is imported by the functions that use it, at the first pull: it is
+6 MB of the daemon's memory that a node whose images are all present never needs.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
 from attrs import define
 
 from shimhub.config import ImagesConfig
@@ -38,6 +41,9 @@ from shimhub.errors import (
 from shimhub.images.manifest import ACCEPT
 from shimhub.images.reference import DOCKER_HUB, Reference
 from shimhub_proto.cri.v1 import api_pb2 as cri
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # its request lines are noise at info level
@@ -141,6 +147,8 @@ def load_credentials_file(path: str) -> dict[str, Credentials]:
 
 def _answer(response: httpx.Response) -> str:
     """A registry's error answer in short: the status and the first error of its body, if it sent one."""
+    import httpx
+
     try:
         body = _bounded(response, 64 << 10, time.monotonic() + 5, "an error answer")
         first = (json.loads(body).get("errors") or [])[0]
@@ -152,6 +160,8 @@ def _answer(response: httpx.Response) -> str:
 
 def _bounded(response: httpx.Response, limit: int, deadline: float, what: str) -> bytes:
     """A streamed response's body: refused past `limit` bytes (declared or received) or past `deadline`."""
+    import httpx
+
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ResourceExhausted(f"{what} is {declared} bytes; at most {limit} are accepted")
@@ -189,6 +199,8 @@ class RegistryClient:
 
     def _http(self, host: str) -> httpx.Client:
         """The connection pool of one host (registry, mirror or token service)."""
+        import httpx
+
         with self._lock:
             client = self._clients.get(host)
             if client is None:
@@ -248,6 +260,8 @@ class RegistryClient:
         return response
 
     def _request(self, method: str, url: str, headers: dict[str, str], stream: bool) -> httpx.Response:
+        import httpx
+
         try:
             http = self._http(httpx.URL(url).host)
             return http.send(http.build_request(method, url, headers=headers), stream=stream)
@@ -271,6 +285,8 @@ class RegistryClient:
         return f"Bearer {token}"
 
     def _fetch_token(self, params: dict[str, str], host: str, scope: str, creds: Credentials | None) -> str:
+        import httpx
+
         query = {"scope": scope, **({"service": params["service"]} if "service" in params else {})}
         try:
             http = self._http(httpx.URL(params["realm"]).host)
@@ -371,6 +387,8 @@ class RegistryClient:
         The download stops when `alive` turns false (the pull's client left) or when it is slower on
         average than MIN_BLOB_RATE past the registry timeout.
         """
+        import httpx
+
         failures: list[str] = []
         for host, response, last in self._each_host(ref, f"blobs/{digest}", creds, {}, failures=failures, stream=True):
             try:
