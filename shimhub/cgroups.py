@@ -57,11 +57,30 @@ def expand(cgroups_path: str) -> str:
     return "/".join([*_slice_directories(slice_name or "system.slice"), scope])
 
 
-def _read(path: Path) -> str | None:
+#: Most bytes read of one cgroup file.
+MAX_FILE = 1 << 20
+
+
+def _read(path: Path | str) -> str | None:
+    """A cgroup file's text (None when it cannot be read): plain system calls, as stats read hundreds."""
     try:
-        return path.read_text()
+        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        chunks = []
+        size = 0
+        while size < MAX_FILE:
+            chunk = os.read(descriptor, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks).decode(errors="replace")
+    except OSError:
+        return None
+    finally:
+        os.close(descriptor)
 
 
 def _number(path: Path) -> int | None:
@@ -81,6 +100,17 @@ def _directories(cgroups_path: str, root: Path) -> list[Path]:
     """A cgroup's directories, in every hierarchy that has it (v2, or each v1 controller's)."""
     relative = expand(cgroups_path)
     return [d for d in [root / relative, *root.glob(f"*/{relative}")] if (d / "cgroup.procs").exists()]
+
+
+def _process_directories(cgroups_path: str, root: Path) -> list[Path]:
+    """Where a cgroup's processes are listed: under cgroup v1 one controller's directory is enough (a
+    container's processes are in every controller's), which spares a walk of all hierarchies."""
+    if mode(root) != "unified":
+        relative = expand(cgroups_path)
+        for controller in ("pids", "memory", "cpuacct"):
+            if os.path.exists(root / controller / relative / "cgroup.procs"):
+                return [root / controller / relative]
+    return _directories(cgroups_path, root)
 
 
 def processes(cgroups_path: str, root: Path = ROOT) -> set[int]:
@@ -188,7 +218,7 @@ def usage(cgroups_path: str, root: Path = ROOT) -> ContainerUsage:
         threads_max=_limit(root / "pids" / relative / "pids.max"),
         io=_io_v1(root / "blkio" / relative),
     )
-    return _with_processes(found, _directories(cgroups_path, root))
+    return _with_processes(found, _process_directories(cgroups_path, root))
 
 
 #: Most processes of one cgroup whose threads and descriptors are counted.

@@ -256,12 +256,12 @@ class StatsCollector:
             log.debug("no writable-layer usage for %s: %s", container.id[:12], exc)
             return None
 
-    @staticmethod
-    def _interfaces(sandbox: SandboxRecord) -> list[netns.InterfaceCounters]:
+    def _interfaces(self, sandbox: SandboxRecord) -> list[netns.InterfaceCounters]:
         """The counters of the pod's own interfaces ([] for host-network pods and released networks)."""
         if sandbox.host_network or sandbox.network_released or not sandbox.network.netns_path:
             return []
-        return [c for c in netns.interface_counters(sandbox.network.netns_path) if c.name != "lo"]
+        pids = [c.state.pid for c in self.node.store.containers(sandbox.id) if c.state.pid]
+        return [c for c in netns.interface_counters(sandbox.network.netns_path, pids) if c.name != "lo"]
 
     def network(self, sandbox: SandboxRecord) -> cri.NetworkUsage | None:
         """Traffic of the pod's own network namespace (None for host-network pods and released networks)."""
