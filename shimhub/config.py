@@ -83,6 +83,11 @@ class ImagesConfig:
     timeout: float = 30.0
     #: Most bytes one layer may unpack to (0 = no limit): a small gzip of zeros must not fill the disk.
     max_layer_bytes: int = 32 << 30
+    #: The image trust policy (containers-policy.json(5)); unset: CRI-O's /etc/containers/policy.json when
+    #: present, else none; "" for none (every image may be pulled).
+    signature_policy: str | None = None
+    #: Signature storage by registry and repository (registries.d(5) YAML files), read at each verification.
+    registries_d: str = "/etc/containers/registries.d"
     registries: dict[str, RegistryConfig] = field(factory=dict)
 
 

@@ -17,7 +17,7 @@ from shimhub.backends import Backend
 from shimhub.background import Coalesced
 from shimhub.config import Config
 from shimhub.containers import ContainerManager
-from shimhub.errors import FailedPrecondition
+from shimhub.errors import ConfigError, FailedPrecondition
 from shimhub.extensions import Extensions
 from shimhub.handlers import HandlerRegistry
 from shimhub.hooktypes import PluginContext
@@ -249,4 +249,14 @@ class Daemon:
             "storage": {name: describe(driver) for name, driver in self.storage_drivers.items()},
             "pod_cidr": self.pod_cidr,
             "security_modules": profiles.node_lsms(),
+            "image_trust_policy": self._policy_summary(),
         }
+
+    def _policy_summary(self) -> dict[str, Any] | None:
+        """The image trust policy in force (None: none), or why the file on disk cannot be used."""
+        if self.images.policy is None:
+            return None
+        try:
+            return self.images.policy.current().summary()
+        except ConfigError as exc:
+            return {"path": self.images.policy.path, "error": str(exc)}

@@ -62,6 +62,12 @@ PULL_SECONDS = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
     registry=REGISTRY,
 )
+POLICY_DECISIONS = Counter(
+    "shimhub_image_policy_decisions",
+    "Pulls the image trust policy allowed or refused, by result.",
+    ["result"],
+    registry=REGISTRY,
+)
 PULL_BYTES = Counter(
     "shimhub_image_pull_bytes", "Bytes of the images pulled (config and layer blobs).", registry=REGISTRY
 )

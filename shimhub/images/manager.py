@@ -18,23 +18,25 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
+from shimhub import telemetry
 from shimhub.backends import Backend
 from shimhub.config import ImagesConfig
-from shimhub.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from shimhub.errors import ConfigError, FailedPrecondition, InvalidArgument, ResourceExhausted, ShimhubError
 from shimhub.faults import crash_point
 from shimhub.hooktypes import FilesystemUsage
-from shimhub.images import manifest, reference
+from shimhub.images import manifest, policy, reference, signatures
 from shimhub.images.content import BlobMismatch, ContentStore
 from shimhub.images.registry import Credentials, RegistryClient
 from shimhub.images.store import ImageRecord, ImageStore, Layer
 from shimhub.locks import KeyedLocks
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 #: Suffix of the marker of a layer a driver is applying (see provide_layers).
 APPLYING = ".applying"
 
@@ -121,6 +123,9 @@ class ImageManager:
     def __init__(self, config: ImagesConfig, state_dir: Path, default_driver: str) -> None:
         self.config = config
         self.registry = RegistryClient(config)
+        path = policy.default_path(config.signature_policy)
+        #: The node's image trust policy (None: every image may be pulled).
+        self.policy = policy.PolicyFile(path) if path else None
         self.content = ContentStore(state_dir / "content")
         self.images = ImageStore(state_dir / "images", config.search_registries)
         self.layer_marks = state_dir / "layers"
@@ -130,6 +135,42 @@ class ImageManager:
         self._gc_lock = threading.Lock()
         #: Blob digests and layer chain ids that pulls in progress hold (see _pin).
         self._pinned: Counter[str] = Counter()
+
+    def _policy_step(self, ref: reference.Reference, step: Callable[[policy.Policy], T]) -> T | None:
+        """Run one step of the image trust policy on a pull (None when the node has no policy). A refusal is
+        logged and counted; an invalid policy or registries.d refuses the pull (a trust policy fails closed)."""
+        if self.policy is None:
+            return None
+        try:
+            return step(self.policy.current())
+        except ConfigError as exc:
+            telemetry.POLICY_DECISIONS.labels("refused").inc()
+            log.error("image %s refused: the image trust settings are invalid: %s", ref, exc)
+            raise FailedPrecondition(f"image {ref} refused: the image trust settings are invalid: {exc}") from None
+        except ShimhubError as exc:
+            telemetry.POLICY_DECISIONS.labels("refused").inc()
+            log.warning("%s", exc.message)
+            raise
+
+    def _verify(
+        self, in_force: policy.Policy, decision: policy.Decision, ref: reference.Reference, manifest_digest: str
+    ) -> None:
+        """Check the signatures `decision` requires (fetched from the scope's signature storage) against the
+        manifest's digest, before any blob is fetched."""
+        storage = signatures.Registries(self.config.registries_d).storage(ref)
+        urls = signatures.signature_urls(storage, ref, manifest_digest)
+
+        def fetch() -> Iterator[bytes]:
+            for url in urls:
+                found = self.registry.fetch(url, signatures.MAX_SIGNATURE_BYTES)
+                if found is None:
+                    return
+                yield found
+
+        signers = in_force.verify(decision, ref, manifest_digest, fetch)
+        telemetry.POLICY_DECISIONS.labels("verified" if signers else "allowed").inc()
+        if signers:
+            log.info("image %s: signatures verified, signed by %s", ref, ", ".join(signers))
 
     def pull(
         self,
@@ -143,6 +184,7 @@ class ImageManager:
         Downloads stop once `alive` turns false: the client that asked has gone.
         """
         ref = reference.parse(image, self.config.search_registries)
+        admitted = self._policy_step(ref, lambda policy: policy.check(ref))
         where = str(ref)
         body, content_type, header_digest = self.registry.manifest(ref, ref.selector, creds)
         top_digest = "sha256:" + hashlib.sha256(body).hexdigest()
@@ -150,6 +192,8 @@ class ImageManager:
             raise BlobMismatch(f"{where}: the registry sent a manifest with digest {top_digest}")
         if header_digest and header_digest != top_digest and header_digest.startswith("sha256:"):
             raise BlobMismatch(f"{where}: manifest digest {top_digest} differs from the registry's {header_digest}")
+        if admitted is not None:
+            self._policy_step(ref, lambda in_force: self._verify(in_force, admitted, ref, top_digest))
         parsed = manifest.parse(body, content_type, where)
         if isinstance(parsed, list):
             chosen = manifest.pick_platform(parsed, self.platform, where)

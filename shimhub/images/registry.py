@@ -268,6 +268,30 @@ class RegistryClient:
         except httpx.HTTPError as exc:
             raise Unavailable(f"cannot reach {httpx.URL(url).host}: {type(exc).__name__}: {exc}") from exc
 
+    def fetch(self, url: str, limit: int) -> bytes | None:
+        """A document at an http, https or file URL (a signature store), at most `limit` bytes; None when
+        there is none (404, or no such file)."""
+        if url.startswith("file://"):
+            try:
+                with open(url.removeprefix("file://"), "rb") as handle:
+                    body = handle.read(limit + 1)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise Unavailable(f"cannot read {url}: {exc.strerror}") from None
+            if len(body) > limit:
+                raise ResourceExhausted(f"{url} is larger than {limit} bytes")
+            return body
+        response = self._request("GET", url, {}, stream=True)
+        try:
+            if response.status_code == 404:
+                return None
+            if response.status_code != 200:
+                raise Unavailable(f"{url} answered {_answer(response)}")
+            return _bounded(response, limit, time.monotonic() + self.config.timeout, url)
+        finally:
+            response.close()
+
     def _authorization(self, challenge: str, host: str, scope: str, creds: Credentials | None) -> str:
         scheme, params = parse_challenge(challenge)
         if scheme.lower() == "basic":
