@@ -381,10 +381,10 @@ class ContainerManager:
             self._refresh(sandbox, record)
         self.node.emit("container_started", sandbox, record)
 
-    def stop(self, container_id: str, timeout: int, removing: bool = False) -> None:
+    def stop(self, container_id: str, timeout: int) -> None:
         """Stop a container, forcibly after `timeout` seconds. Idempotent."""
         record = self.node.store.container(container_id, missing_ok=True)
-        if record is None or (record.removing and not removing):
+        if record is None or record.removing:
             return
         sandbox = self._sandbox_of(record)
         with self.node.locks.hold(record.id):
@@ -412,10 +412,11 @@ class ContainerManager:
         with self.node.locks.hold(record.id):
             if record.removing:
                 return
+            # Stopped first: a stop that fails leaves the container as it was, listed, for a retry.
+            if self._refresh(sandbox, record).status == ContainerStatus.RUNNING:
+                self.stop(record.id, timeout=0)
             record.pending = PENDING_REMOVE
             self.node.store.save_container(record)
-            if self._refresh(sandbox, record).status == ContainerStatus.RUNNING:
-                self.stop(record.id, timeout=0, removing=True)
             self.node.container_names.release(record.name, record.id)
         self.removals.request()
 

@@ -28,6 +28,7 @@ class FakeRuntime:
         self.fatal: set[str] = {"SIGKILL"}
         self.calls: list[tuple[str, Any]] = []
         self.removal_error: Exception | None = None
+        self.kill_error: Exception | None = None
 
     def implements(self, hook: str) -> bool:
         if hook in ("runtime_container_kill", "runtime_container_wait"):
@@ -42,6 +43,8 @@ class FakeRuntime:
             return self.states[container.id]
         if hook == "runtime_container_kill":
             self.calls.append(("kill", kwargs["signal"]))
+            if self.kill_error:
+                raise self.kill_error
             if kwargs["signal"] in self.fatal:
                 code = 137 if kwargs["signal"] == "SIGKILL" else 0
                 self.states[container.id] = ContainerState(ContainerStatus.EXITED, exit_code=code, finished_at=5)
@@ -193,3 +196,14 @@ def test_a_failed_cleanup_stays_recorded_and_is_finished_later(tmp_path: Path) -
     manager.remove_now("app")  # as a pod's removal does
     assert node.store.container("app", missing_ok=True) is None
     assert runtime.calls.count(("remove", "app")) == 2
+
+
+def test_a_removal_whose_stop_fails_leaves_the_container_listed(tmp_path: Path) -> None:
+    node, manager = _node(tmp_path, _running())
+    runtime = node.handlers.get("").installed()
+    runtime.kill_error = OSError("the runtime is broken")
+    with pytest.raises(OSError):
+        manager.remove("app")
+    record, state = manager.state("app")  # still there for the kubelet's retry
+    assert (record.removing, state.status) == (False, ContainerStatus.RUNNING)
+    assert ("remove", "app") not in runtime.calls
