@@ -21,7 +21,6 @@ from shimhub.errors import (
     InvalidArgument,
     NotFound,
     PluginFailed,
-    ShimhubError,
 )
 from shimhub.faults import crash_point
 from shimhub.hooktypes import STDERR, STDOUT, ContainerState, ContainerStatus, ExecResult, StreamedProcess
@@ -85,8 +84,8 @@ def collect(process: StreamedProcess, timeout: float | None, limit: int) -> Exec
                 kept[stream] += data[:room]
         if not expired.is_set():
             code = process.wait()
-    except ShimhubError:
-        if not expired.is_set():  # a process closed for its timeout may be gone from its runtime already
+    except Exception:
+        if not expired.is_set():  # a process closed for its timeout may be gone, or half gone, already
             raise
     finally:
         if timer is not None:

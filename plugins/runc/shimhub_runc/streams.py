@@ -163,6 +163,8 @@ class ExecProcess:
                         break
                 continue
             for key, _ in ready:
+                if self.closed:  # closed meanwhile (a timeout): its descriptors are gone
+                    return STDOUT, b""
                 try:
                     data = os.read(key.fd, CHUNK)
                 except OSError:  # EIO: the terminal's last user is gone
@@ -170,7 +172,8 @@ class ExecProcess:
                 if data:
                     self._silent_since = 0.0
                     return key.data, data
-                self.selector.unregister(key.fd)
+                with contextlib.suppress(KeyError, ValueError):  # a close under way cleared the selector
+                    self.selector.unregister(key.fd)
         return STDOUT, b""
 
     def write_input(self, data: bytes) -> None:
