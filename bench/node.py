@@ -123,6 +123,8 @@ class Node:
         self.calls = scenario_calls("a")
         self.pods: dict[str, tuple[dict[str, Any], list[str]]] = {}
         self.serial = 0
+        #: The pod uids given out, whose pod-level cgroups (the kubelet's to remove) go at the end.
+        self.uids: list[str] = []
         self.samples = Samples()
         self.lock = threading.Lock()
 
@@ -130,6 +132,7 @@ class Node:
         """The recorded pod and its containers' requests, made a new pod's."""
         self.serial += 1
         uid = hashlib.md5(f"{self.runtime.name}-{self.serial}".encode()).hexdigest()
+        self.uids.append(uid)
         text = json.dumps([call["request"] for call in self.calls if call["method"] != "PullImage"])
         text = text.replace(RECORDED_UID, uid).replace(RECORDED_NAME, f"bench-{self.serial}")
         pod, *containers = (localize(request, self.root, self.image) for request in json.loads(text))
@@ -168,6 +171,17 @@ class Node:
         samples.time("StopPodSandbox", lambda: self.rt.StopPodSandbox(stop_pod, timeout=CALL_TIMEOUT))
         remove_pod = cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id)
         samples.time("RemovePodSandbox", lambda: self.rt.RemovePodSandbox(remove_pod, timeout=CALL_TIMEOUT))
+
+    def remove_pod_cgroups(self) -> None:
+        """Remove the pods' cgroup parents, empty now, as the kubelet does for pods it removed."""
+        for uid in self.uids:
+            for directory in Path("/sys/fs/cgroup").glob(f"*/kubepods/burstable/pod{uid}"):
+                for inner in sorted(directory.rglob("*"), reverse=True):
+                    if inner.is_dir():
+                        with contextlib.suppress(OSError):
+                            inner.rmdir()
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
 
     def containers(self) -> list[str]:
         with self.lock:
@@ -303,6 +317,7 @@ def run(runtime: Runtime, root: Path, image: str, args: argparse.Namespace) -> d
     finally:
         for pod_id in list(node.pods):
             node.remove_pod(pod_id, Samples(), grace=0)
+        node.remove_pod_cgroups()
         account.remove(runtime.process.pid)
     return figures
 

@@ -76,8 +76,10 @@ class Signer:
 
 
 @pytest.fixture(scope="module")
-def signer(tmp_path_factory: pytest.TempPathFactory) -> Signer:
-    return Signer(tmp_path_factory.mktemp("gpg") / "home")
+def signer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signer]:
+    made = Signer(tmp_path_factory.mktemp("gpg") / "home")
+    yield made
+    subprocess.run(["gpgconf", "--kill", "all"], env=made.env, check=False, capture_output=True, timeout=30)
 
 
 def test_a_signature_from_the_policys_key_verifies(signer: Signer, tmp_path: Path) -> None:
