@@ -69,7 +69,9 @@ class Samples:
         except grpc.RpcError as exc:
             with self._lock:
                 self.errors[name] += 1
-            print(f"  {name}: {exc.code().name}: {exc.details()}")
+                first = self.errors[name] <= 3
+            if first:  # the first few of each call, then only the count in the table
+                print(f"  {name}: {exc.code().name}: {exc.details()}", flush=True)
             return None
         with self._lock:
             self.ms[name].append((time.perf_counter() - started) * 1e3)
