@@ -65,8 +65,9 @@ class Runtime:
         ]
         seen: dict[int, psutil.Process] = {}
         for root in roots:
-            for process in [root, *root.children(recursive=True)]:
-                seen[process.pid] = process
+            with contextlib.suppress(psutil.Error):  # a monitor that exits meanwhile
+                for process in [root, *root.children(recursive=True)]:
+                    seen[process.pid] = process
         total = 0
         for process in seen.values():
             with contextlib.suppress(psutil.Error):
