@@ -79,6 +79,8 @@ def bench_verification(root: Path, registry: Registry, runs: int) -> tuple[list[
     params = b"%no-protection\nKey-Type: RSA\nKey-Length: 2048\nName-Real: bench\nExpire-Date: 0\n%commit\n"
     subprocess.run(["gpg", "--batch", "--gen-key"], input=params, env=env, check=True, capture_output=True)
     keys = subprocess.run(["gpg", "--export"], env=env, check=True, capture_output=True).stdout
+    listing = subprocess.run(["gpg", "--list-keys", "--with-colons"], env=env, check=True, capture_output=True)
+    fingerprint = next(line.split(":")[9] for line in listing.stdout.decode().splitlines() if line.startswith("fpr:"))
     (root / "key.gpg").write_bytes(keys)
     manifest = root / "manifest.json"
     accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
@@ -87,7 +89,7 @@ def bench_verification(root: Path, registry: Registry, runs: int) -> tuple[list[
     signatures = root / "lookaside" / f"bench/small@sha256={digest.split(':')[1]}"
     signatures.mkdir(parents=True)
     name = f"{registry.host}/bench/small:1"
-    subprocess.run(["skopeo", "standalone-sign", str(manifest), name, "bench", "--output",
+    subprocess.run(["skopeo", "standalone-sign", str(manifest), name, fingerprint, "--output",
                     str(signatures / "signature-1")], env=env, check=True, capture_output=True)  # fmt: skip
     subprocess.run(["gpgconf", "--kill", "all"], env=env, check=False, capture_output=True)  # its agent
     (root / "registries.d").mkdir()
