@@ -486,8 +486,8 @@ class ContainerManager:
         once for all its containers; the others once per container.
         """
         by_handler: dict[str, list[tuple[SandboxRecord, ContainerRecord]]] = {}
-        for record in self.node.store.containers():
-            if record.state.status in (ContainerStatus.CREATED, ContainerStatus.RUNNING) and not record.removing:
+        for record in self.node.store.visible_containers():
+            if record.state.status in (ContainerStatus.CREATED, ContainerStatus.RUNNING):
                 sandbox = self.node.store.sandbox(record.sandbox_id, missing_ok=True)
                 if sandbox is not None:
                     by_handler.setdefault(sandbox.handler, []).append((sandbox, record))

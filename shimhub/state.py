@@ -180,6 +180,10 @@ class StateStore:
         records = list(self._containers.records.values())
         return [c for c in records if c.sandbox_id == sandbox_id] if sandbox_id else records
 
+    def visible_containers(self, sandbox_id: str = "") -> list[ContainerRecord]:
+        """The containers the CRI sees (all, or one sandbox's): those whose removal was not asked for."""
+        return [c for c in self.containers(sandbox_id) if not c.removing]
+
     @overload
     def sandbox(self, id_or_prefix: str, missing_ok: Literal[False] = False) -> SandboxRecord: ...
     @overload

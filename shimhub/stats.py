@@ -188,7 +188,7 @@ class StatsCollector:
 
     def pod(self, sandbox: SandboxRecord) -> cri.PodSandboxStats:
         """The PodSandboxStats of one pod, with the stats of each of its containers."""
-        containers = [c for c in self.node.store.containers(sandbox.id) if not c.removing]
+        containers = self.node.store.visible_containers(sandbox.id)
         usages = [self.container_usage(sandbox, c) for c in containers]
         usage = self._runtime_answer(sandbox, "runtime_sandbox_stats") or summed(usages)
         config = sandbox.pod_config()
@@ -214,7 +214,7 @@ class StatsCollector:
         """cAdvisor's metrics of one pod and its containers."""
         config = sandbox.pod_config()
         pod = config.metadata
-        containers = [c for c in self.node.store.containers(sandbox.id) if not c.removing]
+        containers = self.node.store.visible_containers(sandbox.id)
         usages = [self.container_usage(sandbox, c) for c in containers]
         try:
             fs = os.statvfs(self.node.config.storage.root)

@@ -146,26 +146,44 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-class ListEntries(Generic[R]):
-    """Each object's entry in a list response, serialized once per state it is listed in.
+class Serialized(Generic[R]):
+    """Each object's message, serialized once per state it is in."""
 
-    A repeated field is on the wire the concatenation of its entries (tag,
-    length, message), so a list answer is a join of these bytes instead of
-    hundreds of messages built anew.
-    """
-
-    def __init__(self, field: FieldDescriptor, summary: Callable[[R], Message], state: Callable[[R], object]) -> None:
-        self.tag = _varint(field.number << 3 | 2)  # length-delimited
+    def __init__(self, summary: Callable[[R], Message], state: Callable[[R], object]) -> None:
         self.summary = summary
         self.state = state
-        self._entries: dict[str, tuple[object, bytes]] = {}
+        self._messages: dict[str, tuple[object, bytes]] = {}
+
+    def message(self, record: R) -> bytes:
+        state = self.state(record)
+        cached = self._messages.get(record.id)
+        if cached is None or cached[0] != state:
+            cached = (state, self.summary(record).SerializeToString())
+            self._messages[record.id] = cached
+        return cached[1]
+
+    def forget(self, object_id: str) -> None:
+        self._messages.pop(object_id, None)
+
+
+class ListEntries(Generic[R]):
+    """Each object's entry in one field of a response: tag, length and its message from `messages`.
+
+    A repeated field is on the wire the concatenation of its entries, so a list
+    answer is a join of these bytes instead of hundreds of messages built anew.
+    Entries of fields that hold the same message share its `messages`.
+    """
+
+    def __init__(self, field: FieldDescriptor, messages: Serialized[R]) -> None:
+        self.tag = _varint(field.number << 3 | 2)  # length-delimited
+        self.messages = messages
+        self._entries: dict[str, tuple[bytes, bytes]] = {}
 
     def entry(self, record: R) -> bytes:
-        state = self.state(record)
+        message = self.messages.message(record)
         cached = self._entries.get(record.id)
-        if cached is None or cached[0] != state:
-            message = self.summary(record).SerializeToString()
-            cached = (state, self.tag + _varint(len(message)) + message)
+        if cached is None or cached[0] is not message:
+            cached = (message, self.tag + _varint(len(message)) + message)
             self._entries[record.id] = cached
         return cached[1]
 
@@ -175,6 +193,7 @@ class ListEntries(Generic[R]):
 
     def forget(self, object_id: str) -> None:
         self._entries.pop(object_id, None)
+        self.messages.forget(object_id)
 
 
 def container_status(record: ContainerRecord, state: ContainerState) -> cri.ContainerStatus:
@@ -244,23 +263,24 @@ class RuntimeService:
         self.streaming = streaming
         self.listed_containers: ListEntries[ContainerRecord] = ListEntries(
             cri.ListContainersResponse.DESCRIPTOR.fields_by_name["containers"],
-            lambda record: container_summary(record, record.state),
-            lambda record: record.state.status,
+            Serialized(lambda record: container_summary(record, record.state), lambda record: record.state.status),
         )
         self.listed_sandboxes: ListEntries[SandboxRecord] = ListEntries(
-            cri.ListPodSandboxResponse.DESCRIPTOR.fields_by_name["items"], sandbox_summary, lambda record: record.state
+            cri.ListPodSandboxResponse.DESCRIPTOR.fields_by_name["items"],
+            Serialized(sandbox_summary, lambda record: record.state),
         )
-        # Status answers of unchanged objects are the bytes serialized last time (non-verbose calls).
+        # Status answers of unchanged objects are the bytes serialized last time (non-verbose calls); a
+        # container's status is serialized once for ContainerStatus and PodSandboxStatus.
+        statuses = Serialized(_current_status, _status_key)
         self.container_statuses: ListEntries[ContainerRecord] = ListEntries(
-            cri.ContainerStatusResponse.DESCRIPTOR.fields_by_name["status"], _current_status, _status_key
+            cri.ContainerStatusResponse.DESCRIPTOR.fields_by_name["status"], statuses
         )
         self.pod_container_statuses: ListEntries[ContainerRecord] = ListEntries(
-            cri.PodSandboxStatusResponse.DESCRIPTOR.fields_by_name["containers_statuses"], _current_status, _status_key
+            cri.PodSandboxStatusResponse.DESCRIPTOR.fields_by_name["containers_statuses"], statuses
         )
         self.sandbox_statuses: ListEntries[SandboxRecord] = ListEntries(
             cri.PodSandboxStatusResponse.DESCRIPTOR.fields_by_name["status"],
-            sandbox_status,
-            lambda record: (record.state, record.network_released, record.network),
+            Serialized(sandbox_status, lambda record: (record.state, record.network_released, record.network)),
         )
         self.stats = StatsCollector(daemon)
         self.events: EventBus[cri.ContainerEventResponse] = EventBus(size=lambda event: event.ByteSize())
@@ -381,7 +401,7 @@ class RuntimeService:
 
     def _newest_first(self, sandbox_id: str) -> list[ContainerRecord]:
         """A pod's containers, the newest first: the kubelet takes the first status with a container's name."""
-        visible = [record for record in self.daemon.store.containers(sandbox_id) if not record.removing]
+        visible = self.daemon.store.visible_containers(sandbox_id)
         return sorted(visible, key=lambda record: record.created_at, reverse=True)
 
     def _sandboxes(self, query: cri.PodSandboxFilter) -> list[SandboxRecord]:
@@ -449,9 +469,8 @@ class RuntimeService:
         """Containers matching the id prefix, pod id prefix and label selector of a filter."""
         return [
             record
-            for record in self.daemon.store.containers()
-            if not record.removing
-            and record.id.startswith(query.id)
+            for record in self.daemon.store.visible_containers()
+            if record.id.startswith(query.id)
             and record.sandbox_id.startswith(query.pod_sandbox_id)
             and (not query.label_selector or labels_match(record.container_config().labels, query.label_selector))
         ]
