@@ -136,13 +136,11 @@ class ImageManager:
         #: Blob digests and layer chain ids that pulls in progress hold (see _pin).
         self._pinned: Counter[str] = Counter()
 
-    def _policy_step(self, ref: reference.Reference, step: Callable[[policy.Policy], T]) -> T | None:
-        """Run one step of the image trust policy on a pull (None when the node has no policy). A refusal is
-        logged and counted; an invalid policy or registries.d refuses the pull (a trust policy fails closed)."""
-        if self.policy is None:
-            return None
+    def _policy_step(self, ref: reference.Reference, step: Callable[[], T]) -> T:
+        """Run one step of the image trust policy on a pull. A refusal is logged and counted; an invalid
+        policy or registries.d refuses the pull (a trust policy fails closed)."""
         try:
-            return step(self.policy.current())
+            return step()
         except ConfigError as exc:
             telemetry.POLICY_DECISIONS.labels("refused").inc()
             log.error("image %s refused: the image trust settings are invalid: %s", ref, exc)
@@ -152,16 +150,21 @@ class ImageManager:
             log.warning("%s", exc.message)
             raise
 
+    def _admit(self, ref: reference.Reference) -> tuple[policy.Policy, policy.Decision]:
+        """The policy in force for this pull (read once) and its decision, before anything is fetched."""
+        assert self.policy is not None
+        in_force = self.policy.current()
+        return in_force, in_force.check(ref)
+
     def _verify(
         self, in_force: policy.Policy, decision: policy.Decision, ref: reference.Reference, manifest_digest: str
     ) -> None:
         """Check the signatures `decision` requires (fetched from the scope's signature storage) against the
-        manifest's digest, before any blob is fetched."""
-        storage = signatures.Registries(self.config.registries_d).storage(ref)
-        urls = signatures.signature_urls(storage, ref, manifest_digest)
+        manifest's digest, before any blob is fetched. registries.d is read only when a signature is needed."""
 
         def fetch() -> Iterator[bytes]:
-            for url in urls:
+            storage = signatures.Registries(self.config.registries_d).storage(ref)
+            for url in signatures.signature_urls(storage, ref, manifest_digest):
                 found = self.registry.fetch(url, signatures.MAX_SIGNATURE_BYTES)
                 if found is None:
                     return
@@ -184,7 +187,7 @@ class ImageManager:
         Downloads stop once `alive` turns false: the client that asked has gone.
         """
         ref = reference.parse(image, self.config.search_registries)
-        admitted = self._policy_step(ref, lambda policy: policy.check(ref))
+        admitted = self._policy_step(ref, lambda: self._admit(ref)) if self.policy is not None else None
         where = str(ref)
         body, content_type, header_digest = self.registry.manifest(ref, ref.selector, creds)
         top_digest = "sha256:" + hashlib.sha256(body).hexdigest()
@@ -193,7 +196,7 @@ class ImageManager:
         if header_digest and header_digest != top_digest and header_digest.startswith("sha256:"):
             raise BlobMismatch(f"{where}: manifest digest {top_digest} differs from the registry's {header_digest}")
         if admitted is not None:
-            self._policy_step(ref, lambda in_force: self._verify(in_force, admitted, ref, top_digest))
+            self._policy_step(ref, lambda: self._verify(*admitted, ref, top_digest))
         parsed = manifest.parse(body, content_type, where)
         if isinstance(parsed, list):
             chosen = manifest.pick_platform(parsed, self.platform, where)

@@ -42,17 +42,16 @@ SIGNATURE_TYPE = "atomic container signature"
 
 @define(frozen=True)
 class Storage:
-    """Signature storage of one scope."""
+    """Signature storage of one scope (`use-sigstore-attachments` is checked for form only: this node does
+    not verify sigstore signatures)."""
 
     lookaside: str = ""
-    use_sigstore_attachments: bool = False
 
 
 class Registries:
     """The registries.d settings: signature storage by docker scope."""
 
     def __init__(self, directory: str) -> None:
-        self.directory = directory
         self.default = Storage()
         self.scopes: dict[str, Storage] = {}
         path = Path(directory)
@@ -95,10 +94,9 @@ def _storage(settings: Any, where: str) -> Storage:
     lookaside = settings.get("lookaside", settings.get("sigstore", ""))  # "sigstore" is the key's old name
     if not isinstance(lookaside, str) or (lookaside and not lookaside.startswith(("http://", "https://", "file://"))):
         raise ConfigError(f"{where}: lookaside: an http, https or file URL")
-    attachments = settings.get("use-sigstore-attachments", False)
-    if not isinstance(attachments, bool):
+    if not isinstance(settings.get("use-sigstore-attachments", False), bool):
         raise ConfigError(f"{where}: use-sigstore-attachments: true or false")
-    return Storage(lookaside=lookaside.rstrip("/"), use_sigstore_attachments=attachments)
+    return Storage(lookaside=lookaside.rstrip("/"))
 
 
 def signature_urls(storage: Storage, ref: Reference, manifest_digest: str) -> list[str]:
@@ -202,7 +200,6 @@ def identity_matches(rule: Mapping[str, Any] | None, ref: Reference, signed: str
         if name == prefix or name.startswith(prefix.rstrip("/") + "/") or name.startswith(prefix + ":"):
             ref = _parse(replacement + name[len(prefix) :]) or ref
         kind = "matchRepoDigestOrExact"
-    wanted = ref
     signed_ref = _parse(signed)
     if signed_ref is None:
         return False
@@ -211,11 +208,11 @@ def identity_matches(rule: Mapping[str, Any] | None, ref: Reference, signed: str
     if kind == "exactRepository":
         return signed_ref.name == rule["dockerRepository"]  # type: ignore[index]
     if kind == "matchRepository":
-        return signed_ref.name == wanted.name
+        return signed_ref.name == ref.name
     if kind == "matchExact":
-        return signed_ref == wanted
+        return signed_ref == ref
     # matchRepoDigestOrExact: a pull by digest needs the same repository, by tag the same reference.
-    return signed_ref.name == wanted.name if wanted.digest else signed_ref == wanted
+    return signed_ref.name == ref.name if ref.digest else signed_ref == ref
 
 
 def _parse(text: str) -> Reference | None:
