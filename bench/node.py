@@ -38,6 +38,7 @@ import grpc
 from google.protobuf import json_format
 
 from bench.compare import Runtime, side_by_side
+from bench.stats import percentile
 from shimhub.testing.kubelet import localize, scenario_calls
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
@@ -324,11 +325,6 @@ def run(runtime: Runtime, root: Path, image: str, args: argparse.Namespace) -> d
     return figures
 
 
-def _p(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
 def report(figures: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
     ours, theirs = figures["shimhub"], figures["containerd"]
     print(f"\n{args.pods} pods x 2 containers (kubelet shape), probes every {PROBE_PERIOD:.0f} s, relist every "
@@ -341,7 +337,7 @@ def report(figures: dict[str, dict[str, Any]], args: argparse.Namespace) -> None
 
     def percentiles(name: str, a: list[float], b: list[float]) -> None:
         for label, q in (("p50", 0.5), ("p99", 0.99)):
-            row(f"{name} {label}", _p(a, q), _p(b, q), "ms")
+            row(f"{name} {label}", percentile(a, q), percentile(b, q), "ms")
 
     for phase in ("steady", "churn"):
         a, b = ours[phase], theirs[phase]
