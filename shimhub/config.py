@@ -115,6 +115,20 @@ class StreamingConfig:
 
 
 @define(frozen=True)
+class UserNamespacesConfig:
+    """Pods with hostUsers: false, each in a user namespace of its own."""
+
+    #: The first host uid/gid the kubelet's mappings may use, and how many from there
+    #: (by default every id from 65536 up, so no pod is ever mapped to the node's own users).
+    first_host_id: int = 65536
+    host_id_count: int = (1 << 32) - 2 * 65536
+    #: Where such pods' root filesystems and volumes are bound for their runtime to reach: the
+    #: directory and its parents must be searchable by others (the runtime is no one special on the
+    #: host once in the pod's user namespace), so it is not under run_dir (0750).
+    mount_dir: str = "/run/shimhub-idmapped"
+
+
+@define(frozen=True)
 class Config:
     """The effective configuration of one shimhub instance."""
 
@@ -137,6 +151,7 @@ class Config:
     #: host:port of the HTTP endpoint serving Prometheus metrics and inspect data ("" = off).
     metrics_address: str = ""
     streaming: StreamingConfig = field(factory=StreamingConfig)
+    user_namespaces: UserNamespacesConfig = field(factory=UserNamespacesConfig)
     #: Give containers that set no seccomp profile the runtime default one (the CRI says unconfined).
     seccomp_use_default_when_empty: bool = False
     #: The only directory Localhost seccomp profiles are read from (the kubelet's <root-dir>/seccomp).
@@ -333,7 +348,19 @@ def _check_settings(config: Config, bad: Complaint) -> None:
         bad(("streaming", "idle_timeout"), f"expected a number of seconds >= 0, got {config.streaming.idle_timeout}")
     if config.shutdown_grace < 0:
         bad(("shutdown_grace",), f"expected a number of seconds >= 0, got {config.shutdown_grace}")
+    _check_user_namespaces(config.user_namespaces, bad)
     _check_images(config.images, bad)
+
+
+def _check_user_namespaces(ids: UserNamespacesConfig, bad: Complaint) -> None:
+    if not ids.mount_dir.startswith("/"):
+        bad(("user_namespaces", "mount_dir"), f"expected an absolute path, got {ids.mount_dir!r}")
+    if ids.first_host_id < 1 or ids.host_id_count < 1 or ids.first_host_id + ids.host_id_count > 1 << 32:
+        bad(
+            ("user_namespaces",),
+            f"expected host ids within 1-{(1 << 32) - 1}, got first_host_id {ids.first_host_id} "
+            f"and host_id_count {ids.host_id_count}",
+        )
 
 
 def _check_images(images: ImagesConfig, bad: Complaint) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from shimhub import oci, profiles, resources, users
+from shimhub import oci, profiles, resources, userns, users
 from shimhub.background import Coalesced
 from shimhub.errors import (
     DeadlineExceeded,
@@ -214,6 +214,8 @@ class ContainerManager:
         if not config.metadata.name:
             raise InvalidArgument("container metadata.name is empty")
         check_identity(config.linux.security_context, "container")
+        pod_options = sandbox.pod_config().linux.security_context.namespace_options
+        userns.check_container(config, userns.requested(pod_options, "pod sandbox"))
         profiles.check_lsm(config.linux.security_context, config.metadata.name)
         handler = node.handlers.get(sandbox.handler)
         check_mounts(config, handler.backend.setup_readiness.features.recursive_read_only_mounts)
@@ -270,6 +272,11 @@ class ContainerManager:
             profile_root=node.config.seccomp_profile_root,
             copies=Path(node.config.run_dir, "seccomp"),
         )
+        idmapped = (
+            userns.IdmappedBinds(node.config.user_namespaces.mount_dir, record.id, sandbox.user_namespace)
+            if sandbox.user_namespace
+            else None
+        )
         with node.locks.hold(sandbox.id), node.locks.hold(record.id):
             if sandbox.state != SANDBOX_READY:
                 raise FailedPrecondition(f"pod sandbox {sandbox.id} stopped while the container was being created")
@@ -282,13 +289,15 @@ class ContainerManager:
                     node.images.provide_layers(image, record.storage_driver, driver)
                     storage = driver.require()
                     storage.call("storage_rootfs_create", container_id=record.id, layer_id=_hex(image.top_layer))
-                    record.rootfs = storage.call("storage_rootfs_mount", container_id=record.id)
+                    record.rootfs = self._mount_rootfs(storage, record.id, sandbox, idmapped)
                     crash_point("create_container:rootfs")
                 record.user = users.resolve(
                     record.rootfs, config.linux.security_context, image.user_spec() if image else ""
                 )
                 for number, volume_image in enumerate(volumes):
-                    self._mount_image_volume(record, volume_image, number, driver)
+                    self._mount_image_volume(record, volume_image, number, driver, sandbox=sandbox, idmapped=idmapped)
+                if idmapped is not None:
+                    idmapped.map_volumes(plugin_config)
                 _image_mounts_to_binds(plugin_config, record.image_volumes)
                 node.store.save_container(record)
                 plugin.call(
@@ -324,6 +333,7 @@ class ContainerManager:
         except Exception:
             log.exception("cleanup of failed container %s: runtime removal failed", record.id[:12])
         try:
+            userns.IdmappedBinds.release(self.node.config.user_namespaces.mount_dir, record.id)
             self._remove_rootfs(record)
         except Exception:
             log.exception("cleanup of failed container %s: root filesystem removal failed", record.id[:12])
@@ -357,7 +367,36 @@ class ContainerManager:
             found.append(volume_image)
         return found
 
-    def _mount_image_volume(self, record: ContainerRecord, image: ImageRecord, number: int, driver: Backend) -> None:
+    @staticmethod
+    def _mount_rootfs(
+        storage: LoadedPlugin, storage_id: str, sandbox: SandboxRecord, idmapped: userns.IdmappedBinds | None
+    ) -> str:
+        """Mount a root filesystem of the storage driver; ID-mapped for a pod in its own user namespace."""
+        if idmapped is None:
+            return str(storage.call("storage_rootfs_mount", container_id=storage_id))
+        if storage.implements("storage_rootfs_mount_idmapped"):
+            mappings = userns.requested(sandbox.pod_config().linux.security_context.namespace_options, "pod")
+            assert mappings is not None
+            mounted = storage.call(
+                "storage_rootfs_mount_idmapped",
+                container_id=storage_id,
+                user_namespace=idmapped.user_namespace,
+                root=mappings.root,
+            )
+            return idmapped.bind(mounted, f"rootfs-{storage_id}", mapped=False)  # where the runtime reaches it
+        mounted = storage.call("storage_rootfs_mount", container_id=storage_id)
+        return idmapped.bind(mounted, f"rootfs-{storage_id}")
+
+    def _mount_image_volume(
+        self,
+        record: ContainerRecord,
+        image: ImageRecord,
+        number: int,
+        driver: Backend,
+        *,
+        sandbox: SandboxRecord,
+        idmapped: userns.IdmappedBinds | None,
+    ) -> None:
         """Give the container a filesystem of `image`'s layers, to be bind-mounted read-only."""
         storage = driver.require()
         self.node.images.provide_layers(image, record.storage_driver, driver)
@@ -365,7 +404,7 @@ class ContainerManager:
         record.image_volumes.append(volume)
         self.node.store.save_container(record)  # a crash from here on rolls the volume back too
         storage.call("storage_rootfs_create", container_id=volume.storage_id, layer_id=_hex(image.top_layer))
-        volume.path = storage.call("storage_rootfs_mount", container_id=volume.storage_id)
+        volume.path = self._mount_rootfs(storage, volume.storage_id, sandbox, idmapped)
 
     def start(self, container_id: str) -> None:
         """Start a created container."""
@@ -439,6 +478,7 @@ class ContainerManager:
                 return  # another caller finished it
             plugin = self.node.handlers.get(sandbox.handler).installed()
             plugin.call("runtime_container_remove", sandbox=sandbox, container=record)
+            userns.IdmappedBinds.release(self.node.config.user_namespaces.mount_dir, record.id)
             self._remove_rootfs(record)
             self.node.store.delete_container(record.id)
         self.node.locks.forget(record.id)

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 PROJECT = "shimhub"
 #: The version of this contract. A new optional hook raises the minor; a
 #: changed or removed hook raises the major.
-API_VERSION = "1.4"
+API_VERSION = "1.5"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -256,6 +256,18 @@ class StorageSpec:
     @hookspec(firstresult=True)
     def storage_rootfs_mount(self, container_id: str) -> str:
         """Mount the container's root filesystem; return the mount point. Required."""
+
+    @hookspec(firstresult=True)
+    def storage_rootfs_mount_idmapped(self, container_id: str, user_namespace: str, root: tuple[int, int]) -> str:
+        """Mount the container's root filesystem ID-mapped into a pod's user namespace; return the mount point.
+
+        `user_namespace` is the pinned namespace file; `root` the host uid and gid of its root. A file of
+        the image owned by k must appear owned by the namespace's mapping of k, and files the container
+        creates must be stored with their host ids (so owned by the pod's range on the host). Optional,
+        since 1.5: without it shimhub binds what `storage_rootfs_mount` returns ID-mapped itself, which
+        works where that filesystem takes ID-mapped mounts (btrfs, ext4, xfs, tmpfs) and not on an
+        overlay or union mount (overlayfs takes ID-mapped layers instead).
+        """
 
     @hookspec(firstresult=True)
     def storage_rootfs_unmount(self, container_id: str) -> None:

@@ -63,6 +63,33 @@ def pin_new(pins: dict[str, Path], hostname: str = "") -> None:
         own = f"/proc/self/task/{threading.get_native_id()}/ns"
         for kind, path in pins.items():
             path.touch()
-            check(libc.mount(f"{own}/{kind}".encode(), str(path).encode(), None, MS_BIND, None), f"pin {kind} {path}")
+            bind(f"{own}/{kind}", str(path))
 
     on_own_thread(unshare_and_pin, "pin-namespaces")
+
+
+def is_pinned(path: str) -> bool:
+    """Whether a namespace is pinned at `path` (an nsfs bind mount)."""
+    try:
+        return os.stat(path).st_dev == os.stat("/proc/self/ns/net").st_dev  # every namespace file is on nsfs
+    except OSError:
+        return False
+
+
+def bind(namespace: str, path: str) -> None:
+    """Pin the namespace file `namespace` (a /proc/<pid>/ns/<kind>) onto the existing file `path`."""
+    check(libc.mount(namespace.encode(), path.encode(), None, MS_BIND, None), f"pin {namespace} {path}")
+
+
+def set_hostname(uts: str, hostname: str) -> None:
+    """Set the hostname of the UTS namespace pinned at `uts` (from a thread that joins it and ends)."""
+
+    def join_and_set() -> None:
+        descriptor = os.open(uts, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            check(libc.setns(descriptor, CLONE_NEWUTS), f"setns {uts}")
+        finally:
+            os.close(descriptor)
+        socket.sethostname(hostname)
+
+    on_own_thread(join_and_set, "set-hostname")

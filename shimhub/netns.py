@@ -45,8 +45,13 @@ def pod_path(sandbox_id: str) -> str:
 
 
 def create(name: str) -> str:
-    """Create network namespace `name` with its loopback up; return its path."""
-    ip("netns", "add", name)
+    """Create network namespace `name` with its loopback up; return its path.
+
+    A namespace already pinned there is adopted: shimhub makes the namespace of a pod in
+    its own user namespace itself, so that the pod's user namespace owns it.
+    """
+    if not namespaces.is_pinned(str(NETNS_DIR / name)):
+        ip("netns", "add", name)
     try:
         ip("-n", name, "link", "set", "lo", "up")
     except PluginFailed:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shimhub import resources
+from shimhub import netns, resources, userns
 from shimhub.errors import FailedPrecondition, InvalidArgument
 from shimhub.faults import crash_point
 from shimhub.hooktypes import PodNetwork
@@ -62,6 +63,16 @@ class PodManager:
         check_identity(config.linux.security_context, "pod sandbox")
         handler = self.node.handlers.select(runtime_handler, config.annotations)
         handler.require()
+        ids = self.node.config.user_namespaces
+        if userns.check_pod(config, (ids.first_host_id, ids.host_id_count)) is not None:
+            features = handler.backend.setup_readiness.features
+            missing = userns.node_support() or ("" if features.user_namespaces else "its runtime does not support them")
+            if not missing:
+                userns.check_reachable(self.node.config.user_namespaces.mount_dir)
+            if missing:
+                raise FailedPrecondition(
+                    f"runtime handler {handler.name!r} cannot run pods in user namespaces (hostUsers: false): {missing}"
+                )
 
         def create() -> str:
             return self._create(config, handler.name, digest)
@@ -96,6 +107,13 @@ class PodManager:
             node.store.save_sandbox(record)
             crash_point("run_pod:saved")
             try:
+                mappings = userns.requested(config.linux.security_context.namespace_options, "pod sandbox")
+                if mappings is not None:
+                    record.user_namespace = str(Path(node.config.run_dir, "userns", record.id))
+                    node.store.save_sandbox(record)
+                    userns.create(
+                        Path(record.user_namespace), mappings, netns.pod_path(record.id), plugin_config.hostname
+                    )
                 if not record.host_network:
                     backend = node.network.require()
                     record.network_released = False  # from here on, a rollback tears the network down
@@ -132,6 +150,7 @@ class PodManager:
             self._release_network(record)
         except Exception:
             log.exception("cleanup of failed sandbox %s: network teardown failed", record.id[:12])
+        self._release_user_namespace(record)
         self.node.store.delete_sandbox(record.id)
 
     def _release_network(self, record: SandboxRecord) -> None:
@@ -140,6 +159,13 @@ class PodManager:
         self.node.network.installed().call("network_pod_teardown", sandbox=record, network=record.network)
         record.network_released = True
         record.network = PodNetwork(netns_path=record.network.netns_path, data=record.network.data)
+
+    @staticmethod
+    def _release_user_namespace(record: SandboxRecord) -> None:
+        """Unpin the pod's own namespaces, and its network namespace if no backend adopted it."""
+        if record.user_namespace:
+            userns.release(record.user_namespace)
+            netns.delete(netns.pod_path(record.id))
 
     def stop(self, sandbox_id: str) -> None:
         """Stop every container of the sandbox, the sandbox, and release its network. Idempotent."""
@@ -177,6 +203,7 @@ class PodManager:
             crash_point("remove_pod:runtime")
             self._release_network(record)
             crash_point("remove_pod:network")
+            self._release_user_namespace(record)
             self.node.store.delete_sandbox(record.id)
             self.node.pod_names.release(record.name, record.id)
         self.node.locks.forget(record.id)

@@ -51,6 +51,9 @@ class SandboxRecord:
     #: The change under way when the record was saved: PENDING_CREATE, PENDING_REMOVE or "".
     #: After a crash, shimhub rolls back an unfinished creation and finishes a removal.
     pending: str = ""
+    #: The directory where the pod's own user, IPC and UTS namespaces are pinned ("": the node's user
+    #: namespace). Runtimes join them; the network namespace is the backend's, owned by that user namespace.
+    user_namespace: str = ""
 
     #: `config` parsed, kept for the list and status calls (not persisted).
     _parsed: cri.PodSandboxConfig | None = field(default=None, init=False, eq=False, repr=False)

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from shimhub import containers
+from shimhub.config import Config, UserNamespacesConfig
 from shimhub.containers import ContainerManager
 from shimhub.errors import DeadlineExceeded, NotFound
 from shimhub.hooktypes import ContainerState, ContainerStatus
@@ -68,6 +69,7 @@ class FakeNode:
 
     def __init__(self, root: Path, runtime: FakeRuntime) -> None:
         self.store = StateStore(root)
+        self.config = Config(user_namespaces=UserNamespacesConfig(mount_dir=str(root / "idmapped")))
         backend = type("Backend", (), {"plugin": runtime})()
         handler = type("Handler", (), {"backend": backend})()
         handler.installed = lambda: runtime

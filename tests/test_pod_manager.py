@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from shimhub.config import Config
 from shimhub.containers import ContainerManager
 from shimhub.errors import InvalidArgument, PluginFailed
 from shimhub.hooktypes import PodNetwork
@@ -79,7 +80,7 @@ class FakeNode:
         self.locks = KeyedLocks()
         self.pod_names = NameRegistry("pod sandbox")
         self.container_names = NameRegistry("container")
-        self.config = type("Config", (), {"cgroup_driver": "cgroupfs"})()
+        self.config = Config()
 
     def emit(self, event: str, sandbox: Any, container: Any = None) -> None:
         self.events.append(event)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shimhub import userns
 from shimhub.errors import FailedPrecondition
 from shimhub.mounts import run, unmount
 from shimhub.namespaces import pin_new
@@ -54,12 +55,21 @@ def hosts_file(hostname: str, ips: list[str]) -> str:
 
 
 def create(
-    directory: Path, config: cri.PodSandboxConfig, netns: str, ips: list[str], pause: str, *, infra: bool = True
+    directory: Path,
+    config: cri.PodSandboxConfig,
+    netns: str,
+    ips: list[str],
+    pause: str,
+    *,
+    infra: bool = True,
+    user_namespace: str = "",
 ) -> dict[str, Any]:
     """Set the pod up in `directory`; return what later containers and teardown need (JSON-serialisable).
 
     Without `infra`, a pod sharing one PID namespace gets no infra process here:
-    the caller runs one and sets ``namespaces["pid"]`` itself.
+    the caller runs one and sets ``namespaces["pid"]`` itself. `user_namespace` is the
+    sandbox's (`SandboxRecord.user_namespace`): the directory where the core pinned the
+    pod's user namespace and the IPC and UTS namespaces it owns; the pod uses those.
     """
     options = config.linux.security_context.namespace_options
     directory.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -76,9 +86,12 @@ def create(
         for kind, shared in (("ipc", options.ipc), ("uts", options.network))
         if shared != cri.NODE
     }
+    if user_namespace:
+        data["user_namespace"] = user_namespace
+        pins = {kind: Path(user_namespace, kind) for kind in pins}  # pinned by the core, hostname set
     for kind in ("ipc", "uts"):
         namespaces[kind] = str(pins[kind]) if kind in pins else ""
-    if pins:
+    if pins and not user_namespace:
         pin_new(pins, hostname)
     if options.ipc != cri.NODE:
         shm = directory / "shm"
@@ -88,16 +101,18 @@ def create(
     if options.pid == cri.NODE:
         namespaces["pid"] = ""
     elif options.pid == cri.POD and infra:
-        data["infra_pid"] = _start_infra(directory, pause)
+        data["infra_pid"] = _start_infra(directory, pause, user_namespace)
         namespaces["pid"] = f"/proc/{data['infra_pid']}/ns/pid"
     return data
 
 
-def _start_infra(directory: Path, pause: str) -> int:
+def _start_infra(directory: Path, pause: str, user_namespace: str) -> int:
     if shutil.which(pause) is None:
         raise FailedPrecondition(f"a pod sharing its PID namespace needs {pause} (Debian package catatonit)")
+    # In a pod's own user namespace, the PID namespace must be that namespace's, or its containers cannot mount /proc
+    enter = ["nsenter", f"--user={userns.user_file(user_namespace)}", "--"] if user_namespace else []
     launcher = subprocess.Popen(
-        ["unshare", "--pid", "--fork", "--kill-child", pause, "-P"],
+        [*enter, "unshare", "--pid", "--fork", "--kill-child", pause, "-P"],
         start_new_session=True,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -118,6 +133,7 @@ def _start_infra(directory: Path, pause: str) -> int:
 def context(data: dict[str, Any], config: cri.PodSandboxConfig) -> PodContext:
     """What containers of the pod take from it."""
     directory = Path(data["dir"])
+    mappings = userns.requested(config.linux.security_context.namespace_options, "pod sandbox")
     return PodContext(
         namespaces=dict(data["namespaces"]),
         hostname=data["hostname"],
@@ -127,6 +143,8 @@ def context(data: dict[str, Any], config: cri.PodSandboxConfig) -> PodContext:
         shm=data.get("shm", ""),
         cgroup_parent=config.linux.cgroup_parent,
         sysctls=dict(config.linux.sysctls),
+        user_namespace=userns.user_file(data["user_namespace"]) if data.get("user_namespace") else "",
+        id_mappings=mappings.oci() if mappings is not None else {},
     )
 
 

@@ -111,6 +111,9 @@ class PodContext:
     shm: str = ""
     cgroup_parent: str = ""
     sysctls: dict[str, str] = field(factory=dict)
+    #: The pod's pinned user namespace ("": the node's) and its OCI uidMappings/gidMappings.
+    user_namespace: str = ""
+    id_mappings: dict[str, list[dict[str, int]]] = field(factory=dict)
 
 
 def command(config: cri.ContainerConfig, image: Mapping[str, Any]) -> list[str]:
@@ -330,6 +333,8 @@ def build(
     linux_resources = resources(config.linux.resources)
     linux_resources["devices"] = [{"allow": True, "access": "rwm"}] if privileged else device_rules
     namespaces = [{"type": "mount"}]
+    if pod.user_namespace:
+        namespaces.append({"type": "user", "path": pod.user_namespace})
     for kind in ("network", "ipc", "uts", "pid"):
         if kind not in pod.namespaces:
             namespaces.append({"type": kind})
@@ -356,6 +361,7 @@ def build(
         "cgroupsPath": cgroup_path,
         "devices": devices,
         "sysctl": dict(pod.sysctls),
+        **(pod.id_mappings if pod.user_namespace else {}),
     }
     if not privileged:
         linux["maskedPaths"] = list(security.masked_paths) or MASKED_PATHS

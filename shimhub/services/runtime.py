@@ -13,7 +13,7 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from shimhub import __version__, metrics
+from shimhub import __version__, metrics, userns
 from shimhub.config import converter
 from shimhub.errors import NotFound, ResourceExhausted
 from shimhub.events import EventBus
@@ -322,7 +322,7 @@ class RuntimeService:
                 continue
             features = cri.RuntimeHandlerFeatures(
                 recursive_read_only_mounts=readiness.features.recursive_read_only_mounts,
-                user_namespaces=readiness.features.user_namespaces,
+                user_namespaces=readiness.features.user_namespaces and not userns.node_support(),
             )
             handlers.append(cri.RuntimeHandler(name=name, features=features))
             if handler is default:

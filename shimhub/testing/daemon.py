@@ -60,6 +60,7 @@ class Daemon:
             f'run_dir = "{self.root / "run"}"\n'
             f'log_level = "{self.log_level}"\n'
             f'[storage]\nroot = "{self.root / "storage"}"\n'
+            f'[user_namespaces]\nmount_dir = "{self.root / "idmapped"}"\n'
         )
 
     def command(self, *args: str) -> subprocess.CompletedProcess[str]:

@@ -99,7 +99,7 @@ def _unsupported_cgroups(binary: str) -> str:
 class RuncRuntime:
     """Runs pods and containers with an OCI runtime binary under conmon."""
 
-    shimhub_api = "1.4"
+    shimhub_api = "1.5"
 
     def __init__(self) -> None:
         self.options: dict[str, Any] = dict(OPTIONS)
@@ -159,11 +159,16 @@ class RuncRuntime:
     def _features(self) -> HandlerFeatures:
         try:
             done = subprocess.run([self.binary, "features"], capture_output=True, text=True, timeout=10, check=False)
-            mount_options = json.loads(done.stdout).get("mountOptions", []) if done.returncode == 0 else []
+            described = json.loads(done.stdout) if done.returncode == 0 else {}
         except (OSError, ValueError, subprocess.TimeoutExpired):
-            mount_options = []
+            described = {}
+        mount_options = described.get("mountOptions", [])
         kernel = tuple(int(part) for part in os.uname().release.split(".")[:2] if part.isdigit())
-        return HandlerFeatures(recursive_read_only_mounts="rro" in mount_options and kernel >= (5, 12))
+        return HandlerFeatures(
+            recursive_read_only_mounts="rro" in mount_options and kernel >= (5, 12),
+            # joins the pod's user namespace by path, with its mappings (the core makes the ID-mapped mounts)
+            user_namespaces="user" in (described.get("linux") or {}).get("namespaces", []),
+        )
 
     def _run(self, *args: str, runtime_args: list[str] | None = None, stdin: bytes | None = None) -> str:
         argv = [*self._runtime_argv(), *(runtime_args or []), *args]
@@ -183,7 +188,12 @@ class RuncRuntime:
         directory = self.pods / sandbox.id
         try:
             sandbox.runtime_data["pod"] = oci.pod.create(
-                directory, config, network.netns_path, network.ips, self.options["pause"]
+                directory,
+                config,
+                network.netns_path,
+                network.ips,
+                self.options["pause"],
+                user_namespace=sandbox.user_namespace,
             )
         except BaseException:
             oci.pod.remove({"dir": str(directory)})

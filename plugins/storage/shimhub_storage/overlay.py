@@ -30,6 +30,8 @@ from shimhub_storage.driver import UnionDriverBase
 
 #: The kernel copies mount options into one page.
 MOUNT_OPTIONS_LIMIT = 4096
+#: The ID-mapped bind of the driver root that a container in a user namespace takes its layers from.
+IDMAPPED_LAYERS = "layers-idmapped"
 #: Filesystems that cannot hold an overlay upper directory.
 UNSUITABLE_BACKING = {"overlayfs", "aufs"}
 
@@ -134,3 +136,26 @@ class OverlayDriver(UnionDriverBase):
         if not os.path.ismount(merged):
             _mount(self.mount_options(container_id), merged, cwd=self.root)  # lower dirs are relative to the root
         return str(merged)
+
+    @hookimpl
+    def storage_rootfs_mount_idmapped(self, container_id: str, user_namespace: str, root: tuple[int, int]) -> str:
+        """The overlay over ID-mapped layers: the driver root bound ID-mapped once for the container, the
+        lower dirs named through it; the upper dir stays as it is, owned by the namespace's root, so what
+        the container writes is stored with its host ids."""
+        directory = self.container_dir(container_id)
+        merged = directory / "merged"
+        if os.path.ismount(merged):
+            return str(merged)
+        layers = directory / IDMAPPED_LAYERS
+        layers.mkdir(exist_ok=True, mode=0o700)
+        if not mounts.is_mounted(str(layers)):
+            mounts.idmapped_bind(str(self.root), str(layers), user_namespace)
+        os.chown(directory / "upper", *root)
+        _mount(self.mount_options(container_id), merged, cwd=layers)
+        return str(merged)
+
+    @hookimpl
+    def storage_rootfs_unmount(self, container_id: str) -> None:
+        directory = self.container_dir(container_id)
+        mounts.unmount(str(directory / self.mount_dir))
+        mounts.unmount(str(directory / IDMAPPED_LAYERS))
