@@ -6,13 +6,16 @@ on 127.0.0.1), ExecSync, ContainerStats, PodSandboxStats, then StopContainer +
 RemoveContainer (also timed alone) + StopPodSandbox + RemovePodSandbox.
 Run as root from a checkout:
 python3 -m bench.lifecycle [--runs 50] [--handler runc|crun|runsc|shim] [--network cni|host]
-                          [--cgroup-driver cgroupfs|systemd]
+                          [--cgroup-driver cgroupfs|systemd] [--userns]
+With --userns every run is done twice, alternately, by a pod in the node's user
+namespace and by one in its own (hostUsers: false, 65536 ids), and the ratios printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import tempfile
 import time
@@ -78,9 +81,11 @@ def main() -> None:
         help="cni: a bridge network on a subnet of the script's own (default); host: loopback only",
     )
     parser.add_argument("--cgroup-driver", choices=("cgroupfs", "systemd"), default="cgroupfs")
+    parser.add_argument("--userns", action="store_true", help="also pods in user namespaces, and the ratios")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="shimhub-bench-") as tmp:
         root = Path(tmp)
+        root.chmod(0o711)  # reachable by runtimes in pods' user namespaces (--userns)
         tables = (
             f'cgroup_driver = "{args.cgroup_driver}"\n'
             '[runtimes.crun]\nplugin = "runc"\n[runtimes.crun.options]\nbinary = "crun"\n'
@@ -99,42 +104,78 @@ def main() -> None:
             f"{args.runs} runs, milliseconds"
         )
         for name, values in samples.items():
-            print(f"{name:<32} {summary(values)}")
+            print(f"{name:<40} {summary(values)}")
+        for name in [name for name in samples if f"{USERNS}{name}" in samples]:
+            ratio = statistics.median(samples[f"{USERNS}{name}"]) / statistics.median(samples[name])
+            print(f"{name:<40} user namespace / node's, medians: {ratio:.2f}")
+
+
+USERNS = "userns: "
 
 
 def measure(rt: api_pb2_grpc.RuntimeServiceStub, root: Path, args: argparse.Namespace) -> dict[str, list[float]]:
-    """The lifecycle of --runs pods, each step timed."""
+    """The lifecycle of --runs pods (twice as many with --userns), each step timed."""
     samples: dict[str, list[float]] = {}
     for run in range(args.runs):
-        pod = pod_config(
-            name=f"bench-{run}", uid=f"uid-{run}", hostname="bench", log_directory=str(root / "logs" / str(run))
-        )
-        config = cri.ContainerConfig(
-            metadata=cri.ContainerMetadata(name="c"),
-            command=["sleep", "3600"],
-            image=cri.ImageSpec(image=IMAGE),
-            log_path="c.log",
-        )
-        with timed(samples, "pod start (RunPodSandbox)"):
-            request = cri.RunPodSandboxRequest(config=pod, runtime_handler=args.handler)
-            pod_id = rt.RunPodSandbox(request).pod_sandbox_id
-        with timed(samples, "container create+start"):
-            create = cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
-            container_id = rt.CreateContainer(create).container_id
-            rt.StartContainer(cri.StartContainerRequest(container_id=container_id))
-        with timed(samples, "ExecSync (true)"):
-            rt.ExecSync(cri.ExecSyncRequest(container_id=container_id, cmd=["true"], timeout=10))
-        with timed(samples, "ContainerStats"):
-            rt.ContainerStats(cri.ContainerStatsRequest(container_id=container_id))
-        with timed(samples, "PodSandboxStats (with network)"):
-            rt.PodSandboxStats(cri.PodSandboxStatsRequest(pod_sandbox_id=pod_id))
-        with timed(samples, "stop+remove container and pod"):
-            rt.StopContainer(cri.StopContainerRequest(container_id=container_id, timeout=0))
-            with timed(samples, "RemoveContainer (stopped)"):
-                rt.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id))
-            rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
-            rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+        lifecycle(rt, root, args, samples, run=run, kind="")
+        if args.userns:
+            lifecycle(rt, root, args, samples, run=run, kind=USERNS)
     return samples
+
+
+def lifecycle(
+    rt: api_pb2_grpc.RuntimeServiceStub,
+    root: Path,
+    args: argparse.Namespace,
+    all_samples: dict[str, list[float]],
+    *,
+    run: int,
+    kind: str,
+) -> None:
+    """One pod's lifecycle, its steps timed under names starting with `kind`."""
+    samples: dict[str, list[float]] = {}
+    namespaces = cri.NamespaceOption(pid=cri.CONTAINER)
+    if kind == USERNS:
+        mapping = [cri.IDMapping(host_id=65536 * (1 + run % 64), container_id=0, length=65536)]
+        namespaces.userns_options.CopyFrom(cri.UserNamespace(mode=cri.POD, uids=mapping, gids=mapping))
+    linux = cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(namespace_options=namespaces))
+    pod = pod_config(
+        name=f"bench-{run}{kind[:6]}",
+        uid=f"uid-{run}{kind[:6]}",
+        hostname="bench",
+        log_directory=str(root / "logs" / f"{run}{kind[:6]}"),
+        linux=linux,
+    )
+    config = cri.ContainerConfig(
+        metadata=cri.ContainerMetadata(name="c"),
+        command=["sleep", "3600"],
+        image=cri.ImageSpec(image=IMAGE),
+        log_path="c.log",
+        linux=cri.LinuxContainerConfig(
+            security_context=cri.LinuxContainerSecurityContext(namespace_options=namespaces)
+        ),
+    )
+    with timed(samples, "pod start (RunPodSandbox)"):
+        request = cri.RunPodSandboxRequest(config=pod, runtime_handler=args.handler)
+        pod_id = rt.RunPodSandbox(request).pod_sandbox_id
+    with timed(samples, "container create+start"):
+        create = cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
+        container_id = rt.CreateContainer(create).container_id
+        rt.StartContainer(cri.StartContainerRequest(container_id=container_id))
+    with timed(samples, "ExecSync (true)"):
+        rt.ExecSync(cri.ExecSyncRequest(container_id=container_id, cmd=["true"], timeout=10))
+    with timed(samples, "ContainerStats"):
+        rt.ContainerStats(cri.ContainerStatsRequest(container_id=container_id))
+    with timed(samples, "PodSandboxStats (with network)"):
+        rt.PodSandboxStats(cri.PodSandboxStatsRequest(pod_sandbox_id=pod_id))
+    with timed(samples, "stop+remove container and pod"):
+        rt.StopContainer(cri.StopContainerRequest(container_id=container_id, timeout=0))
+        with timed(samples, "RemoveContainer (stopped)"):
+            rt.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id))
+        rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+        rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    for name, values in samples.items():
+        all_samples.setdefault(f"{kind}{name}", []).extend(values)
 
 
 if __name__ == "__main__":

@@ -118,10 +118,11 @@ class StreamingConfig:
 class UserNamespacesConfig:
     """Pods with hostUsers: false, each in a user namespace of its own."""
 
-    #: The first host uid/gid the kubelet's mappings may use, and how many from there
-    #: (by default every id from 65536 up, so no pod is ever mapped to the node's own users).
-    first_host_id: int = 65536
-    host_id_count: int = (1 << 32) - 2 * 65536
+    #: The first host uid/gid the kubelet's mappings may use, and how many from there. By default
+    #: any id but root's (the kubelet picks the ranges, as containerd and CRI-O let it); narrow it
+    #: to the kubelet's range (from 65536 by default) to keep pods off the node's own users.
+    first_host_id: int = 1
+    host_id_count: int = (1 << 32) - 2
     #: Where such pods' root filesystems and volumes are bound for their runtime to reach: the
     #: directory and its parents must be searchable by others (the runtime is no one special on the
     #: host once in the pod's user namespace), so it is not under run_dir (0750).

@@ -33,8 +33,8 @@ from shimhub_proto.cri.v1 import api_pb2 as cri
 log = logging.getLogger(__name__)
 #: Namespaces pinned in the pod's directory (its network namespace goes where the network backend looks).
 PINNED = ("user", "ipc", "uts")
-#: Host ids a pod may be given unless the config says otherwise: none of the node's own system users.
-DEFAULT_HOST_IDS = (65536, (1 << 32) - 65536)
+#: The host id the probe of ID-mapped mounts maps root to.
+PROBE_HOST_ID = 65536
 SPAWN_TIMEOUT = 10.0
 
 
@@ -263,7 +263,7 @@ def node_support() -> str:
         return "the kernel has no user namespaces"
     if shutil.which("unshare") is None:
         return "unshare (util-linux) is not installed"
-    probe = Mappings((IdMapping(0, DEFAULT_HOST_IDS[0], 1),), (IdMapping(0, DEFAULT_HOST_IDS[0], 1),))
+    probe = Mappings((IdMapping(0, PROBE_HOST_ID, 1),), (IdMapping(0, PROBE_HOST_ID, 1),))
     with tempfile.TemporaryDirectory(prefix="shimhub-userns-") as scratch:
         base = Path(scratch)
         (base / "source").mkdir()
@@ -282,7 +282,7 @@ def node_support() -> str:
                 mounts.unmount(str(base / "source"))
         except (OSError, PluginFailed, FailedPrecondition) as exc:
             return f"ID-mapped mounts do not work here: {exc}"
-    if owner != DEFAULT_HOST_IDS[0]:
+    if owner != PROBE_HOST_ID:
         return "an ID-mapped mount did not map its owner"
     return ""
 

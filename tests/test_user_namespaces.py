@@ -62,17 +62,17 @@ def reachable(tmp_path: Path) -> None:
             directory.chmod(directory.stat().st_mode | 0o001)
 
 
-def _userns(base: int) -> dict[str, Any]:
-    mapping = [{"host_id": base, "container_id": 0, "length": 65536}]
+def _userns(base: int, length: int = 65536) -> dict[str, Any]:
+    mapping = [{"host_id": base, "container_id": 0, "length": length}]
     return {"mode": "POD", "uids": mapping, "gids": mapping}
 
 
-def with_userns(call: dict[str, Any], base: int) -> dict[str, Any]:
+def with_userns(call: dict[str, Any], base: int, length: int = 65536) -> dict[str, Any]:
     """A recorded call as the kubelet sends it for a pod with hostUsers: false."""
     moved = copy.deepcopy(call)
     config = moved["request"]["config"]
     security = config.setdefault("linux", {}).setdefault("security_context", {})
-    security.setdefault("namespace_options", {})["userns_options"] = _userns(base)
+    security.setdefault("namespace_options", {})["userns_options"] = _userns(base, length)
     return moved
 
 
@@ -141,11 +141,11 @@ def test_the_kubelets_pod_runs_with_root_mapped_and_files_owned_by_the_range(kub
     assert not list((kubelet.daemon.root / "run" / "userns").iterdir())
 
 
-def test_a_pod_sharing_its_pid_namespace(kubelet: Kubelet) -> None:
+def test_a_pod_sharing_its_pid_namespace_with_the_validation_suites_mapping(kubelet: Kubelet) -> None:
     calls = recorded("d")
-    sandbox_id = kubelet.run_pod(with_userns(calls[0], SECOND))
-    container = kubelet.create(with_userns(calls[1], SECOND), sandbox_id)
-    assert kubelet.exec(container, "cat", "/proc/self/uid_map").split() == ["0", str(SECOND), "65536"]
+    sandbox_id = kubelet.run_pod(with_userns(calls[0], 1000, 100000))  # the upstream suite's: 0 1000 100000
+    container = kubelet.create(with_userns(calls[1], 1000, 100000), sandbox_id)
+    assert kubelet.exec(container, "cat", "/proc/self/uid_map").split() == ["0", "1000", "100000"]
     processes = kubelet.exec(container, "ps", "-o", "comm")
     assert "catatonit" in processes, processes
     kubelet.teardown()
