@@ -130,6 +130,18 @@ class UserNamespacesConfig:
 
 
 @define(frozen=True)
+class CheckpointsConfig:
+    """CheckpointContainer and restores from its archives."""
+
+    #: The container goes on running after its checkpoint (CRI-O's default); false stops it.
+    leave_running: bool = True
+    #: Seconds a checkpoint may take when the request gives no timeout.
+    default_timeout: float = 300.0
+    #: Most bytes an archive to restore from may unpack to (0: no limit).
+    max_archive_bytes: int = 16 << 30
+
+
+@define(frozen=True)
 class Config:
     """The effective configuration of one shimhub instance."""
 
@@ -153,6 +165,7 @@ class Config:
     metrics_address: str = ""
     streaming: StreamingConfig = field(factory=StreamingConfig)
     user_namespaces: UserNamespacesConfig = field(factory=UserNamespacesConfig)
+    checkpoints: CheckpointsConfig = field(factory=CheckpointsConfig)
     #: Give containers that set no seccomp profile the runtime default one (the CRI says unconfined).
     seccomp_use_default_when_empty: bool = False
     #: The only directory Localhost seccomp profiles are read from (the kubelet's <root-dir>/seccomp).
@@ -350,6 +363,8 @@ def _check_settings(config: Config, bad: Complaint) -> None:
     if config.shutdown_grace < 0:
         bad(("shutdown_grace",), f"expected a number of seconds >= 0, got {config.shutdown_grace}")
     _check_user_namespaces(config.user_namespaces, bad)
+    if config.checkpoints.default_timeout <= 0 or config.checkpoints.max_archive_bytes < 0:
+        bad(("checkpoints",), "expected default_timeout > 0 and max_archive_bytes >= 0")
     _check_images(config.images, bad)
 
 

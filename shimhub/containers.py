@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import stat
 import threading
 import time
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from shimhub import oci, profiles, resources, userns, users
+from shimhub import checkpoints, oci, profiles, resources, userns, users
 from shimhub.background import Coalesced
 from shimhub.errors import (
     DeadlineExceeded,
@@ -35,6 +36,7 @@ from shimhub.records import (
     proto_to_dict,
 )
 from shimhub.streaming.requests import CommandRequest
+from shimhub.unpack import APPLY, unpack
 from shimhub.validation import check_identity, check_mounts
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
@@ -213,6 +215,12 @@ class ContainerManager:
             raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
         if not config.metadata.name:
             raise InvalidArgument("container metadata.name is empty")
+        archive = ""
+        if checkpoints.is_reference(config.image.image):
+            archive = config.image.image
+            if not node.handlers.get(sandbox.handler).installed().implements("runtime_container_restore"):
+                raise FailedPrecondition(f"runtime handler {sandbox.handler!r} cannot restore checkpointed containers")
+            config = checkpoints.restored_config(config, checkpoints.read_config(archive))
         check_identity(config.linux.security_context, "container")
         pod_options = sandbox.pod_config().linux.security_context.namespace_options
         userns.check_container(config, userns.requested(pod_options, "pod sandbox"))
@@ -224,7 +232,7 @@ class ContainerManager:
         name = container_name(config.metadata, pod_config.metadata)
 
         def create() -> str:
-            return self._create(sandbox, config, name, log_path, digest)
+            return self._create(sandbox, config, name, log_path, digest, archive=archive)
 
         def reusable(container_id: str) -> bool:
             found = self.node.store.container(container_id, missing_ok=True)
@@ -233,8 +241,16 @@ class ContainerManager:
         return node.container_names.create(name, digest, create, reusable, wait)
 
     def _create(
-        self, sandbox: SandboxRecord, config: cri.ContainerConfig, name: str, log_path: str, digest: str
+        self,
+        sandbox: SandboxRecord,
+        config: cri.ContainerConfig,
+        name: str,
+        log_path: str,
+        digest: str,
+        *,
+        archive: str,
     ) -> str:
+        """Create a container; from the checkpoint archive at `archive` when not ""."""
         node = self.node
         handler = node.handlers.get(sandbox.handler)
         plugin = handler.require()
@@ -300,14 +316,16 @@ class ContainerManager:
                     idmapped.map_volumes(plugin_config)
                 _image_mounts_to_binds(plugin_config, record.image_volumes)
                 node.store.save_container(record)
-                plugin.call(
-                    "runtime_container_create",
-                    sandbox=sandbox,
-                    container=record,
-                    config=plugin_config,
-                    rootfs=record.rootfs,
-                    image=image.config if image else {},
-                )
+                arguments = {
+                    "sandbox": sandbox,
+                    "container": record,
+                    "config": plugin_config,
+                    "rootfs": record.rootfs,
+                    "image": image.config if image else {},
+                }
+                if archive:
+                    arguments["checkpoint"] = self._unpack_checkpoint(plugin, record, archive)
+                plugin.call("runtime_container_restore" if archive else "runtime_container_create", **arguments)
                 crash_point("create_container:runtime")
                 record.pending = ""
                 node.store.save_container(record)
@@ -334,6 +352,7 @@ class ContainerManager:
             log.exception("cleanup of failed container %s: runtime removal failed", record.id[:12])
         try:
             userns.IdmappedBinds.release(self.node.config.user_namespaces.mount_dir, record.id)
+            checkpoints.discard(self.node.config.state_dir, record.id)
             self._remove_rootfs(record)
         except Exception:
             log.exception("cleanup of failed container %s: root filesystem removal failed", record.id[:12])
@@ -366,6 +385,67 @@ class ContainerManager:
                 )
             found.append(volume_image)
         return found
+
+    def _unpack_checkpoint(self, plugin: LoadedPlugin, record: ContainerRecord, archive: str) -> str:
+        """Unpack a checkpoint archive for a container created from it, its file changes onto its root
+        filesystem; the directory of the process images."""
+        node = self.node
+        work = checkpoints.working_directory(node.config.state_dir, record.id)
+        checkpoints.unpack_archive(archive, work, node.config.checkpoints.max_archive_bytes)
+        diff = work / checkpoints.ROOTFS_DIFF
+        if diff.exists() and record.rootfs:
+            with diff.open("rb") as changes:
+                unpack(changes, record.rootfs, APPLY)
+        log.info("container %s restored from checkpoint %s", record.id[:12], archive[:256])
+        return str(work / checkpoints.IMAGES)
+
+    def checkpoint(self, container_id: str, location: str, timeout: float) -> None:
+        """Write a checkpoint archive of a running container to `location` (CRI-O's layout)."""
+        node = self.node
+        record = self.visible(container_id)
+        sandbox = self._sandbox_of(record)
+        checkpoints.check_location(location)
+        plugin = node.handlers.get(sandbox.handler).require()
+        if not plugin.implements("runtime_container_checkpoint"):
+            raise FailedPrecondition(f"runtime handler {sandbox.handler!r} cannot checkpoint containers")
+        storage = node.storage_drivers[record.storage_driver].require() if record.storage_driver else None
+        if storage is not None and not storage.implements("storage_rootfs_diff"):
+            raise FailedPrecondition(
+                f"storage driver {record.storage_driver!r} cannot export a container's file changes for a checkpoint"
+            )
+        settings = node.config.checkpoints
+        work = checkpoints.working_directory(node.config.state_dir, record.id)
+        started = time.monotonic()
+        with node.locks.hold(record.id):
+            if self._refresh(sandbox, record).status != ContainerStatus.RUNNING:
+                raise FailedPrecondition(f"container {container_id} is not running: only a running one is checkpointed")
+            shutil.rmtree(work, ignore_errors=True)
+            (work / checkpoints.IMAGES).mkdir(parents=True, mode=0o700)
+            try:
+                spec = plugin.call(
+                    "runtime_container_checkpoint",
+                    sandbox=sandbox,
+                    container=record,
+                    directory=str(work / checkpoints.IMAGES),
+                    leave_running=settings.leave_running,
+                    timeout=float(timeout) if timeout > 0 else settings.default_timeout,
+                )
+                checkpoints.write_dumps(work, record.config, record.image_ref, spec)
+                if storage is not None:
+                    with (work / checkpoints.ROOTFS_DIFF).open("wb") as changes:
+                        storage.call("storage_rootfs_diff", container_id=record.id, out=changes)
+                size = checkpoints.write_archive(work, location)
+            finally:
+                checkpoints.discard(node.config.state_dir, record.id)
+            if not settings.leave_running:
+                self._refresh(sandbox, record)
+        log.info(
+            "container %s checkpointed to %s: %d bytes in %.2f s",
+            record.id[:12],
+            location[:256],
+            size,
+            time.monotonic() - started,
+        )
 
     @staticmethod
     def _mount_rootfs(
@@ -479,6 +559,7 @@ class ContainerManager:
             plugin = self.node.handlers.get(sandbox.handler).installed()
             plugin.call("runtime_container_remove", sandbox=sandbox, container=record)
             userns.IdmappedBinds.release(self.node.config.user_namespaces.mount_dir, record.id)
+            checkpoints.discard(self.node.config.state_dir, record.id)
             self._remove_rootfs(record)
             self.node.store.delete_container(record.id)
         self.node.locks.forget(record.id)

@@ -180,6 +180,32 @@ class RuntimeSpec:
         """Reopen the container's log file after the kubelet rotated it. Optional."""
 
     @hookspec(firstresult=True)
+    def runtime_container_checkpoint(
+        self, sandbox: SandboxRecord, container: ContainerRecord, directory: str, leave_running: bool, timeout: float
+    ) -> Mapping[str, Any]:
+        """Checkpoint a running container's processes into the empty `directory`; return its OCI spec.
+
+        With `leave_running` the container goes on running, else it is stopped (its exit recorded as
+        for any stop). Raise DeadlineExceeded past `timeout` seconds, FailedPrecondition when the node
+        cannot (saying why). Optional, since 1.5: without it CheckpointContainer is FAILED_PRECONDITION.
+        """
+
+    @hookspec(firstresult=True)
+    def runtime_container_restore(  # noqa: PLR0917 - hooks take their arguments by name
+        self,
+        sandbox: SandboxRecord,
+        container: ContainerRecord,
+        config: cri.ContainerConfig,
+        rootfs: str,
+        image: Mapping[str, Any],
+        checkpoint: str,
+    ) -> None:
+        """Create a container like `runtime_container_create`, whose start resumes the processes that
+        `runtime_container_checkpoint` wrote into the directory `checkpoint` (shimhub keeps it until the
+        container is removed). Optional, since 1.5: required to create containers from checkpoints.
+        """
+
+    @hookspec(firstresult=True)
     def runtime_container_stats(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
         """The container's resource usage now; fields it cannot tell stay None. Optional (since 1.0).
 
@@ -268,6 +294,11 @@ class StorageSpec:
         works where that filesystem takes ID-mapped mounts (btrfs, ext4, xfs, tmpfs) and not on an
         overlay or union mount (overlayfs takes ID-mapped layers instead).
         """
+
+    @hookspec(firstresult=True)
+    def storage_rootfs_diff(self, container_id: str, out: IO[bytes]) -> None:
+        """Write what the container changed in its root filesystem to `out`, as an uncompressed OCI layer
+        tar (deletions as ``.wh.`` entries). Optional, since 1.5: checkpoints need it."""
 
     @hookspec(firstresult=True)
     def storage_rootfs_unmount(self, container_id: str) -> None:

@@ -57,6 +57,7 @@ PACKAGES = [
     "thin-provisioning-tools",
     "busybox-static",
     "procps",
+    "criu",
 ]
 KERNEL_ARGS = "root=/dev/vda rw console=ttyS0 quiet panic=-1 systemd.unified_cgroup_hierarchy=1 cgroup_no_v1=all"
 MEMORY_MIB = 4096

@@ -501,6 +501,12 @@ class RuntimeService:
         self.daemon.containers.update_resources(request.container_id, request.linux)
         return cri.UpdateContainerResourcesResponse()
 
+    def CheckpointContainer(
+        self, request: cri.CheckpointContainerRequest, context: grpc.ServicerContext
+    ) -> cri.CheckpointContainerResponse:
+        self.daemon.containers.checkpoint(request.container_id, request.location, request.timeout)
+        return cri.CheckpointContainerResponse()
+
     def ReopenContainerLog(
         self, request: cri.ReopenContainerLogRequest, context: grpc.ServicerContext
     ) -> cri.ReopenContainerLogResponse:

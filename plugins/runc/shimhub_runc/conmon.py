@@ -80,11 +80,13 @@ def launch(
     stdin: bool,
     stdin_once: bool,
     conmon_slice: str = "",
+    restore: str = "",
 ) -> int:
     """Create a container under conmon; return the container's pid once it exists.
 
     With `conmon_slice` (systemd driver), conmon runs in a scope of its own, shimhub-conmon-<id>.scope,
-    in that slice; otherwise in shimhub's own cgroup.
+    in that slice; otherwise in shimhub's own cgroup. With `restore`, a directory of CRIU images, the
+    container is restored from them instead, and runs at once.
     """
     sync_read, sync_write = os.pipe()
     start_read, start_write = os.pipe()
@@ -138,6 +140,8 @@ def launch(
         argv.append("--terminal")
     if stdin:
         argv += ["--stdin"] if stdin_once else ["--stdin", "--leave-stdin-open"]
+    if restore:
+        argv += ["--restore", restore, "--runtime-opt", f"--work-path={monitor.bundle / 'restore-work'}"]
     env = {**os.environ, "_OCI_SYNCPIPE": str(sync_write), "_OCI_STARTPIPE": str(start_read)}
     try:
         process = subprocess.Popen(

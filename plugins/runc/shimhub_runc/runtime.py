@@ -31,6 +31,7 @@ from shimhub.sdk import (
     ContainerState,
     ContainerStatus,
     ContainerUsage,
+    FailedPrecondition,
     HandlerFeatures,
     NotFound,
     PluginContext,
@@ -46,7 +47,7 @@ from shimhub.sdk import (
     plugin_options,
 )
 from shimhub_proto.cri.v1 import api_pb2 as cri
-from shimhub_runc import conmon, streams
+from shimhub_runc import conmon, criu, streams
 
 OPTIONS: dict[str, Any] = {
     "binary": "runc",
@@ -228,6 +229,34 @@ class RuncRuntime:
         rootfs: str,
         image: Mapping[str, Any],
     ) -> None:
+        self._write_bundle(sandbox, container, config, rootfs, image)
+        container.runtime_data["pid"] = self._launch(sandbox, container, self._stdio(config))
+
+    @hookimpl
+    def runtime_container_restore(  # noqa: PLR0917 - the hook's arguments
+        self,
+        sandbox: SandboxRecord,
+        container: ContainerRecord,
+        config: cri.ContainerConfig,
+        rootfs: str,
+        image: Mapping[str, Any],
+        checkpoint: str,
+    ) -> None:
+        self._write_bundle(sandbox, container, config, rootfs, image)
+        container.runtime_data["restore"] = {"checkpoint": checkpoint, **self._stdio(config)}
+
+    @staticmethod
+    def _stdio(config: cri.ContainerConfig) -> dict[str, bool]:
+        return {"terminal": config.tty, "stdin": config.stdin, "stdin_once": config.stdin_once}
+
+    def _write_bundle(
+        self,
+        sandbox: SandboxRecord,
+        container: ContainerRecord,
+        config: cri.ContainerConfig,
+        rootfs: str,
+        image: Mapping[str, Any],
+    ) -> None:
         assert self.oom is not None and self.context is not None
         oci_spec, cgroup = oci.container.build(
             sandbox,
@@ -245,33 +274,57 @@ class RuncRuntime:
         (monitor.bundle / "config.json").write_text(json.dumps(oci_spec))
         if container.log_path:
             Path(container.log_path).parent.mkdir(parents=True, exist_ok=True)
+        container.runtime_data.update(cgroup=cgroup, termination_log=oci.container.termination_log(config))
+
+    def _launch(self, sandbox: SandboxRecord, container: ContainerRecord, stdio: Mapping[str, Any]) -> int:
+        """conmon for the container: creating it, or restoring it when `stdio` names a checkpoint."""
+        monitor = self._monitor(container)
         extra = self.options["host_network_runtime_args"] if sandbox.host_network else []
         if Path(self.binary).name == "runc":
             # runc's warnings (e.g. of a device its systemd driver cannot find) to a file of the bundle, not into
             # the container's stderr and so its CRI log; its errors still reach conmon on stderr
             extra = [*extra, f"--log={monitor.bundle / 'runtime.log'}"]
-        container.runtime_data.update(
-            pid=conmon.launch(
-                self.conmon,
-                self.binary,
-                [f"--root={self.state_root}", *self.options["runtime_args"], *extra],
-                container.id,
-                monitor,
-                log_path=container.log_path,
-                cgroup_driver=self.cgroup_driver,
-                conmon_slice=self._conmon_slice(sandbox),
-                terminal=config.tty,
-                stdin=config.stdin,
-                stdin_once=config.stdin_once,
-            ),
-            cgroup=cgroup,
-            termination_log=oci.container.termination_log(config),
+        return conmon.launch(
+            self.conmon,
+            self.binary,
+            [f"--root={self.state_root}", *self.options["runtime_args"], *extra],
+            container.id,
+            monitor,
+            log_path=container.log_path,
+            cgroup_driver=self.cgroup_driver,
+            conmon_slice=self._conmon_slice(sandbox),
+            terminal=stdio["terminal"],
+            stdin=stdio["stdin"],
+            stdin_once=stdio["stdin_once"],
+            restore=stdio.get("checkpoint", ""),
         )
+
+    @hookimpl
+    def runtime_container_checkpoint(
+        self, sandbox: SandboxRecord, container: ContainerRecord, directory: str, leave_running: bool, timeout: float
+    ) -> Mapping[str, Any]:
+        if Path(self.binary).name != "runc":
+            raise FailedPrecondition(f"{Path(self.binary).name} containers cannot be checkpointed (runc's can)")
+        criu.require()
+        bundle = self._monitor(container).bundle
+        criu.checkpoint(
+            self._runtime_argv(),
+            container.id,
+            directory,
+            bundle / "checkpoint-work",
+            leave_running=leave_running,
+            timeout=timeout,
+        )
+        return json.loads((bundle / "config.json").read_text())
 
     @hookimpl
     def runtime_container_start(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
         started = time.time_ns()  # before: the process may have exited by the time `start` returns
-        self._run("start", container.id)
+        restore = container.runtime_data.pop("restore", None)
+        if restore is not None:
+            container.runtime_data["pid"] = self._launch(sandbox, container, restore)
+        else:
+            self._run("start", container.id)
         container.runtime_data["started_at"] = started
 
     @hookimpl

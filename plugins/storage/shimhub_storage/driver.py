@@ -26,7 +26,7 @@ from shimhub.sdk import (
 class DriverBase:
     """Directories and bookkeeping shared by the drivers; subclasses implement the hooks."""
 
-    shimhub_api = "1.0"
+    shimhub_api = "1.5"
     #: Options this driver accepts, with their defaults.
     option_defaults: Mapping[str, Any] = {}
     whiteouts: Whiteouts = APPLY

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+import tarfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -34,6 +35,13 @@ MOUNT_OPTIONS_LIMIT = 4096
 IDMAPPED_LAYERS = "layers-idmapped"
 #: Filesystems that cannot hold an overlay upper directory.
 UNSUITABLE_BACKING = {"overlayfs", "aufs"}
+
+
+def _opaque(directory: str) -> bool:
+    try:
+        return os.getxattr(directory, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
+    except OSError:
+        return False
 
 
 def _mount(options: str, target: Path, cwd: Path | None = None) -> None:
@@ -153,6 +161,25 @@ class OverlayDriver(UnionDriverBase):
         os.chown(directory / "upper", *root)
         _mount(self.mount_options(container_id), merged, cwd=layers)
         return str(merged)
+
+    @hookimpl
+    def storage_rootfs_diff(self, container_id: str, out: IO[bytes]) -> None:
+        """The upper directory as an OCI layer: overlay's 0/0 devices and opaque marks become .wh. entries."""
+        upper = self.container_dir(container_id) / "upper"
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+            for directory, names, files in os.walk(upper):
+                names.sort()
+                relative = os.path.relpath(directory, upper)
+                for name in sorted(names) + sorted(files):
+                    path = os.path.join(directory, name)
+                    entry = os.path.normpath(os.path.join(relative, name))
+                    info = os.lstat(path)
+                    if stat.S_ISCHR(info.st_mode) and info.st_rdev == 0:
+                        archive.addfile(tarfile.TarInfo(os.path.join(os.path.dirname(entry), f".wh.{name}")))
+                        continue
+                    archive.add(path, arcname=entry, recursive=False)
+                    if stat.S_ISDIR(info.st_mode) and _opaque(path):
+                        archive.addfile(tarfile.TarInfo(os.path.join(entry, ".wh..wh..opq")))
 
     @hookimpl
     def storage_rootfs_unmount(self, container_id: str) -> None:

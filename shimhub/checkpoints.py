@@ -1,0 +1,179 @@
+"""Container checkpoint archives (KEP 2008): what CheckpointContainer writes and CreateContainer restores from.
+
+An archive is an uncompressed tar with CRI-O's file names:
+
+* ``config.dump``: the container as created: its CRI config (protobuf JSON) and its image;
+* ``spec.dump``: the OCI runtime spec it ran with;
+* ``checkpoint/``: the runtime's images of its processes (CRIU's);
+* ``rootfs-diff.tar``: what it changed in its root filesystem, as an OCI layer.
+
+A CreateContainer whose image is the absolute path of such an archive creates a
+container that resumes the checkpointed processes when started: its image,
+command, arguments, environment and working directory are the checkpointed
+container's; its name, labels, annotations, mounts, log path, resources and
+security context are the request's. An archive is read as hostile input:
+bounded in size and entries, unpacked with tarfile's data filter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import stat
+import tarfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from attrs import define
+from google.protobuf import json_format
+
+from shimhub.errors import AlreadyExists, InvalidArgument
+from shimhub_proto.cri.v1 import api_pb2 as cri
+
+CONFIG = "config.dump"
+SPEC = "spec.dump"
+IMAGES = "checkpoint"
+ROOTFS_DIFF = "rootfs-diff.tar"
+#: Most entries an archive may hold (CRIU writes a few dozen files a process).
+MAX_ENTRIES = 100_000
+#: Most bytes config.dump may have.
+MAX_CONFIG_BYTES = 4 << 20
+#: What a restored container takes from the checkpointed one's config; the rest is the request's.
+FROM_CHECKPOINT = ("image", "command", "args", "envs", "working_dir", "tty", "stdin", "stdin_once")
+
+
+@define(frozen=True)
+class Checkpointed:
+    """What config.dump says of the checkpointed container."""
+
+    config: cri.ContainerConfig
+    image_id: str
+
+
+def is_reference(image: str) -> bool:
+    """Whether a CreateContainer image names a checkpoint archive (an absolute path) rather than an image."""
+    return image.startswith("/")
+
+
+def check_location(location: str) -> None:
+    """Refuse a location that is not an absolute path to a new file in an existing directory."""
+    if not os.path.isabs(location) or location.endswith("/"):
+        raise InvalidArgument(f"checkpoint location {location[:256]!r} must be the absolute path of a file")
+    if not os.path.isdir(os.path.dirname(location)):
+        raise InvalidArgument(f"checkpoint location {location[:256]!r}: its directory does not exist")
+    if os.path.lexists(location):
+        raise AlreadyExists(f"checkpoint location {location[:256]!r} exists already")
+
+
+def write_dumps(work: Path, config: Mapping[str, Any], image_id: str, spec: Mapping[str, Any]) -> None:
+    """config.dump and spec.dump in the archive's working directory."""
+    (work / CONFIG).write_text(json.dumps({"config": dict(config), "image_id": image_id}))
+    (work / SPEC).write_text(json.dumps(dict(spec)))
+
+
+def write_archive(work: Path, location: str) -> int:
+    """Tar `work` into a new file at `location` (made whole or not at all); its size."""
+    partial = f"{location}.partial"
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as out:
+            with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+                for name in (CONFIG, SPEC, ROOTFS_DIFF, IMAGES):
+                    if (work / name).exists():
+                        archive.add(work / name, arcname=name)
+            out.flush()
+            os.fsync(out.fileno())
+        os.link(partial, location)  # fails rather than replace a file that appeared meanwhile
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+    return os.stat(location).st_size
+
+
+def _open_archive(path: str) -> IO[bytes]:
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise InvalidArgument(f"checkpoint archive {path[:256]!r}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise InvalidArgument(f"checkpoint archive {path[:256]!r} is not a regular file")
+    return os.fdopen(descriptor, "rb")
+
+
+def read_config(path: str) -> Checkpointed:
+    """The checkpointed container's config.dump; InvalidArgument for anything but a checkpoint archive."""
+    with _open_archive(path) as stream:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as archive:
+                for count, member in enumerate(archive):
+                    if count > MAX_ENTRIES:
+                        break
+                    if member.name == CONFIG and member.isfile() and member.size <= MAX_CONFIG_BYTES:
+                        extracted = archive.extractfile(member)
+                        assert extracted is not None
+                        return _parse_config(extracted.read(), path)
+        except tarfile.TarError as exc:
+            raise InvalidArgument(f"{path[:256]!r} is not a checkpoint archive: {exc}") from None
+    raise InvalidArgument(f"{path[:256]!r} is not a checkpoint archive: it has no {CONFIG}")
+
+
+def _parse_config(data: bytes, path: str) -> Checkpointed:
+    try:
+        dumped = json.loads(data)
+        config = json_format.ParseDict(dumped["config"], cri.ContainerConfig(), ignore_unknown_fields=True)
+        return Checkpointed(config=config, image_id=str(dumped["image_id"]))
+    except (ValueError, KeyError, TypeError, json_format.ParseError) as exc:
+        raise InvalidArgument(f"checkpoint archive {path[:256]!r}: {CONFIG} is not valid: {exc}") from None
+
+
+def restored_config(request: cri.ContainerConfig, checkpointed: Checkpointed) -> cri.ContainerConfig:
+    """The config of a container restored from `checkpointed` as `request` asks."""
+    merged = cri.ContainerConfig()
+    merged.CopyFrom(request)
+    taken = cri.ContainerConfig()
+    for name in FROM_CHECKPOINT:
+        merged.ClearField(name)
+        if name == "image" or isinstance(getattr(taken, name), bool | str):
+            taken.MergeFrom(cri.ContainerConfig(**{name: getattr(checkpointed.config, name)}))
+        else:
+            getattr(taken, name).extend(getattr(checkpointed.config, name))
+    merged.MergeFrom(taken)
+    return merged
+
+
+def unpack_archive(path: str, into: Path, max_bytes: int) -> None:
+    """Unpack the archive into the new directory `into`: regular files and directories only, at most
+    `max_bytes` in all."""
+    into.mkdir(parents=True, mode=0o700)
+    total = 0
+    with _open_archive(path) as stream:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as archive:
+                for count, member in enumerate(archive):
+                    total += member.size
+                    if count > MAX_ENTRIES or (max_bytes and total > max_bytes):
+                        raise InvalidArgument(
+                            f"checkpoint archive {path[:256]!r} is larger than this node takes "
+                            f"([checkpoints] max_archive_bytes {max_bytes}, {MAX_ENTRIES} entries)"
+                        )
+                    if not (member.isfile() or member.isdir()):
+                        raise InvalidArgument(f"checkpoint archive {path[:256]!r}: {member.name[:256]!r} is a link")
+                    archive.extract(member, into, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            raise InvalidArgument(f"checkpoint archive {path[:256]!r} cannot be unpacked: {exc}") from None
+    if not (into / IMAGES).is_dir():
+        raise InvalidArgument(f"checkpoint archive {path[:256]!r} holds no process images ({IMAGES}/)")
+
+
+def working_directory(state_dir: str, container_id: str) -> Path:
+    """Where a container's checkpoint is assembled, or its archive unpacked for a restore."""
+    return Path(state_dir, "checkpoints", container_id)
+
+
+def discard(state_dir: str, container_id: str) -> None:
+    """Remove a container's checkpoint working directory. Idempotent."""
+    shutil.rmtree(working_directory(state_dir, container_id), ignore_errors=True)
