@@ -2,7 +2,7 @@
 
 GRPC_PROTOS := proto/shimhub_proto/cri/v1/api.proto
 # Schemas spoken over ttrpc to containerd shims: messages only, no gRPC stubs.
-TTRPC_PROTOS := $(wildcard proto/shimhub_proto/ttrpc/*.proto proto/shimhub_proto/containerd/*/*.proto proto/shimhub_proto/containerd/*/*/*.proto)
+TTRPC_PROTOS := $(wildcard proto/shimhub_proto/ttrpc/*.proto proto/shimhub_proto/nri/*.proto proto/shimhub_proto/containerd/*/*.proto proto/shimhub_proto/containerd/*/*/*.proto)
 
 .PHONY: proto lint
 proto:  ## regenerate the Python stubs after editing a .proto file

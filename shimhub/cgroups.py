@@ -123,7 +123,9 @@ def processes(cgroups_path: str, root: Path = ROOT) -> set[int]:
 
 def destroy(cgroups_path: str, timeout: float, root: Path = ROOT) -> int:
     """SIGKILL every process in a cgroup, wait (at most `timeout` seconds) until none is left and remove the
-    cgroup; return how many processes there were (0: the cgroup was empty or gone)."""
+    cgroup; return how many processes there were (0: the cgroup was empty or gone). Never the root cgroup."""
+    if not expand(cgroups_path):
+        return 0
     found = processes(cgroups_path, root)
     deadline = time.monotonic() + timeout
     left = found

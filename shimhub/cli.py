@@ -40,6 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     daemon = Daemon(cfg)
     daemon.recover()
+    daemon.start_nri()
     server = Server(daemon, Path(cfg.socket))
 
     def reload() -> None:
@@ -55,6 +56,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except SocketInUse as exc:
         print(f"shimhub: {exc}", file=sys.stderr)
         return 1
+    finally:
+        daemon.stop_nri()
     return 0
 
 

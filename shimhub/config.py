@@ -142,6 +142,37 @@ class CheckpointsConfig:
 
 
 @define(frozen=True)
+class NriConfig:
+    """NRI: the node's NRI plugins, connected over a socket or started by shimhub."""
+
+    enable: bool = False
+    #: Where plugins connect ("" for none: only the plugins shimhub starts).
+    socket: str = "/var/run/nri/nri.sock"
+    #: Plugins shimhub starts, executables named <index>-<name> (two digits, then the name).
+    plugin_path: str = "/opt/nri/plugins"
+    #: A plugin's configuration: <index>-<name>.conf or <name>.conf here.
+    plugin_config_path: str = "/etc/nri/conf.d"
+    #: Seconds a plugin has to register once connected, and to answer any request.
+    registration_timeout: float = 5.0
+    request_timeout: float = 2.0
+    #: What plugins may adjust in a container being created.
+    allowed_adjustments: list[str] = field(
+        factory=lambda: [
+            "annotations",
+            "mounts",
+            "env",
+            "hooks",
+            "devices",
+            "resources",
+            "rlimits",
+            "args",
+            "oom_score_adj",
+            "sysctl",
+        ]
+    )
+
+
+@define(frozen=True)
 class Config:
     """The effective configuration of one shimhub instance."""
 
@@ -166,6 +197,7 @@ class Config:
     streaming: StreamingConfig = field(factory=StreamingConfig)
     user_namespaces: UserNamespacesConfig = field(factory=UserNamespacesConfig)
     checkpoints: CheckpointsConfig = field(factory=CheckpointsConfig)
+    nri: NriConfig = field(factory=NriConfig)
     #: Give containers that set no seccomp profile the runtime default one (the CRI says unconfined).
     seccomp_use_default_when_empty: bool = False
     #: The only directory Localhost seccomp profiles are read from (the kubelet's <root-dir>/seccomp).
@@ -363,9 +395,21 @@ def _check_settings(config: Config, bad: Complaint) -> None:
     if config.shutdown_grace < 0:
         bad(("shutdown_grace",), f"expected a number of seconds >= 0, got {config.shutdown_grace}")
     _check_user_namespaces(config.user_namespaces, bad)
+    _check_nri(config.nri, bad)
     if config.checkpoints.default_timeout <= 0 or config.checkpoints.max_archive_bytes < 0:
         bad(("checkpoints",), "expected default_timeout > 0 and max_archive_bytes >= 0")
     _check_images(config.images, bad)
+
+
+def _check_nri(settings: NriConfig, bad: Complaint) -> None:
+    from shimhub.nri.adjust import KINDS
+
+    unknown = sorted(set(settings.allowed_adjustments) - set(KINDS))
+    if unknown:
+        bad(("nri", "allowed_adjustments"), f"unknown adjustments {unknown}; known: {', '.join(KINDS)}")
+    for key in ("registration_timeout", "request_timeout"):
+        if getattr(settings, key) <= 0:
+            bad(("nri", key), f"expected a number of seconds > 0, got {getattr(settings, key)}")
 
 
 def _check_user_namespaces(ids: UserNamespacesConfig, bad: Complaint) -> None:

@@ -26,6 +26,7 @@ from shimhub.images.registry import Credentials
 from shimhub.images.store import ImageRecord
 from shimhub.locks import KeyedLocks
 from shimhub.names import NameRegistry
+from shimhub.nri.runtime import Nri
 from shimhub.pods import PodManager
 from shimhub.records import PENDING_CREATE, PENDING_REMOVE, ContainerRecord, SandboxRecord
 from shimhub.state import StateStore
@@ -44,6 +45,9 @@ RESTART_KEYS = (
     "extensions",
     "metrics_address",
     "streaming",
+    "user_namespaces",
+    "checkpoints",
+    "nri",
 )
 
 
@@ -94,6 +98,11 @@ class Daemon:
         self.pod_cidr = ""
         #: Called with every lifecycle event after the extensions (the CRI event stream listens here).
         self.listeners: list[Callable[[str, SandboxRecord, ContainerRecord | None], None]] = []
+        #: NRI, when enabled (started by `start_nri`).
+        self.nri = Nri(config.nri, self.store, self.containers) if config.nri.enable else None
+        if self.nri is not None:
+            self.extensions.nri = self.nri
+            self.listeners.append(self.nri.lifecycle_event)
 
     def storage_for(self, handler_name: str) -> tuple[str, Backend]:
         """The storage driver (name and backend) that a handler's containers use."""
@@ -227,6 +236,16 @@ class Daemon:
         self.config = attrs.evolve(new, **{key: getattr(self.config, key) for key in RESTART_KEYS})
         log.info("configuration reloaded: handlers %s", ", ".join(sorted(self.handlers.handlers)))
 
+    def start_nri(self) -> None:
+        """Listen for NRI plugins and start those of the plugin directory (when NRI is enabled)."""
+        if self.nri is not None:
+            self.nri.start()
+
+    def stop_nri(self) -> None:
+        """Tell the NRI plugins shimhub goes away (when NRI is enabled)."""
+        if self.nri is not None:
+            self.nri.stop()
+
     def emit(self, event: str, sandbox: SandboxRecord, container: ContainerRecord | None = None) -> None:
         """Tell the extensions and listeners about a lifecycle change; their errors are logged, never raised."""
         self.extensions.lifecycle_event(event, sandbox, container)
@@ -248,6 +267,7 @@ class Daemon:
             "network": describe(self.network),
             "storage": {name: describe(driver) for name, driver in self.storage_drivers.items()},
             "pod_cidr": self.pod_cidr,
+            "nri": self.nri.status() if self.nri is not None else {"enabled": False},
             "security_modules": profiles.node_lsms(),
             "image_trust_policy": self._policy_summary(),
         }

@@ -62,6 +62,12 @@ PULL_SECONDS = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
     registry=REGISTRY,
 )
+NRI_SECONDS = Histogram(
+    "shimhub_nri_create_container_duration_seconds",
+    "Time NRI plugins took to answer for a container being created (all plugins of one creation).",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    registry=REGISTRY,
+)
 POLICY_DECISIONS = Counter(
     "shimhub_image_policy_decisions",
     "Pulls the image trust policy allowed or refused, by result.",

@@ -18,7 +18,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -71,19 +71,39 @@ class _Pending:
         self.failure: errors.ShimhubError | None = None
 
 
-class Client:
-    """One connection to a ttrpc server; `call` may be used from many threads."""
+class Connection(Protocol):
+    """What a ttrpc peer needs of its connection: a socket, or one connection of a multiplexed socket."""
 
-    def __init__(self, address: str, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+    def sendall(self, data: bytes, /) -> None: ...
+
+    def makefile(self, mode: str) -> BinaryIO: ...
+
+    def shutdown(self, how: int, /) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Client:
+    """One connection to a ttrpc server; `call` may be used from many threads.
+
+    `connection`, when given, is used instead of connecting to `address` (which then only names it).
+    """
+
+    def __init__(
+        self, address: str, connect_timeout: float = CONNECT_TIMEOUT, connection: Connection | None = None
+    ) -> None:
         self.address = address
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._socket.settimeout(connect_timeout)
-        try:
-            self._socket.connect(socket_path(address))
-        except OSError as exc:
-            self._socket.close()
-            raise errors.Unavailable(f"cannot connect to {address}: {exc.strerror or exc}") from None
-        self._socket.settimeout(None)
+        if connection is None:
+            unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            unix.settimeout(connect_timeout)
+            try:
+                unix.connect(socket_path(address))
+            except OSError as exc:
+                unix.close()
+                raise errors.Unavailable(f"cannot connect to {address}: {exc.strerror or exc}") from None
+            unix.settimeout(None)
+            connection = unix
+        self._socket: Connection = connection
         self._ids = itertools.count(1, 2)
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
@@ -162,6 +182,29 @@ class Client:
             waiting.done.set()
 
 
+def serve(connection: Connection, answer: Callable[[ttrpc_pb2.Request], ttrpc_pb2.Response]) -> None:
+    """Answer the Request frames arriving on `connection` with `answer`'s Responses, one at a time, until the
+    peer closes it. A request that cannot be decoded is answered INVALID_ARGUMENT."""
+    with connection.makefile("rb") as stream, contextlib.suppress(OSError, ValueError):
+        while (frame := read_frame(stream)) is not None:
+            stream_id, kind, data = frame
+            if kind != REQUEST:
+                continue
+            try:
+                response = answer(ttrpc_pb2.Request.FromString(data))
+            except DecodeError:
+                response = failure(grpc.StatusCode.INVALID_ARGUMENT, "the request cannot be decoded")
+            connection.sendall(encode_frame(stream_id, RESPONSE, response.SerializeToString()))
+
+
+def failure(code: grpc.StatusCode, message: str) -> ttrpc_pb2.Response:
+    """A Response carrying an error status."""
+    response = ttrpc_pb2.Response()
+    response.status.code = code.value[0]
+    response.status.message = message
+    return response
+
+
 class Receiver:
     """A ttrpc server that answers every call with an empty success, handing each request to `handle`.
 
@@ -192,15 +235,12 @@ class Receiver:
             threading.Thread(target=self._serve, args=(connection,), name="ttrpc receiver", daemon=True).start()
 
     def _serve(self, connection: socket.socket) -> None:
-        ok = ttrpc_pb2.Response().SerializeToString()
-        with connection, connection.makefile("rb") as stream, contextlib.suppress(OSError, ValueError):
-            while (frame := read_frame(stream)) is not None:
-                stream_id, kind, data = frame
-                if kind != REQUEST:
-                    continue
-                with contextlib.suppress(DecodeError):
-                    self._handle(ttrpc_pb2.Request.FromString(data))
-                connection.sendall(encode_frame(stream_id, RESPONSE, ok))
+        def acknowledge(request: ttrpc_pb2.Request) -> ttrpc_pb2.Response:
+            self._handle(request)
+            return ttrpc_pb2.Response()
+
+        with connection:
+            serve(connection, acknowledge)
 
     def close(self) -> None:
         """Stop accepting connections and remove the socket."""

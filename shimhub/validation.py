@@ -77,7 +77,7 @@ def check_pod(config: cri.PodSandboxConfig) -> None:
             if not value or any(c.isspace() or not c.isprintable() for c in value):
                 raise InvalidArgument(f"dns_config.{field_name}: {value[:256]!r} is empty or has white space")
     for key, value in config.linux.sysctls.items():
-        _check_sysctl(key, value, config.linux.security_context.namespace_options)
+        check_sysctl(key, value, config.linux.security_context.namespace_options)
 
 
 def check_cgroup_parent(parent: str, driver: str) -> None:
@@ -107,7 +107,8 @@ def _sysctl_namespace(key: str) -> str:
     return "uts" if key in UTS_SYSCTLS else ""
 
 
-def _check_sysctl(key: str, value: str, options: cri.NamespaceOption) -> None:
+def check_sysctl(key: str, value: str, options: cri.NamespaceOption) -> None:
+    """Refuse a sysctl that is not namespaced, or is in a namespace the pod shares with the node."""
     where = f"sysctl {key[:128]!r}"
     if not key or "/" in key or ".." in key or any(c.isspace() for c in key):
         raise InvalidArgument(f"{where} is not a sysctl name")
