@@ -141,6 +141,21 @@ def destroy(cgroups_path: str, timeout: float, root: Path = ROOT) -> int:
     return len(found)
 
 
+def move(pid: int, cgroups_path: str, root: Path = ROOT) -> None:
+    """Move process `pid` (all its threads) into an existing cgroup, in every hierarchy that has it."""
+    for directory in _directories(cgroups_path, root):
+        (directory / "cgroup.procs").write_text(f"{pid}\n")
+
+
+def remove_if_empty(cgroups_path: str, root: Path = ROOT) -> None:
+    """Remove a cgroup's directories that hold no process and no child cgroup (never the root cgroup)."""
+    if not expand(cgroups_path):
+        return
+    for directory in _directories(cgroups_path, root):
+        with contextlib.suppress(OSError):  # busy: in use by its owner
+            directory.rmdir()
+
+
 #: The leaf of a systemd scope in which crun runs a container's process, with its limits.
 DELEGATED_LEAF = "container"
 

@@ -169,6 +169,16 @@ def unpack_archive(path: str, into: Path, max_bytes: int) -> None:
         raise InvalidArgument(f"checkpoint archive {path[:256]!r} holds no process images ({IMAGES}/)")
 
 
+def read_spec(work: Path) -> dict[str, Any]:
+    """The checkpointed container's OCI spec, from an unpacked archive ({} if it has none readable)."""
+    try:
+        with (work / SPEC).open("rb") as dump:
+            spec = json.loads(dump.read(MAX_CONFIG_BYTES))
+    except (OSError, ValueError):
+        return {}
+    return spec if isinstance(spec, dict) else {}
+
+
 def working_directory(state_dir: str, container_id: str) -> Path:
     """Where a container's checkpoint is assembled, or its archive unpacked for a restore."""
     return Path(state_dir, "checkpoints", container_id)

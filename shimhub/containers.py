@@ -10,7 +10,7 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -324,7 +324,7 @@ class ContainerManager:
                     "image": image.config if image else {},
                 }
                 if archive:
-                    arguments["checkpoint"] = self._unpack_checkpoint(plugin, record, archive)
+                    arguments["checkpoint"], arguments["checkpointed_spec"] = self._unpack_checkpoint(record, archive)
                 plugin.call("runtime_container_restore" if archive else "runtime_container_create", **arguments)
                 crash_point("create_container:runtime")
                 record.pending = ""
@@ -386,9 +386,9 @@ class ContainerManager:
             found.append(volume_image)
         return found
 
-    def _unpack_checkpoint(self, plugin: LoadedPlugin, record: ContainerRecord, archive: str) -> str:
+    def _unpack_checkpoint(self, record: ContainerRecord, archive: str) -> tuple[str, dict[str, Any]]:
         """Unpack a checkpoint archive for a container created from it, its file changes onto its root
-        filesystem; the directory of the process images."""
+        filesystem; the directory of the process images, and the OCI spec the checkpointed container ran."""
         node = self.node
         work = checkpoints.working_directory(node.config.state_dir, record.id)
         checkpoints.unpack_archive(archive, work, node.config.checkpoints.max_archive_bytes)
@@ -397,7 +397,7 @@ class ContainerManager:
             with diff.open("rb") as changes:
                 unpack(changes, record.rootfs, APPLY)
         log.info("container %s restored from checkpoint %s", record.id[:12], archive[:256])
-        return str(work / checkpoints.IMAGES)
+        return str(work / checkpoints.IMAGES), checkpoints.read_spec(work)
 
     def checkpoint(self, container_id: str, location: str, timeout: float) -> None:
         """Write a checkpoint archive of a running container to `location` (CRI-O's layout)."""

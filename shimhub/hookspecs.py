@@ -199,10 +199,12 @@ class RuntimeSpec:
         rootfs: str,
         image: Mapping[str, Any],
         checkpoint: str,
+        checkpointed_spec: Mapping[str, Any],
     ) -> None:
         """Create a container like `runtime_container_create`, whose start resumes the processes that
         `runtime_container_checkpoint` wrote into the directory `checkpoint` (shimhub keeps it until the
-        container is removed). Optional, since 1.5: required to create containers from checkpoints.
+        container is removed); `checkpointed_spec` is the OCI spec the checkpointed container ran with.
+        Optional, since 1.5: required to create containers from checkpoints.
         """
 
     @hookspec(firstresult=True)

@@ -176,8 +176,24 @@ def _qemu_argv(
     ]  # fmt: skip
 
 
+#: Boots a run may take: a node whose run service failed before it started is booted again, once.
+BOOTS = 2
+#: What the console shows when the run service failed before starting (seen once in several boots).
+SERVICE_FAILED = ("Failed to start", "shimhub node tests")
+
+
 def run(command: list[str]) -> int:
     """Boot the node, run `command` there from the checkout, print its output; its exit code."""
+    for boot in range(1, BOOTS + 1):
+        code = _boot(command)
+        if code is not None:
+            return code
+        print(f"the node's run service failed before it started (boot {boot} of {BOOTS})", flush=True)
+    return 2
+
+
+def _boot(command: list[str]) -> int | None:
+    """One boot running `command`: its exit code, or None when the run service failed to start."""
     directory = image()
     with tempfile.TemporaryDirectory(prefix="shimhub-node-") as scratch:
         work = Path(scratch)
@@ -222,11 +238,15 @@ def run(command: list[str]) -> int:
                 process.wait()
 
 
-def _follow(output: Path, console: Path, qemu: subprocess.Popen[bytes], deadline: float) -> int:
-    """Print the guest's pytest output as it comes; its exit code (2 when the run never ended)."""
+def _follow(output: Path, console: Path, qemu: subprocess.Popen[bytes], deadline: float) -> int | None:
+    """Print the guest's pytest output as it comes; its exit code (2 when the run never ended, None when its
+    service failed before starting)."""
     offset, started, code = 0, False, None
     while True:
         finished = qemu.poll() is not None or time.monotonic() > deadline
+        shown = console.read_text(errors="replace").splitlines() if console.exists() and not started else []
+        if any(all(words in line for words in SERVICE_FAILED) for line in shown):
+            return None
         text = output.read_bytes()[offset:] if output.exists() else b""
         complete = text[: text.rfind(b"\n") + 1] if not finished else text
         offset += len(complete)

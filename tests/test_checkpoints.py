@@ -7,6 +7,7 @@ that `python3 -m tests.booted_node` boots (Debian's kernel).
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 from collections.abc import Callable
@@ -167,6 +168,9 @@ def test_a_counter_resumes_in_another_pod_with_its_files(daemon_factory, shimhub
     assert before + 1 <= resumed[0] <= after + 1, (before, after, resumed)  # where it was, not from 1
     assert resumed[1] == resumed[0] + 1
     assert exec_sync(second, restored, "cat", "/tmp/before").stdout == b"written-before\n"
+    answer = second.rt.ContainerStatus(cri.ContainerStatusRequest(container_id=restored, verbose=True))
+    pid = json.loads(answer.info["info"])["runtime_data"]["pid"]
+    assert restored in Path(f"/proc/{pid}/cgroup").read_text(), "the restored process is not in its own cgroup"
     second.rt.StopContainer(cri.StopContainerRequest(container_id=restored, timeout=0), timeout=60)
     second.rt.RemoveContainer(cri.RemoveContainerRequest(container_id=restored), timeout=60)
     unpacked = node.root / "state" / "checkpoints"

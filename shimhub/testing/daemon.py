@@ -17,7 +17,8 @@ from shimhub.testing.leaks import NodeSnapshot, leftovers
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from shimhub_proto.cri.v1 import api_pb2_grpc
 
-START_TIMEOUT = 20.0
+#: Seconds a daemon has to serve its socket (a node booted under emulation starts Python slowly).
+START_TIMEOUT = 60.0
 #: Seconds a pod or container start may take (VM pods boot a guest, under emulation on some nodes).
 POD_TIMEOUT = 180.0
 #: The image the kit's registry holds: the node's static busybox and its applets in /bin.

@@ -14,6 +14,7 @@ One instance per runtime handler. Handler options (all optional):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -59,6 +60,8 @@ OPTIONS: dict[str, Any] = {
     "conmon_cgroup": "",
 }
 COMMAND_TIMEOUT = 60.0
+#: Rounds of moving a restored container's processes into its cgroup.
+MOVE_ROUNDS = 5
 
 
 def _wait_for(predicate: Any, timeout: float) -> bool:
@@ -241,9 +244,12 @@ class RuncRuntime:
         rootfs: str,
         image: Mapping[str, Any],
         checkpoint: str,
+        checkpointed_spec: Mapping[str, Any],
     ) -> None:
         self._write_bundle(sandbox, container, config, rootfs, image)
-        container.runtime_data["restore"] = {"checkpoint": checkpoint, **self._stdio(config)}
+        # CRIU may restore the processes into the checkpointed container's cgroup (made again if it is gone)
+        source = str((checkpointed_spec.get("linux") or {}).get("cgroupsPath", ""))
+        container.runtime_data["restore"] = {"checkpoint": checkpoint, "source_cgroup": source, **self._stdio(config)}
 
     @staticmethod
     def _stdio(config: cri.ContainerConfig) -> dict[str, bool]:
@@ -299,6 +305,29 @@ class RuncRuntime:
             restore=stdio.get("checkpoint", ""),
         )
 
+    @staticmethod
+    def _claim_restored(container: ContainerRecord, source: str) -> None:
+        """Move a restored container's processes from the cgroup CRIU put them in (the checkpointed
+        container's, shared with it if it still runs) into the container's own, and remove that cgroup if
+        nothing is left in it. The container's processes are those of its PID namespace."""
+        target = container.runtime_data.get("cgroup", "")
+        if not source or source == target:
+            return
+        try:
+            namespace = os.stat(f"/proc/{container.runtime_data['pid']}/ns/pid").st_ino
+        except OSError:
+            return  # exited already
+        for _ in range(MOVE_ROUNDS):  # processes forked meanwhile are found by the next round
+            moved = 0
+            for pid in cgroups.processes(source):
+                with contextlib.suppress(OSError):
+                    if os.stat(f"/proc/{pid}/ns/pid").st_ino == namespace:
+                        cgroups.move(pid, target)
+                        moved += 1
+            if not moved:
+                break
+        cgroups.remove_if_empty(source)
+
     @hookimpl
     def runtime_container_checkpoint(
         self, sandbox: SandboxRecord, container: ContainerRecord, directory: str, leave_running: bool, timeout: float
@@ -323,6 +352,7 @@ class RuncRuntime:
         restore = container.runtime_data.pop("restore", None)
         if restore is not None:
             container.runtime_data["pid"] = self._launch(sandbox, container, restore)
+            self._claim_restored(container, restore["source_cgroup"])
         else:
             self._run("start", container.id)
         container.runtime_data["started_at"] = started
