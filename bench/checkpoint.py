@@ -23,10 +23,15 @@ from shimhub_proto.cri.v1 import api_pb2 as cri
 from shimhub_proto.cri.v1 import api_pb2_grpc
 
 MIB = 1 << 20
-#: The processes: one that only sleeps, one whose shell holds 100 MiB of non-zero bytes in a variable.
+#: The processes: one that only sleeps, one whose shell holds 100 MiB of non-zero bytes in a variable (its
+#: sleep in a loop: the shell would otherwise replace itself with its last command, and drop the memory).
 WORKLOADS = {
     "small process": ["sleep", "3600"],
-    "100 MiB process": ["sh", "-c", f"a=$(head -c {100 * MIB} /dev/zero | tr '\\0' x); echo held; sleep 3600"],
+    "100 MiB process": [
+        "sh",
+        "-c",
+        f"a=$(head -c {100 * MIB} /dev/zero | tr '\\0' x); echo held; while :; do sleep 3600; done",
+    ],
 }
 
 

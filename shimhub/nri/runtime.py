@@ -191,7 +191,8 @@ class Nri:
     def status(self) -> dict[str, Any]:
         with self._lock:
             plugins = [{"name": p.name, "index": p.index, "events": p.events} for p in self._plugins]
-        return {"socket": self.config.socket, "plugin_path": self.config.plugin_path, "plugins": plugins}
+        settings = {"socket": self.config.socket, "plugin_path": self.config.plugin_path}
+        return {"enabled": True, **settings, "plugins": plugins}
 
     # -- requests --------------------------------------------------------------------
 
