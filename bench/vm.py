@@ -5,8 +5,10 @@ with one busybox container (from a registry on 127.0.0.1), and keeps them all
 running; then measures the host memory of each pod's QEMU and virtiofsd
 processes (proportional set size, so the shared guest image and libraries
 count once), and removes the pods. Prints the acceleration used.
+With --template the VMs start from a saved template (vm_template = true); the
+first pod, which boots and saves it, is timed apart.
 Run as root from a checkout:
-python3 -m bench.vm [--pods 4] [--handler kata|clearcontainers]
+python3 -m bench.vm [--pods 4] [--handler kata|clearcontainers] [--template]
 """
 
 from __future__ import annotations
@@ -39,13 +41,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pods", type=int, default=4)
     parser.add_argument("--handler", choices=("kata", "clearcontainers"), default="kata")
+    parser.add_argument("--template", action="store_true", help="start the VMs from a template")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="shimhub-bench-") as tmp:
         root = Path(tmp)
-        tables = (
-            '[runtimes.kata]\nplugin = "kata"\n[runtimes.clearcontainers]\nplugin = "clearcontainers"\n'
-            f'{network_config(root, "cni")}[storage]\ndriver = "overlay"\n'
+        options = "vm_template = true\n" if args.template else ""
+        tables = "".join(
+            f'[runtimes.{name}]\nplugin = "{name}"\n[runtimes.{name}.options]\n{options}'
+            for name in ("kata", "clearcontainers")
         )
+        tables += f'{network_config(root, "cni")}[storage]\ndriver = "overlay"\n'
+
         try:
             with busybox_daemon(root, tables) as daemon:
                 measure(daemon.runtime, root, args)
@@ -58,6 +64,13 @@ def measure(rt: api_pb2_grpc.RuntimeServiceStub, root: Path, args: argparse.Name
     pods: list[tuple[str, dict]] = []
     try:
         samples: dict[str, list[float]] = {}
+        if args.template:  # the first pod boots the guest and saves the template
+            pod = pod_config(name="vm-template", uid="uid-template", hostname="bench")
+            with timed(samples, "first pod (boots, saves the template)"):
+                request = cri.RunPodSandboxRequest(config=pod, runtime_handler=args.handler)
+                first = rt.RunPodSandbox(request).pod_sandbox_id
+            rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=first))
+            rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=first))
         for run in range(args.pods):
             logs = root / "logs" / str(run)
             pod = pod_config(name=f"vm-{run}", uid=f"uid-{run}", hostname="bench", log_directory=str(logs))

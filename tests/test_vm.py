@@ -170,3 +170,34 @@ def test_a_vm_that_dies_takes_its_containers_and_leaves_nothing(node, tmp_path: 
     assert leftovers(node.root, {pod.id}, {main}) == {}
     assert not list((node.root / "state").rglob("*.ext4.partial"))
     assert not list((node.root / "state").rglob("disks/*.ext4"))
+
+
+def test_vm_pods_start_from_a_template(daemon_factory, registry, network, tmp_path: Path) -> None:
+    node = daemon_factory(vm_config(network, registry, "vm_template = true\n")).start()
+    node.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/busybox:1")))
+    templates = node.root / "state" / "plugins"
+    root = cri.LinuxContainerConfig(
+        security_context=cri.LinuxContainerSecurityContext(run_as_user=cri.Int64Value(value=0))
+    )
+    seen = []
+    for number in (1, 2):
+        pod = Pod(node, tmp_path / f"p{number}", handler="kata", name=f"t{number}", uid=f"uid-t{number}",
+                  hostname=f"templated-{number}")  # fmt: skip
+        status = pod.rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod.id)).status
+        main = pod.run("main", ["sh", "-c", "sleep 600"], linux=root)
+        shown = exec_sync(
+            pod, main, ["sh", "-c", "hostname; ip -o -4 addr show; date +%s; head -c 8 /dev/urandom | od -x"]
+        )
+        lines = shown.stdout.decode().splitlines()
+        assert lines[0] == f"templated-{number}"
+        assert any(f"inet {status.network.ip}/" in line for line in lines), lines
+        assert abs(int(lines[-3]) - time.time()) < 30, "the guest clock is the host's, not the template's"
+        seen.append(lines[-2])
+        # the container's root filesystem reaches the guest over the share plugged in after the restore
+        assert exec_sync(pod, main, ["cat", "/bin/busybox"]).exit_code == 0
+        info = json.loads(
+            pod.rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod.id, verbose=True)).info["info"]
+        )
+        assert "boot_seconds" in json.dumps(info)
+    assert seen[0] != seen[1], "two VMs from one template draw the same random numbers"
+    assert len(list(templates.rglob("state"))) == 1, "one template, made once, for both pods"

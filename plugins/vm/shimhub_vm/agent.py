@@ -150,9 +150,24 @@ class Agent:
         return {"now_ns": time.time_ns()}
 
     def call_setup_pod(
-        self, hostname: str, interfaces: list[dict[str, Any]], routes: list[dict[str, str]], share: bool
+        self,
+        hostname: str,
+        interfaces: list[dict[str, Any]],
+        routes: list[dict[str, str]],
+        share: bool,
+        *,
+        share_wait: float = 0.0,
+        seed: str = "",
     ) -> dict[str, Any]:
-        """Name the VM, configure its network as the pod's CNI interfaces were, mount the shared directory."""
+        """Name the VM, configure its network as the pod's CNI interfaces were, mount the shared directory.
+
+        An interface's "guest_mac", when given, is the address the guest's device has now (a VM restored from
+        a template): it is given the pod's. `share_wait` is how long the share may take to appear (plugged
+        in after a restore). `seed` (hex) is mixed into the kernel's random pool: VMs restored from one template
+        would otherwise start from the same random state."""
+        if seed:
+            with open("/dev/urandom", "wb") as pool:
+                pool.write(bytes.fromhex(seed))
         if hostname:
             socket.sethostname(hostname)  # the system call: no option parsing of a request's text
         _run("ip", "link", "set", "dev", "lo", "up")
@@ -160,9 +175,12 @@ class Agent:
             Path(p).parent.name: Path(p).read_text().strip() for p in map(str, Path("/sys/class/net").glob("*/address"))
         }
         for interface in interfaces:
-            name = next((n for n, mac in by_mac.items() if mac == interface["mac"].lower()), None)
+            current = str(interface.get("guest_mac") or interface["mac"]).lower()
+            name = next((n for n, mac in by_mac.items() if mac == current), None)
             if name is None:
-                raise CallError("FAILED_PRECONDITION", f"no guest interface with MAC {interface['mac']}")
+                raise CallError("FAILED_PRECONDITION", f"no guest interface with MAC {current}")
+            if current != interface["mac"].lower():
+                _run("ip", "link", "set", "dev", name, "address", interface["mac"])
             if interface.get("mtu"):
                 _run("ip", "link", "set", "dev", name, "mtu", str(interface["mtu"]))
             for address in interface["addresses"]:
@@ -172,7 +190,15 @@ class Agent:
             _run("ip", "route", "add", route["dst"], *(["via", route["via"]] if route.get("via") else []))
         if share:
             os.makedirs(SHARED, exist_ok=True)
-            _run("mount", "-t", "virtiofs", SHARE_TAG, SHARED)
+            deadline = time.monotonic() + share_wait
+            while True:
+                try:
+                    _run("mount", "-t", "virtiofs", SHARE_TAG, SHARED)
+                    break
+                except CallError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
         return {}
 
     # -- containers -------------------------------------------------------------

@@ -22,6 +22,10 @@ BASE_KERNEL_PARAMS = "console=ttyS0 quiet panic=-1 reboot=t"
 PROBE_TIMEOUT = 10.0
 #: Socket names in a VM's directory.
 AGENT_SOCKET = "agent.sock"
+#: The vhost-user socket of the VM's virtiofsd, the tag the guest mounts, and the root port a template keeps for it.
+SHARE_SOCKET = "share.sock"
+SHARE_TAG = "shimhub"
+SHARE_PORT = "share-port"
 QMP_SOCKET = "qmp.sock"
 #: A boot sector that writes 0x31 to port 0xf4 (QEMU's isa-debug-exit), so QEMU exits with code 99.
 _PROBE_SECTOR = bytes([0xB0, 0x31, 0xE6, 0xF4, 0xF4, 0xEB, 0xFD]).ljust(510, b"\0") + b"\x55\xaa"
@@ -50,6 +54,11 @@ class VmConfig:
     share_socket: str = ""
     #: Hot-pluggable virtio-SCSI controller for block-device root filesystems.
     scsi: bool = False
+    #: A template's device layout: a network device even without a tap, a free root port for the share,
+    #: and the share plugged in only after the start (see `template`).
+    templated: bool = False
+    #: A template's saved state to start from instead of booting ("" to boot).
+    incoming: str = ""
     extra: list[str] = field(factory=list)
 
     @property
@@ -87,15 +96,18 @@ def command(config: VmConfig) -> list[str]:
         "-daemonize",
     ]  # fmt: skip
     if config.tap:
-        argv += [
-            "-netdev", f"tap,id=net0,ifname={config.tap},script=no,downscript=no",
-            "-device", f"virtio-net-pci,netdev=net0,mac={config.mac}",
-        ]  # fmt: skip
-    if config.share_socket:
-        argv += [
-            "-chardev", f"socket,id=share,path={config.share_socket}",
-            "-device", "vhost-user-fs-pci,chardev=share,tag=shimhub",
-        ]  # fmt: skip
+        argv += ["-netdev", f"tap,id=net0,ifname={config.tap},script=no,downscript=no"]
+    elif config.templated:
+        argv += ["-netdev", "hubport,id=net0,hubid=0"]  # nothing behind it: the device is the template's
+    if config.tap or config.templated:
+        argv += ["-device", f"virtio-net-pci,netdev=net0,mac={config.mac}"]
+    if config.templated:
+        argv += ["-device", f"pcie-root-port,id={SHARE_PORT},chassis=1"]
+    if config.share_socket:  # a template's device is plugged in after the start (the chardev resolves its path now)
+        argv += ["-chardev", f"socket,id=share,path={config.share_socket}"]
+        argv += [] if config.templated else ["-device", f"vhost-user-fs-pci,chardev=share,tag={SHARE_TAG}"]
+    if config.incoming:
+        argv += ["-incoming", f"exec:cat {config.incoming}"]
     if config.scsi:
         argv += ["-device", "virtio-scsi-pci,id=scsi0"]
     return argv + config.extra

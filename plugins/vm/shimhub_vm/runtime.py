@@ -17,6 +17,7 @@ here. Handler options (all optional):
     max_memory_mib = 4096
     virtiofsd = "/usr/lib/qemu/virtiofsd"
     boot_timeout = 120.0       # seconds from QEMU's start until the agent answers
+    vm_template = false        # start pods' VMs from a saved template instead of booting (see template)
     call_timeout = 60.0        # seconds any other call to the agent may take
 
 Pod annotations (when the handler's allowed_annotations let them through):
@@ -68,7 +69,7 @@ from shimhub.sdk import (
     plugin_options,
 )
 from shimhub_proto.cri.v1 import api_pb2 as cri
-from shimhub_vm import guest, qemu, tap
+from shimhub_vm import guest, qemu, tap, template
 from shimhub_vm.agentclient import AgentClient
 
 OPTIONS: dict[str, Any] = {
@@ -86,6 +87,7 @@ OPTIONS: dict[str, Any] = {
     "virtiofsd": "/usr/lib/qemu/virtiofsd",
     "boot_timeout": 120.0,
     "call_timeout": 60.0,
+    "vm_template": False,
 }
 ANNOTATION_PREFIX = "io.katacontainers.config.hypervisor."
 MIN_MEMORY_MIB = 128
@@ -93,7 +95,6 @@ MIN_MEMORY_MIB = 128
 FORBIDDEN_KERNEL_PARAMS = ("init=", "rdinit=")
 KILL_WAIT = 10.0
 OUTPUT_WAIT = 2.0
-SHARE_SOCKET = "share.sock"
 VM_LOST = "the pod's VM exited unexpectedly; its containers are gone"
 
 
@@ -183,6 +184,7 @@ class VmRuntime:
         self.vms = context.run_dir / "vms"
         self.vms.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.builder = guest.GuestBuilder(context.state_dir / "guest")
+        self.templates = template.Templates(context.state_dir / "templates")
         self.options["kernel"] = self.options["kernel"] or guest.default_kernel()
         missing = [
             f"{what} {path!r}"
@@ -208,6 +210,21 @@ class VmRuntime:
         if self.accel_reason:
             info["warning"] = f"software emulation (TCG): {self.accel_reason}"
         return Readiness(ready=True, info=info)
+
+    def _vm_config(self, vcpus: int, memory: int, params: str, directory: Path) -> qemu.VmConfig:
+        """A VM of the handler, in `directory`, booting the handler's guest files."""
+        assert self.builder is not None
+        return qemu.VmConfig(
+            hypervisor=self.options["hypervisor"],
+            machine=self.options["machine"],
+            accel=self.accel,
+            vcpus=vcpus,
+            memory_mib=memory,
+            guest=self.builder.files(self.options["kernel"], self.options["initrd"], self.options["image"]),
+            kernel_params=params,
+            directory=directory,
+            scsi=self.block_devices,
+        )
 
     @hookimpl
     def runtime_recover(self, sandboxes: list[SandboxRecord], containers: list[ContainerRecord]) -> None:
@@ -271,7 +288,7 @@ class VmRuntime:
     def _start_virtiofsd(self, sandbox: SandboxRecord) -> str:
         """Serve the pod's shared directory; the name of the socket QEMU connects to."""
         directory = self._dir(sandbox)
-        listening = qemu.listen(directory, SHARE_SOCKET)
+        listening = qemu.listen(directory, qemu.SHARE_SOCKET)
         try:
             with open(directory / "virtiofsd.log", "ab") as log:
                 process = subprocess.Popen(
@@ -283,7 +300,7 @@ class VmRuntime:
             listening.close()
         sandbox.runtime_data["vm"]["virtiofsd"] = process.pid
         threading.Thread(target=process.wait, daemon=True).start()  # reap it when it exits with the VM
-        return SHARE_SOCKET
+        return qemu.SHARE_SOCKET
 
     def _pod_files(self, sandbox: SandboxRecord, config: cri.PodSandboxConfig, ips: list[str]) -> None:
         files = self._shared(sandbox) / "pod"
@@ -302,19 +319,9 @@ class VmRuntime:
         try:
             self._shared(sandbox).mkdir(parents=True, mode=0o700)
             self._pod_files(sandbox, config, network.ips)
-            files = self.builder.files(self.options["kernel"], self.options["initrd"], self.options["image"])
             interfaces, routes = [], []
-            vm_config = qemu.VmConfig(
-                hypervisor=self.options["hypervisor"],
-                machine=self.options["machine"],
-                accel=self.accel,
-                vcpus=vcpus,
-                memory_mib=memory,
-                guest=files,
-                kernel_params=params,
-                directory=directory,
-                scsi=self.block_devices,
-            )
+            vm_config = self._vm_config(vcpus, memory, params, directory)
+            templated = self.options["vm_template"]
             described = tap.describe(network.netns_path) if network.netns_path else None
             if described is not None:
                 vm.update(netns=network.netns_path, interface=described["interface"])
@@ -322,13 +329,29 @@ class VmRuntime:
                 vm_config.tap = tap.attach(network.netns_path, described["interface"], described["mtu"])
                 interfaces = [{k: described[k] for k in ("mac", "mtu", "addresses")}]
                 routes = described["routes"]
+            if templated:  # the template's devices; the agent gives the pod's MAC to its network device
+                vm_config.templated, vm_config.mac = True, template.TEMPLATE_MAC
+                interfaces = [{**interface, "guest_mac": template.TEMPLATE_MAC} for interface in interfaces]
+                vm_config.incoming = str(self.templates.state(vm_config, self.options["boot_timeout"]))
             vm_config.share_socket = self._start_virtiofsd(sandbox)
             started = time.monotonic()
             vm["pid"] = qemu.start(vm_config, self.options["boot_timeout"])
+            if templated:
+                template.resume(directory, self.options["boot_timeout"])
             self._client(sandbox).connect(self.options["boot_timeout"])
+            if templated:  # the guest's clock is the template's: step it to the host's
+                guest_now = self._agent(sandbox, "clock")["now_ns"]
+                self._agent(sandbox, "clock", step_ns=time.time_ns() - guest_now)
             vm["boot_seconds"] = round(time.monotonic() - started, 3)
             self._agent(
-                sandbox, "setup_pod", hostname=config.hostname, interfaces=interfaces, routes=routes, share=True
+                sandbox,
+                "setup_pod",
+                hostname=config.hostname,
+                interfaces=interfaces,
+                routes=routes,
+                share=True,
+                share_wait=self.options["boot_timeout"] if templated else 0.0,
+                seed=os.urandom(32).hex() if templated else "",
             )
             self.log.info("pod %s: VM up in %.2f s (%s)", sandbox.id[:12], vm["boot_seconds"], self.accel)
         except BaseException as exc:
