@@ -141,6 +141,12 @@ class CheckpointsConfig:
     max_archive_bytes: int = 16 << 30
 
 
+#: What NRI plugins may adjust, by the names [nri] allowed_adjustments uses.
+NRI_ADJUSTMENTS = (
+    "annotations", "mounts", "env", "hooks", "devices", "resources", "rlimits", "args", "oom_score_adj", "sysctl",
+)  # fmt: skip
+
+
 @define(frozen=True)
 class NriConfig:
     """NRI: the node's NRI plugins, connected over a socket or started by shimhub."""
@@ -402,11 +408,9 @@ def _check_settings(config: Config, bad: Complaint) -> None:
 
 
 def _check_nri(settings: NriConfig, bad: Complaint) -> None:
-    from shimhub.nri.adjust import KINDS
-
-    unknown = sorted(set(settings.allowed_adjustments) - set(KINDS))
+    unknown = sorted(set(settings.allowed_adjustments) - set(NRI_ADJUSTMENTS))
     if unknown:
-        bad(("nri", "allowed_adjustments"), f"unknown adjustments {unknown}; known: {', '.join(KINDS)}")
+        bad(("nri", "allowed_adjustments"), f"unknown adjustments {unknown}; known: {', '.join(NRI_ADJUSTMENTS)}")
     for key in ("registration_timeout", "request_timeout"):
         if getattr(settings, key) <= 0:
             bad(("nri", key), f"expected a number of seconds > 0, got {getattr(settings, key)}")

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -26,10 +26,12 @@ from shimhub.images.registry import Credentials
 from shimhub.images.store import ImageRecord
 from shimhub.locks import KeyedLocks
 from shimhub.names import NameRegistry
-from shimhub.nri.runtime import Nri
 from shimhub.pods import PodManager
 from shimhub.records import PENDING_CREATE, PENDING_REMOVE, ContainerRecord, SandboxRecord
 from shimhub.state import StateStore
+
+if TYPE_CHECKING:
+    from shimhub.nri.runtime import Nri
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +100,12 @@ class Daemon:
         self.pod_cidr = ""
         #: Called with every lifecycle event after the extensions (the CRI event stream listens here).
         self.listeners: list[Callable[[str, SandboxRecord, ContainerRecord | None], None]] = []
-        #: NRI, when enabled (started by `start_nri`).
-        self.nri = Nri(config.nri, self.store, self.containers) if config.nri.enable else None
-        if self.nri is not None:
+        #: NRI, when enabled (started by `start_nri`); its modules are loaded only then.
+        self.nri: Nri | None = None
+        if config.nri.enable:
+            from shimhub.nri.runtime import Nri
+
+            self.nri = Nri(config.nri, self.store, self.containers)
             self.extensions.nri = self.nri
             self.listeners.append(self.nri.lifecycle_event)
 

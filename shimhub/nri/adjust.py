@@ -14,13 +14,14 @@ import os
 import re
 from typing import Any
 
+from shimhub.config import NRI_ADJUSTMENTS
 from shimhub.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from shimhub.validation import check_sysctl
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from shimhub_proto.nri import api_pb2 as nri
 
 #: The adjustments shimhub applies, by the names [nri] allowed_adjustments uses.
-KINDS = ("annotations", "mounts", "env", "hooks", "devices", "resources", "rlimits", "args", "oom_score_adj", "sysctl")
+KINDS = NRI_ADJUSTMENTS
 RLIMIT = re.compile(r"RLIMIT_[A-Z]+")
 HOOK_KINDS = ("prestart", "create_runtime", "create_container", "start_container", "poststart", "poststop")
 OCI_HOOK_KINDS = dict(
