@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from bench.daemon import IMAGE, busybox_daemon
@@ -127,13 +127,16 @@ def lifecycle(
     rt: api_pb2_grpc.RuntimeServiceStub,
     root: Path,
     args: argparse.Namespace,
-    all_samples: dict[str, list[float]],
+    samples: dict[str, list[float]],
     *,
     run: int,
     kind: str,
 ) -> None:
     """One pod's lifecycle, its steps timed under names starting with `kind`."""
-    samples: dict[str, list[float]] = {}
+
+    def step(name: str) -> AbstractContextManager[None]:
+        return timed(samples, kind + name)
+
     namespaces = cri.NamespaceOption(pid=cri.CONTAINER)
     if kind == USERNS:
         mapping = [cri.IDMapping(host_id=65536 * (1 + run % 64), container_id=0, length=65536)]
@@ -155,27 +158,25 @@ def lifecycle(
             security_context=cri.LinuxContainerSecurityContext(namespace_options=namespaces)
         ),
     )
-    with timed(samples, "pod start (RunPodSandbox)"):
+    with step("pod start (RunPodSandbox)"):
         request = cri.RunPodSandboxRequest(config=pod, runtime_handler=args.handler)
         pod_id = rt.RunPodSandbox(request).pod_sandbox_id
-    with timed(samples, "container create+start"):
+    with step("container create+start"):
         create = cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
         container_id = rt.CreateContainer(create).container_id
         rt.StartContainer(cri.StartContainerRequest(container_id=container_id))
-    with timed(samples, "ExecSync (true)"):
+    with step("ExecSync (true)"):
         rt.ExecSync(cri.ExecSyncRequest(container_id=container_id, cmd=["true"], timeout=10))
-    with timed(samples, "ContainerStats"):
+    with step("ContainerStats"):
         rt.ContainerStats(cri.ContainerStatsRequest(container_id=container_id))
-    with timed(samples, "PodSandboxStats (with network)"):
+    with step("PodSandboxStats (with network)"):
         rt.PodSandboxStats(cri.PodSandboxStatsRequest(pod_sandbox_id=pod_id))
-    with timed(samples, "stop+remove container and pod"):
+    with step("stop+remove container and pod"):
         rt.StopContainer(cri.StopContainerRequest(container_id=container_id, timeout=0))
-        with timed(samples, "RemoveContainer (stopped)"):
+        with step("RemoveContainer (stopped)"):
             rt.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id))
         rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
         rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
-    for name, values in samples.items():
-        all_samples.setdefault(f"{kind}{name}", []).extend(values)
 
 
 if __name__ == "__main__":

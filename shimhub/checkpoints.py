@@ -132,15 +132,12 @@ def _parse_config(data: bytes, path: str) -> Checkpointed:
 
 def restored_config(request: cri.ContainerConfig, checkpointed: Checkpointed) -> cri.ContainerConfig:
     """The config of a container restored from `checkpointed` as `request` asks."""
+    taken = cri.ContainerConfig()
+    taken.CopyFrom(checkpointed.config)
     merged = cri.ContainerConfig()
     merged.CopyFrom(request)
-    taken = cri.ContainerConfig()
-    for name in FROM_CHECKPOINT:
-        merged.ClearField(name)
-        if name == "image" or isinstance(getattr(taken, name), bool | str):
-            taken.MergeFrom(cri.ContainerConfig(**{name: getattr(checkpointed.config, name)}))
-        else:
-            getattr(taken, name).extend(getattr(checkpointed.config, name))
+    for field in cri.ContainerConfig.DESCRIPTOR.fields:
+        (merged if field.name in FROM_CHECKPOINT else taken).ClearField(field.name)
     merged.MergeFrom(taken)
     return merged
 

@@ -288,11 +288,7 @@ class ContainerManager:
             profile_root=node.config.seccomp_profile_root,
             copies=Path(node.config.run_dir, "seccomp"),
         )
-        idmapped = (
-            userns.IdmappedBinds(node.config.user_namespaces.mount_dir, record.id, sandbox.user_namespace)
-            if sandbox.user_namespace
-            else None
-        )
+        idmapped = userns.IdmappedBinds.of(node.config.user_namespaces.mount_dir, record.id, sandbox)
         with node.locks.hold(sandbox.id), node.locks.hold(record.id):
             if sandbox.state != SANDBOX_READY:
                 raise FailedPrecondition(f"pod sandbox {sandbox.id} stopped while the container was being created")
@@ -305,13 +301,13 @@ class ContainerManager:
                     node.images.provide_layers(image, record.storage_driver, driver)
                     storage = driver.require()
                     storage.call("storage_rootfs_create", container_id=record.id, layer_id=_hex(image.top_layer))
-                    record.rootfs = self._mount_rootfs(storage, record.id, sandbox, idmapped)
+                    record.rootfs = self._mount_rootfs(storage, record.id, idmapped)
                     crash_point("create_container:rootfs")
                 record.user = users.resolve(
                     record.rootfs, config.linux.security_context, image.user_spec() if image else ""
                 )
                 for number, volume_image in enumerate(volumes):
-                    self._mount_image_volume(record, volume_image, number, driver, sandbox=sandbox, idmapped=idmapped)
+                    self._mount_image_volume(record, volume_image, number, driver, idmapped)
                 if idmapped is not None:
                     idmapped.map_volumes(plugin_config)
                 _image_mounts_to_binds(plugin_config, record.image_volumes)
@@ -351,9 +347,7 @@ class ContainerManager:
         except Exception:
             log.exception("cleanup of failed container %s: runtime removal failed", record.id[:12])
         try:
-            userns.IdmappedBinds.release(self.node.config.user_namespaces.mount_dir, record.id)
-            checkpoints.discard(self.node.config.state_dir, record.id)
-            self._remove_rootfs(record)
+            self._remove_files(record)
         except Exception:
             log.exception("cleanup of failed container %s: root filesystem removal failed", record.id[:12])
         if record.log_path:  # the kubelet counts attempts from the log files it finds
@@ -361,7 +355,12 @@ class ContainerManager:
                 os.unlink(record.log_path)
         self.node.store.delete_container(record.id)
 
-    def _remove_rootfs(self, record: ContainerRecord) -> None:
+    def _remove_files(self, record: ContainerRecord) -> None:
+        """What the container has on the node besides the runtime's: the binds of a pod in its own user
+        namespace, an unpacked checkpoint, then its root filesystem and image volumes."""
+        config = self.node.config
+        userns.IdmappedBinds.release(config.user_namespaces.mount_dir, record.id)
+        checkpoints.discard(config.state_dir, record.id)
         if not record.storage_driver:
             return
         storage = self.node.storage_drivers[record.storage_driver].installed()
@@ -448,20 +447,16 @@ class ContainerManager:
         )
 
     @staticmethod
-    def _mount_rootfs(
-        storage: LoadedPlugin, storage_id: str, sandbox: SandboxRecord, idmapped: userns.IdmappedBinds | None
-    ) -> str:
+    def _mount_rootfs(storage: LoadedPlugin, storage_id: str, idmapped: userns.IdmappedBinds | None) -> str:
         """Mount a root filesystem of the storage driver; ID-mapped for a pod in its own user namespace."""
         if idmapped is None:
             return str(storage.call("storage_rootfs_mount", container_id=storage_id))
         if storage.implements("storage_rootfs_mount_idmapped"):
-            mappings = userns.requested(sandbox.pod_config().linux.security_context.namespace_options, "pod")
-            assert mappings is not None
             mounted = storage.call(
                 "storage_rootfs_mount_idmapped",
                 container_id=storage_id,
                 user_namespace=idmapped.user_namespace,
-                root=mappings.root,
+                root=idmapped.root,
             )
             return idmapped.bind(mounted, f"rootfs-{storage_id}", mapped=False)  # where the runtime reaches it
         mounted = storage.call("storage_rootfs_mount", container_id=storage_id)
@@ -473,8 +468,6 @@ class ContainerManager:
         image: ImageRecord,
         number: int,
         driver: Backend,
-        *,
-        sandbox: SandboxRecord,
         idmapped: userns.IdmappedBinds | None,
     ) -> None:
         """Give the container a filesystem of `image`'s layers, to be bind-mounted read-only."""
@@ -484,7 +477,7 @@ class ContainerManager:
         record.image_volumes.append(volume)
         self.node.store.save_container(record)  # a crash from here on rolls the volume back too
         storage.call("storage_rootfs_create", container_id=volume.storage_id, layer_id=_hex(image.top_layer))
-        volume.path = self._mount_rootfs(storage, volume.storage_id, sandbox, idmapped)
+        volume.path = self._mount_rootfs(storage, volume.storage_id, idmapped)
 
     def start(self, container_id: str) -> None:
         """Start a created container."""
@@ -558,9 +551,7 @@ class ContainerManager:
                 return  # another caller finished it
             plugin = self.node.handlers.get(sandbox.handler).installed()
             plugin.call("runtime_container_remove", sandbox=sandbox, container=record)
-            userns.IdmappedBinds.release(self.node.config.user_namespaces.mount_dir, record.id)
-            checkpoints.discard(self.node.config.state_dir, record.id)
-            self._remove_rootfs(record)
+            self._remove_files(record)
             self.node.store.delete_container(record.id)
         self.node.locks.forget(record.id)
         if record.image_ref or record.image_volumes:

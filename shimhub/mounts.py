@@ -74,7 +74,7 @@ def unmount(path: str) -> None:
 
 
 def bind(source: str, target: str) -> None:
-    """Bind-mount `source` (one mount, not its submounts) onto the existing `target`."""
+    """Bind-mount `source` (one mount, not its submounts, or a namespace file to pin) onto the existing `target`."""
     if _libc.mount(os.fsencode(source), os.fsencode(target), None, _MS_BIND, None):
         error = ctypes.get_errno()
         raise PluginFailed(f"bind {source} on {target}: {os.strerror(error)}")

@@ -14,11 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from shimhub.mounts import bind
+
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWNET = 0x40000000
 FLAGS = {"uts": CLONE_NEWUTS, "ipc": CLONE_NEWIPC, "net": CLONE_NEWNET}
-MS_BIND = 4096
 libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
 
@@ -74,11 +75,6 @@ def is_pinned(path: str) -> bool:
         return os.stat(path).st_dev == os.stat("/proc/self/ns/net").st_dev  # every namespace file is on nsfs
     except OSError:
         return False
-
-
-def bind(namespace: str, path: str) -> None:
-    """Pin the namespace file `namespace` (a /proc/<pid>/ns/<kind>) onto the existing file `path`."""
-    check(libc.mount(namespace.encode(), path.encode(), None, MS_BIND, None), f"pin {namespace} {path}")
 
 
 def set_hostname(uts: str, hostname: str) -> None:

@@ -64,18 +64,17 @@ class PodManager:
         handler = self.node.handlers.select(runtime_handler, config.annotations)
         handler.require()
         ids = self.node.config.user_namespaces
-        if userns.check_pod(config, (ids.first_host_id, ids.host_id_count)) is not None:
-            features = handler.backend.setup_readiness.features
-            missing = userns.node_support() or ("" if features.user_namespaces else "its runtime does not support them")
-            if not missing:
-                userns.check_reachable(self.node.config.user_namespaces.mount_dir)
+        mappings = userns.check_pod(config, (ids.first_host_id, ids.host_id_count))
+        if mappings is not None:
+            missing = userns.unsupported(handler.backend.setup_readiness.features)
             if missing:
                 raise FailedPrecondition(
                     f"runtime handler {handler.name!r} cannot run pods in user namespaces (hostUsers: false): {missing}"
                 )
+            userns.check_reachable(ids.mount_dir)
 
         def create() -> str:
-            return self._create(config, handler.name, digest)
+            return self._create(config, handler.name, digest, mappings)
 
         def reusable(sandbox_id: str) -> bool:
             found = self.node.store.sandbox(sandbox_id, missing_ok=True)
@@ -83,7 +82,10 @@ class PodManager:
 
         return self.node.pod_names.create(sandbox_name(metadata), digest, create, reusable, wait)
 
-    def _create(self, config: cri.PodSandboxConfig, handler_name: str, digest: str) -> str:
+    def _create(
+        self, config: cri.PodSandboxConfig, handler_name: str, digest: str, mappings: userns.Mappings | None
+    ) -> str:
+        """Create the sandbox; in a user namespace of its own with `mappings` (None: the node's)."""
         node = self.node
         handler = node.handlers.get(handler_name)
         plugin = handler.require()
@@ -107,7 +109,6 @@ class PodManager:
             node.store.save_sandbox(record)
             crash_point("run_pod:saved")
             try:
-                mappings = userns.requested(config.linux.security_context.namespace_options, "pod sandbox")
                 if mappings is not None:
                     record.user_namespace = str(Path(node.config.run_dir, "userns", record.id))
                     node.store.save_sandbox(record)

@@ -28,6 +28,8 @@ from attrs import define
 
 from shimhub import mounts, namespaces
 from shimhub.errors import FailedPrecondition, InvalidArgument, PluginFailed
+from shimhub.hooktypes import HandlerFeatures
+from shimhub.records import SandboxRecord
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
 log = logging.getLogger(__name__)
@@ -222,7 +224,7 @@ def create(directory: Path, mappings: Mappings, netns_path: str, hostname: str) 
     try:
         for kind, pin in pins.items():
             pin.touch()
-            namespaces.bind(f"/proc/{process.pid}/ns/{kind}", str(pin))
+            mounts.bind(f"/proc/{process.pid}/ns/{kind}", str(pin))  # pins the namespace
     finally:
         _end(process)
     if hostname:
@@ -287,13 +289,30 @@ def node_support() -> str:
     return ""
 
 
+def unsupported(features: HandlerFeatures) -> str:
+    """Why a runtime handler with `features` cannot run pods in user namespaces here ("" when it can); the node
+    is probed only for a runtime that can."""
+    return node_support() if features.user_namespaces else "its runtime does not support them"
+
+
 class IdmappedBinds:
     """A container's root filesystem and volumes, bound for a runtime in the pod's user namespace
     (ID-mapped, but for a root filesystem its driver mapped), in `<mount_dir>/<container id>`."""
 
-    def __init__(self, mount_dir: str, container_id: str, namespace_directory: str) -> None:
+    def __init__(self, mount_dir: str, container_id: str, namespace_directory: str, root: tuple[int, int]) -> None:
         self.directory = self.location(mount_dir, container_id)
         self.user_namespace = user_file(namespace_directory)
+        #: The host uid and gid of the namespace's root.
+        self.root = root
+
+    @classmethod
+    def of(cls, mount_dir: str, container_id: str, sandbox: SandboxRecord) -> IdmappedBinds | None:
+        """The binds of a container of `sandbox`; None for a pod in the node's user namespace."""
+        if not sandbox.user_namespace:
+            return None
+        mappings = requested(sandbox.pod_config().linux.security_context.namespace_options, "pod sandbox")
+        assert mappings is not None  # the pod was made with them
+        return cls(mount_dir, container_id, sandbox.user_namespace, mappings.root)
 
     @staticmethod
     def location(mount_dir: str, container_id: str) -> Path:

@@ -223,11 +223,14 @@ class Nri:
     def lifecycle_event(self, event: str, sandbox: SandboxRecord, container: ContainerRecord | None) -> None:
         """Tell the subscribed plugins of a lifecycle change."""
         for number, method, request_type in EVENTS.get(event, []):
+            plugins = self._subscribed(number)
+            if not plugins:
+                continue  # nothing to describe the pod and container to
             fields: dict[str, Message] = {"pod": messages.pod(sandbox)}
             if container is not None:
                 fields["container"] = messages.container(container)
             request = request_type(**fields)
-            for plugin in self._subscribed(number):
+            for plugin in plugins:
                 self._notify(plugin, number, method, request, fields)
 
     def _notify(self, plugin: Plugin, number: int, method: str, request: Message, fields: dict[str, Message]) -> None:

@@ -322,7 +322,7 @@ class RuntimeService:
                 continue
             features = cri.RuntimeHandlerFeatures(
                 recursive_read_only_mounts=readiness.features.recursive_read_only_mounts,
-                user_namespaces=readiness.features.user_namespaces and not userns.node_support(),
+                user_namespaces=not userns.unsupported(readiness.features),
             )
             handlers.append(cri.RuntimeHandler(name=name, features=features))
             if handler is default:

@@ -432,8 +432,7 @@ class RuncRuntime:
             if not _gone(exc):
                 raise
             # runc forgot it without removing its cgroup: a checkpoint that stopped it, or a create that failed
-            if container.runtime_data.get("cgroup"):
-                cgroups.destroy(container.runtime_data["cgroup"], COMMAND_TIMEOUT)
+            cgroups.destroy(container.runtime_data.get("cgroup", ""), COMMAND_TIMEOUT)  # "" is no cgroup
         monitor = self._monitor(container)
         monitor.exit_file.unlink(missing_ok=True)
         shutil.rmtree(monitor.bundle, ignore_errors=True)

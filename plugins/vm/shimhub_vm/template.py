@@ -11,13 +11,13 @@ and sets the pod up as after a boot (hostname, addresses, routes, share).
 
 A template is kept per shape (hypervisor, machine, acceleration, vCPUs,
 memory, kernel parameters, guest files and their modification times), so a
-new guest image or other VM options make a new one. Each restored VM reads
+new guest image or other VM options make a new one; a new guest image
+removes the templates of the old one. Each restored VM reads
 the template's memory into its own: pages are not shared between VMs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -39,15 +39,19 @@ STATE = "state"
 MIGRATION_TIMEOUT = 120.0
 
 
-def shape(config: qemu.VmConfig) -> str:
-    """What a template is kept for: a hash of everything the saved state depends on."""
-    files = [
-        [path, os.stat(path).st_mtime_ns, os.stat(path).st_size]
-        for path in (config.guest.kernel, config.guest.initrd, config.guest.image)
-    ]
-    described = [config.hypervisor, config.machine, config.accel, config.vcpus, config.memory_mib,
-                 config.kernel_params, config.scsi, files]  # fmt: skip
+def _digest(described: object) -> str:
     return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:16]
+
+
+def location(config: qemu.VmConfig) -> Path:
+    """Where the template of VMs shaped as `config` is kept, relative to a handler's templates: a directory
+    named after the guest files (their paths, times and sizes), in it one named after everything else the
+    saved state depends on."""
+    files = [config.guest.kernel, config.guest.initrd, config.guest.image]
+    guest = [[path, (found := os.stat(path)).st_mtime_ns, found.st_size] for path in files]
+    machine = [config.hypervisor, config.machine, config.accel, config.vcpus, config.memory_mib,
+               config.kernel_params, config.scsi]  # fmt: skip
+    return Path(_digest(guest), _digest(machine))
 
 
 class Templates:
@@ -58,14 +62,18 @@ class Templates:
         self._lock = threading.Lock()
 
     def state(self, config: qemu.VmConfig, boot_timeout: float) -> Path:
-        """The saved state for VMs shaped as `config`, booting and saving a template first if there is none."""
-        target = self.directory / shape(config) / STATE
+        """The saved state for VMs shaped as `config`, booting and saving a template first if there is none.
+
+        Templates of other shapes stay (pods may ask for other vCPUs or memory); those of guest files that
+        were replaced go."""
+        relative = location(config)
+        target = self.directory / relative / STATE
         with self._lock:
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 for stale in self.directory.iterdir():
-                    if stale != target.parent:
-                        shutil.rmtree(stale, ignore_errors=True)  # the shape changed: its guest files are gone
+                    if stale.name != relative.parts[0]:
+                        shutil.rmtree(stale, ignore_errors=True)
                 self._build(config, target, boot_timeout)
         return target
 
@@ -115,9 +123,3 @@ def resume(directory: Path, timeout: float) -> None:
         qmp.execute("cont")
     finally:
         qmp.close()
-
-
-def discard(directory: Path) -> None:
-    """Remove every template (they are rebuilt on demand)."""
-    with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(directory)
