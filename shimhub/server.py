@@ -88,8 +88,12 @@ class Server:
         )
 
     def start(self) -> None:
-        """Bind the socket (0660, in a 0750 directory) and start serving."""
+        """Bind the socket (0660, in a 0750 directory) and start serving: the streaming server and the metrics
+        endpoint first, so that all is up once the socket answers (a client's sign that shimhub is ready)."""
         prepare_socket_path(self.socket_path)
+        self.streaming.start()
+        if self.metrics is not None:
+            self.metrics.start()
         old_umask = os.umask(0o117)  # the socket is born 0660: no window with wider access
         try:
             self.grpc.add_insecure_port(f"unix:{self.socket_path}")
@@ -98,9 +102,6 @@ class Server:
             os.umask(old_umask)
         os.chmod(self.socket_path, SOCKET_MODE)
         log.info("serving CRI on %s", self.socket_path)
-        self.streaming.start()
-        if self.metrics is not None:
-            self.metrics.start()
 
     def stop(self, grace: float) -> None:
         """Refuse new calls, let calls in flight finish for up to `grace` seconds, remove the socket."""
