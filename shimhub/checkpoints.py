@@ -12,7 +12,8 @@ container that resumes the checkpointed processes when started: its image,
 command, arguments, environment and working directory are the checkpointed
 container's; its name, labels, annotations, mounts, log path, resources and
 security context are the request's. An archive is read as hostile input:
-bounded in size and entries, unpacked with tarfile's data filter.
+bounded in size and entries, regular files and directories only, read by
+the confined unpacker (`shimhub.unpack`), never in the daemon.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import shutil
 import stat
 import tarfile
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +33,7 @@ from attrs import define
 from google.protobuf import json_format
 
 from shimhub.errors import AlreadyExists, InvalidArgument
+from shimhub.unpack import APPLY, UnsafeLayer, unpack
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
 CONFIG = "config.dump"
@@ -106,19 +109,23 @@ def _open_archive(path: str) -> IO[bytes]:
 
 def read_config(path: str) -> Checkpointed:
     """The checkpointed container's config.dump; InvalidArgument for anything but a checkpoint archive."""
+    with tempfile.TemporaryDirectory(prefix="shimhub-checkpoint-") as scratch:
+        _unpack(path, scratch, MAX_CONFIG_BYTES, f"{path[:256]!r} is not a checkpoint archive", only=CONFIG)
+        try:
+            with open(os.path.join(scratch, CONFIG), "rb") as dump:
+                data = dump.read(MAX_CONFIG_BYTES)
+        except OSError:
+            raise InvalidArgument(f"{path[:256]!r} is not a checkpoint archive: it has no {CONFIG}") from None
+    return _parse_config(data, path)
+
+
+def _unpack(path: str, into: str, max_bytes: int, failure: str, only: str = "") -> None:
+    """The archive's regular files and directories unpacked into `into` by the confined unpacker."""
     with _open_archive(path) as stream:
         try:
-            with tarfile.open(fileobj=stream, mode="r|") as archive:
-                for count, member in enumerate(archive):
-                    if count > MAX_ENTRIES:
-                        break
-                    if member.name == CONFIG and member.isfile() and member.size <= MAX_CONFIG_BYTES:
-                        extracted = archive.extractfile(member)
-                        assert extracted is not None
-                        return _parse_config(extracted.read(), path)
-        except tarfile.TarError as exc:
-            raise InvalidArgument(f"{path[:256]!r} is not a checkpoint archive: {exc}") from None
-    raise InvalidArgument(f"{path[:256]!r} is not a checkpoint archive: it has no {CONFIG}")
+            unpack(stream, into, APPLY, max_bytes, files_only=True, max_entries=MAX_ENTRIES, only=only)
+        except (UnsafeLayer, OSError) as exc:
+            raise InvalidArgument(f"{failure}: {exc}") from None
 
 
 def _parse_config(data: bytes, path: str) -> Checkpointed:
@@ -146,22 +153,11 @@ def unpack_archive(path: str, into: Path, max_bytes: int) -> None:
     """Unpack the archive into the new directory `into`: regular files and directories only, at most
     `max_bytes` in all."""
     into.mkdir(parents=True, mode=0o700)
-    total = 0
-    with _open_archive(path) as stream:
-        try:
-            with tarfile.open(fileobj=stream, mode="r|") as archive:
-                for count, member in enumerate(archive):
-                    total += member.size
-                    if count > MAX_ENTRIES or (max_bytes and total > max_bytes):
-                        raise InvalidArgument(
-                            f"checkpoint archive {path[:256]!r} is larger than this node takes "
-                            f"([checkpoints] max_archive_bytes {max_bytes}, {MAX_ENTRIES} entries)"
-                        )
-                    if not (member.isfile() or member.isdir()):
-                        raise InvalidArgument(f"checkpoint archive {path[:256]!r}: {member.name[:256]!r} is a link")
-                    archive.extract(member, into, filter="data")
-        except (tarfile.TarError, OSError) as exc:
-            raise InvalidArgument(f"checkpoint archive {path[:256]!r} cannot be unpacked: {exc}") from None
+    failure = (
+        f"checkpoint archive {path[:256]!r} cannot be unpacked ([checkpoints] max_archive_bytes {max_bytes}, "
+        f"{MAX_ENTRIES} entries)"
+    )
+    _unpack(path, str(into), max_bytes, failure)
     if not (into / IMAGES).is_dir():
         raise InvalidArgument(f"checkpoint archive {path[:256]!r} holds no process images ({IMAGES}/)")
 

@@ -119,10 +119,10 @@ class UserNamespacesConfig:
     """Pods with hostUsers: false, each in a user namespace of its own."""
 
     #: The first host uid/gid the kubelet's mappings may use, and how many from there. By default
-    #: any id but root's (the kubelet picks the ranges, as containerd and CRI-O let it); narrow it
-    #: to the kubelet's range (from 65536 by default) to keep pods off the node's own users.
-    first_host_id: int = 1
-    host_id_count: int = (1 << 32) - 2
+    #: from 65536, where the kubelet's ranges start, to the last id: a CRI client cannot map a pod
+    #: onto the node's own users (root, daemons, people). Lower it only for a client that needs to.
+    first_host_id: int = 65536
+    host_id_count: int = (1 << 32) - 65536
     #: Where such pods' root filesystems and volumes are bound for their runtime to reach: the
     #: directory and its parents must be searchable by others (the runtime is no one special on the
     #: host once in the pod's user namespace), so it is not under run_dir (0750).

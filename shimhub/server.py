@@ -39,10 +39,15 @@ class SocketInUse(Exception):
     """Another process serves on the socket path, or the path is not a socket."""
 
 
-def prepare_socket_path(path: Path) -> None:
-    """Create the socket's directory and remove a stale socket, refusing to take over a live one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, SOCKET_DIR_MODE)
+def prepare_socket_path(path: Path, run_dir: Path) -> None:
+    """Create the socket's directory and remove a stale socket, refusing to take over a live one.
+
+    Only a directory of shimhub's own (one it makes here, or its `run_dir`) gets the mode 0750:
+    `--socket /run/x.sock` must leave /run as it is.
+    """
+    if not path.parent.exists() or path.parent == run_dir:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, SOCKET_DIR_MODE)
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
@@ -90,7 +95,7 @@ class Server:
     def start(self) -> None:
         """Bind the socket (0660, in a 0750 directory) and start serving: the streaming server and the metrics
         endpoint first, so that all is up once the socket answers (a client's sign that shimhub is ready)."""
-        prepare_socket_path(self.socket_path)
+        prepare_socket_path(self.socket_path, Path(self.daemon.config.run_dir))
         self.streaming.start()
         if self.metrics is not None:
             self.metrics.start()

@@ -1,6 +1,9 @@
 """Unpacking image layer tars safely, with whiteouts in a driver's own form.
 
-No entry may write outside the target directory: names with ``..`` or
+Layers are read by `shimhub.tarstream` (every header bounded) in a child
+process confined by `shimhub.confinement`: chrooted into the target, with
+limits on memory, CPU, file size and time, so a hostile layer costs one failed
+pull and never the daemon. No entry may write outside the target directory: names with ``..`` or
 absolute paths are refused, and every path is resolved inside the target, so
 a symlink (from this layer or an earlier one) can never lead a write outside
 it. Hardlinks must point inside the target too. Ownership, modes, xattrs,
@@ -16,21 +19,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
+import json
 import os
 import shutil
 import stat
-import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import PurePosixPath
-from typing import IO, ClassVar
+from typing import IO, Any, ClassVar
 
 from attrs import define
 
-from shimhub.errors import InvalidArgument
+from shimhub import confinement, tarstream
+from shimhub.errors import InvalidArgument, ResourceExhausted
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 MAX_SYMLINK_HOPS = 40
+COPY_CHUNK = 1 << 20
 
 
 class Whiteouts:
@@ -137,20 +143,119 @@ def make_directories(path: str) -> None:
     os.makedirs(path, mode=0o755, exist_ok=True)
 
 
-def unpack(stream: IO[bytes], target: str, whiteouts: Whiteouts, max_bytes: int = 0) -> UnpackResult:
-    """Unpack the uncompressed layer tar in `stream` into `target`; refuse more than `max_bytes` (0: no limit)."""
-    unpacker = _Unpacker(ScopedRoot(target), whiteouts, max_bytes)
+def unpack(
+    stream: IO[bytes],
+    target: str,
+    whiteouts: Whiteouts,
+    max_bytes: int = 0,
+    *,
+    files_only: bool = False,
+    max_entries: int = 0,
+    only: str = "",
+    deadline: int = confinement.DEADLINE,
+) -> UnpackResult:
+    """Unpack the uncompressed tar in `stream` into the directory `target`, in a confined child process.
+
+    Refuses more than `max_bytes` of file content and more than `max_entries` entries (0: no limit) and,
+    with `files_only`, anything but regular files and directories; with `only`, unpacks just that entry;
+    stops the child after `deadline` seconds.
+    `whiteouts` is instantiated again in the child: its class must be importable by its module and name
+    and take no arguments.
+    """
+    limits = {
+        "max_bytes": max_bytes,
+        "files_only": files_only,
+        "max_entries": max_entries,
+        "only": only,
+        "deadline": deadline,
+    }
+    named = f"{type(whiteouts).__module__}:{type(whiteouts).__qualname__}"
+    return _result(_HELPER.run({"target": target, "whiteouts": named, "limits": limits}, stream), target, limits)
+
+
+_HELPER = confinement.Helper(__name__)
+
+
+def _result(answer: bytes, target: str, limits: Mapping[str, Any]) -> UnpackResult:
+    """What the confined child answered, as a result or the error it stands for."""
+    deadline = limits.get("deadline", confinement.DEADLINE)
+    memory = int(limits.get("memory", confinement.MEMORY_ALLOWANCE)) >> 20
+    if not answer:
+        raise UnsafeLayer(f"unpacking was stopped at a limit of the confined unpacker ({deadline} s, {memory} MiB)")
+    result = json.loads(answer)
+    error = result.get("error")
+    message = str(result.get("message", ""))[:1024]
+    if error is None:
+        return UnpackResult(bytes=int(result["bytes"]), inodes=int(result["inodes"]))
+    if error == "unsafe":
+        raise UnsafeLayer(message)
+    if error == "memory":
+        raise UnsafeLayer(f"unpacking needs more than the {memory} MiB of memory the unpacker may use")
+    if error == "os":
+        code = int(result.get("errno", 0))
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhausted(f"no space left to unpack into {target}: {message}")
+        if code == errno.EFBIG:
+            raise UnsafeLayer(f"a file of the archive is larger than this node allows ({limits['max_bytes']} bytes)")
+        raise OSError(code, message)
+    raise RuntimeError(f"the confined unpacker failed: {message}")
+
+
+def _prepare(request: dict[str, Any], cache: dict[str, Whiteouts] = {}) -> Whiteouts:  # noqa: B006 - the cache
+    """In the helper: the request's Whiteouts, its class imported once."""
+    name = request["whiteouts"]
+    if name not in cache:
+        module, _, qualname = name.partition(":")
+        found: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+        cache[name] = found()
+    return cache[name]
+
+
+def _work(request: dict[str, Any], whiteouts: Whiteouts) -> dict[str, Any]:
+    """In the confined child, chrooted into the target: unpack standard input there."""
+    limits = request["limits"]
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as archive:
-            for member in archive:
-                try:
-                    unpacker.add(archive, member)
-                except OSError as exc:
-                    if exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
-                        raise
-                    raise UnsafeLayer(f"layer entry {member.name[:256]!r}...: {exc.strerror}") from None
-    except tarfile.TarError as exc:
-        raise UnsafeLayer(f"layer is not a valid tar archive: {exc}") from exc
+        with open(0, "rb", buffering=confinement.CHUNK, closefd=False) as stream:
+            done = unpack_here(
+                stream,
+                "/",
+                whiteouts,
+                max_bytes=int(limits.get("max_bytes") or 0),
+                files_only=bool(limits.get("files_only")),
+                max_entries=int(limits.get("max_entries") or 0),
+                only=str(limits.get("only") or ""),
+            )
+    except UnsafeLayer as exc:
+        return {"error": "unsafe", "message": str(exc)}
+    except OSError as exc:
+        return {"error": "os", "errno": exc.errno or 0, "message": str(exc)}
+    return {"bytes": done.bytes, "inodes": done.inodes}
+
+
+def unpack_here(
+    stream: IO[bytes],
+    target: str,
+    whiteouts: Whiteouts,
+    max_bytes: int = 0,
+    *,
+    files_only: bool = False,
+    max_entries: int = 0,
+    only: str = "",
+) -> UnpackResult:
+    """`unpack` in this process: only for the confined child, which runs it chrooted into `target`."""
+    unpacker = _Unpacker(ScopedRoot(target), whiteouts, max_bytes, files_only, max_entries, only)
+    try:
+        for entry in tarstream.TarReader(stream):
+            try:
+                unpacker.add(entry)
+            except OSError as exc:
+                if exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
+                    raise
+                raise UnsafeLayer(f"layer entry {entry.name[:256]!r}...: {exc.strerror}") from None
+    except tarstream.TarFormatError as exc:
+        raise UnsafeLayer(f"layer is not a valid tar archive: {exc}") from None
     unpacker.finish()
     return unpacker.result
 
@@ -158,37 +263,49 @@ def unpack(stream: IO[bytes], target: str, whiteouts: Whiteouts, max_bytes: int 
 class _Unpacker:
     """The state of one layer being unpacked."""
 
-    def __init__(self, root: ScopedRoot, whiteouts: Whiteouts, max_bytes: int) -> None:
+    def __init__(  # noqa: PLR0917 - unpack_here's limits
+        self, root: ScopedRoot, whiteouts: Whiteouts, max_bytes: int, files_only: bool, max_entries: int, only: str
+    ) -> None:
         self.root = root
+        self.only = only
         self.whiteouts = whiteouts
         self.max_bytes = max_bytes
+        self.files_only = files_only
+        self.max_entries = max_entries
+        self.entries = 0
         self.result = UnpackResult()
         #: Entries this layer created (whiteouts never hide them).
         self.created: set[str] = set()
-        self.directories: list[tuple[str, tarfile.TarInfo]] = []
+        self.directories: list[tuple[str, float]] = []
 
-    def add(self, archive: tarfile.TarFile, member: tarfile.TarInfo) -> None:
-        name = _clean_name(member.name)
-        if not name:
-            return  # the layer root itself
+    def add(self, entry: tarstream.Entry) -> None:
+        self.entries += 1
+        if self.max_entries and self.entries > self.max_entries:
+            raise UnsafeLayer(f"the archive holds more than {self.max_entries} entries")
+        if self.files_only and entry.kind not in (tarstream.REGULAR, tarstream.DIRECTORY):
+            link = entry.kind in (tarstream.SYMLINK, tarstream.HARDLINK)
+            raise UnsafeLayer(f"{entry.name[:256]!r} is {'a link' if link else 'not a regular file or a directory'}")
+        name = _clean_name(entry.name)
+        if not name or (self.only and name != self.only):
+            return  # the layer root itself, or an entry not asked for
         if os.path.basename(name).startswith(WHITEOUT_PREFIX) and not self.whiteouts.keep_entries:
             _whiteout(self.root, name, self.whiteouts, self.created)
             return
         path = self.root.resolve(name)
         make_directories(os.path.dirname(path))
-        _extract(archive, member, path, self.root)
-        self.created.add(name)
-        self.result.inodes += 1
-        self.result.bytes += member.size if member.isreg() else 0
+        self.result.bytes += entry.size
         if self.max_bytes and self.result.bytes > self.max_bytes:
             raise UnsafeLayer(f"layer unpacks to more than {self.max_bytes} bytes")
-        if member.isdir():
-            self.directories.append((path, member))
+        _extract(entry, path, self.root)
+        self.created.add(name)
+        self.result.inodes += 1
+        if entry.kind == tarstream.DIRECTORY:
+            self.directories.append((path, entry.mtime))
 
     def finish(self) -> None:
         """Set directory times last: writing their children changed them."""
-        for path, member in reversed(self.directories):
-            os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+        for path, mtime in reversed(self.directories):
+            os.utime(path, (mtime, mtime), follow_symlinks=False)
 
 
 def _whiteout(root: ScopedRoot, name: str, mode: Whiteouts, created: set[str]) -> None:
@@ -208,61 +325,62 @@ def _whiteout(root: ScopedRoot, name: str, mode: Whiteouts, created: set[str]) -
     mode.hide(os.path.join(parent, hidden))
 
 
-def _extract(archive: tarfile.TarFile, member: tarfile.TarInfo, path: str, root: ScopedRoot) -> None:
+def _extract(entry: tarstream.Entry, path: str, root: ScopedRoot) -> None:
     existing = None
     with contextlib.suppress(FileNotFoundError):
         existing = os.lstat(path)
-    if existing is not None and not (member.isdir() and stat.S_ISDIR(existing.st_mode)):
+    kind = entry.kind
+    if existing is not None and not (kind == tarstream.DIRECTORY and stat.S_ISDIR(existing.st_mode)):
         remove_path(path)
-    if member.isdir():
+    if kind == tarstream.DIRECTORY:
         os.makedirs(path, mode=0o700, exist_ok=True)
-    elif member.isreg():
-        source = archive.extractfile(member)
-        assert source is not None
+    elif kind == tarstream.REGULAR:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(source, out, 1 << 20)
-    elif member.issym():
-        os.symlink(member.linkname, path)
-    elif member.islnk():
-        link_name = _clean_name(member.linkname)
+            while chunk := entry.read(COPY_CHUNK):
+                out.write(chunk)
+    elif kind == tarstream.SYMLINK:
+        os.symlink(entry.linkname, path)
+    elif kind == tarstream.HARDLINK:
+        link_name = _clean_name(entry.linkname)
         if not link_name:
-            raise UnsafeLayer(f"layer entry {member.name!r} is a hardlink to the layer root")
+            raise UnsafeLayer(f"layer entry {entry.name!r} is a hardlink to the layer root")
         source_path = root.resolve(link_name)
         if not os.path.lexists(source_path):
-            raise UnsafeLayer(f"layer entry {member.name!r} links to {member.linkname!r}, which is not in the layer")
+            raise UnsafeLayer(f"layer entry {entry.name!r} links to {entry.linkname!r}, which is not in the layer")
         os.link(source_path, path, follow_symlinks=False)
         return  # a hardlink shares its target's metadata
-    elif member.ischr() and (member.devmajor, member.devminor) == (0, 0):
+    elif kind == tarstream.CHARDEV and (entry.devmajor, entry.devminor) == (0, 0):
         os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(0, 0))  # an overlay-style whiteout: opens nothing
-    elif member.ischr() or member.isblk():
+    elif kind in (tarstream.CHARDEV, tarstream.BLOCKDEV):
         # An image has no business creating device nodes on the node (the runtime makes /dev);
         # one for the node's disk would be a way out for a container given device access.
-        kind = "character" if member.ischr() else "block"
+        described = "character" if kind == tarstream.CHARDEV else "block"
         raise UnsafeLayer(
-            f"layer entry {member.name!r} is a {kind} device {member.devmajor}:{member.devminor}; "
+            f"layer entry {entry.name!r} is a {described} device {entry.devmajor}:{entry.devminor}; "
             "images may not carry device nodes"
         )
-    elif member.isfifo():
+    else:
         os.mkfifo(path, 0o600)
-    else:
-        raise UnsafeLayer(f"layer entry {member.name!r} has an unsupported type {member.type!r}")
-    _apply_metadata(member, path)
+    _apply_metadata(entry, path)
 
 
-def _apply_metadata(member: tarfile.TarInfo, path: str) -> None:
-    os.lchown(path, member.uid, member.gid)
-    for key, value in member.pax_headers.items():
-        if key.startswith("SCHILY.xattr."):
-            try:
-                os.setxattr(
-                    path, key[len("SCHILY.xattr.") :], value.encode("utf-8", "surrogateescape"), follow_symlinks=False
-                )
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTSUP, errno.EPERM):
-                    raise
-    if not member.issym():
-        os.chmod(path, member.mode & 0o7777)
-        os.utime(path, (member.mtime, member.mtime))
+def _apply_metadata(entry: tarstream.Entry, path: str) -> None:
+    os.lchown(path, entry.uid, entry.gid)
+    for key, value in entry.xattrs.items():
+        try:
+            os.setxattr(path, key, value, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+                raise
+    if entry.kind != tarstream.SYMLINK:
+        os.chmod(path, entry.mode & 0o7777)
+        os.utime(path, (entry.mtime, entry.mtime))
     else:
-        os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+        os.utime(path, (entry.mtime, entry.mtime), follow_symlinks=False)
+
+
+if __name__ == "__main__":  # the confinement helper (see shimhub.confinement), with this module's own functions
+    from shimhub import unpack as _module  # noqa: PLW0406 - the module, not this __main__ copy of it
+
+    confinement.main(_module._prepare, _module._work)

@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from shimhub import rpc
+from shimhub.server import prepare_socket_path
 from shimhub.testing.daemon import pod_config, wait_for
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from shimhub_proto.cri.v1 import api_pb2_grpc
@@ -137,3 +138,15 @@ def test_a_second_daemon_on_the_same_state_stops_before_touching_it(daemon_facto
     assert second.returncode == 1
     assert f"another shimhub serves the state directory {first.root / 'state'}" in second.stderr
     assert [p.id for p in first.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items] == [sandbox]
+
+
+@pytest.mark.unit
+def test_only_a_socket_directory_shimhub_makes_gets_its_mode(tmp_path: Path) -> None:
+    """`--socket /run/x.sock` once chmod-ed /run to 0750."""
+    existing = tmp_path / "run"
+    existing.mkdir(mode=0o755)
+    existing.chmod(0o755)
+    prepare_socket_path(existing / "x.sock", tmp_path / "shimhub")
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o755
+    prepare_socket_path(existing / "made" / "x.sock", tmp_path / "shimhub")
+    assert stat.S_IMODE((existing / "made").stat().st_mode) == 0o750

@@ -6,14 +6,17 @@ import io
 import logging
 import os
 import stat
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from shimhub import plugins
 from shimhub.hooktypes import PluginContext
 from shimhub.testing.layers import tar
-from shimhub.unpack import APPLY, UnsafeLayer, unpack
+from shimhub.unpack import APPLY, UnsafeLayer, Whiteouts, unpack
 from shimhub_storage.overlay import OverlayWhiteouts
 from tests.conftest import NEEDS_ROOT
 
@@ -147,3 +150,140 @@ def test_aufs_mode_keeps_aufs_whiteouts_and_builds_branches(tmp_path: Path) -> N
     assert driver.instance.branches("c") == (
         f"br={tmp_path}/storage/aufs/containers/c/rw=rw:{layers}/up/diff=ro+wh:{layers}/low/diff=ro+wh"
     )
+
+
+# -- hostile headers: refused by the bounded reader, in a confined child ------------------------
+
+
+def raw_header(name: bytes, size: int, kind: bytes) -> bytes:
+    """One ustar header block with a declared `size`, whatever follows it."""
+    block = bytearray(512)
+    block[0 : len(name)] = name
+    block[100:108] = b"0000644\0"
+    block[108:116] = block[116:124] = b"0000000\0"
+    block[124:136] = f"{size:011o}\0".encode()
+    block[136:148] = b"00000000000\0"
+    block[156:157] = kind
+    block[257:265] = b"ustar\x0000"
+    block[148:156] = b" " * 8
+    block[148:156] = f"{sum(block):06o}\0 ".encode()
+    return bytes(block)
+
+
+class Endless(io.RawIOBase):
+    """`head`, then zeros without end; counts what was read."""
+
+    def __init__(self, head: bytes) -> None:
+        self.head = head
+        self.consumed = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray) -> int:  # type: ignore[override]
+        count = len(buffer)
+        chunk = self.head[self.consumed : self.consumed + count]
+        chunk += bytes(count - len(chunk))
+        buffer[:count] = chunk
+        self.consumed += count
+        return count
+
+
+@pytest.mark.parametrize("kind", [b"x", b"g", b"L", b"K"])
+def test_huge_extended_headers_are_refused_before_they_are_read(target: Path, kind: bytes) -> None:
+    """A header declaring 2.5 GiB: tarfile reads it whole (the daemon was OOM-killed); this reads none of it."""
+    stream = Endless(raw_header(b"././@PaxHeader", 5 << 29, kind))
+    with pytest.raises(UnsafeLayer, match=r"declares 2684354560 bytes; at most 1048576 are read"):
+        unpack(stream, str(target), APPLY)  # type: ignore[arg-type]
+    assert stream.consumed < 4 << 20
+
+
+def test_quadratic_pax_header_holds_no_lock_of_the_daemon(target: Path) -> None:
+    """CVE-2024-6232: 60 KB of digits in a PAX header take tarfile's regex seconds under the GIL on Pythons
+    before 3.11.10; parsed in the child, the calling process goes on running."""
+    digits = b"1" * 60_000
+    layer = raw_header(b"x", len(digits), b"x") + digits + bytes(-len(digits) % 512) + bytes(1024)
+    gaps: list[float] = []
+    done = threading.Event()
+
+    def tick() -> None:
+        last = time.monotonic()
+        while not done.is_set():
+            time.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(UnsafeLayer, match="malformed PAX record"):
+            unpack(io.BytesIO(layer), str(target), APPLY)
+    finally:
+        done.set()
+        ticker.join()
+    assert time.monotonic() - started < 5
+    assert max(gaps) < 1.0
+
+
+class ListRoot(Whiteouts):
+    """Writes what the child sees as "/" into the layer when asked to hide something."""
+
+    def hide(self, path: str) -> None:
+        with open(os.path.join(os.path.dirname(path), "seen"), "w") as seen:
+            seen.write("\n".join(sorted(os.listdir("/"))))
+
+
+class Sleeps(Whiteouts):
+    def hide(self, path: str) -> None:
+        time.sleep(30)
+
+
+class Hoards(Whiteouts):
+    def hide(self, path: str) -> None:
+        self.hoard = bytearray(4 << 30)
+
+
+def test_child_is_chrooted_into_the_target(target: Path) -> None:
+    (target / "mine").mkdir()
+    unpack(io.BytesIO(tar((".wh.x", "file", ""))), str(target), ListRoot())
+    assert (target / "seen").read_text().split() == ["mine", "seen"]  # nothing of the node
+
+
+def test_child_past_its_deadline_is_stopped(target: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(UnsafeLayer, match=r"stopped at a limit of the confined unpacker \(1 s"):
+        unpack(io.BytesIO(tar((".wh.x", "file", ""))), str(target), Sleeps(), deadline=1)
+    assert time.monotonic() - started < 10
+
+
+def test_child_past_its_memory_is_stopped(target: Path) -> None:
+    before = psutil.Process().memory_info().rss
+    with pytest.raises(UnsafeLayer, match="more than the 512 MiB of memory the unpacker may use"):
+        unpack(io.BytesIO(tar((".wh.x", "file", ""))), str(target), Hoards())
+    assert psutil.Process().memory_info().rss - before < 32 << 20
+
+
+def test_pax_names_xattrs_and_long_names_survive(target: Path) -> None:
+    long_name = "d/" + "n" * 200
+    layer = tar(
+        ("d", "dir", None),
+        (long_name, "file", "long"),
+        ("ü-name", "file", "pax", {"pax_headers": {"SCHILY.xattr.user.k": "v", "mtime": "1700000000.5"}}),
+        ("big-uid", "file", "u", {"uid": 3_000_000, "gid": 7}),
+    )
+    unpack(io.BytesIO(layer), str(target), APPLY)
+    assert (target / long_name).read_text() == "long"
+    assert os.getxattr(target / "ü-name", "user.k") == b"v"
+    assert os.stat(target / "ü-name").st_mtime == 1700000000.5
+    assert (os.stat(target / "big-uid").st_uid, os.stat(target / "big-uid").st_gid) == (3_000_000, 7)
+
+
+def test_files_only_and_entry_limits(target: Path) -> None:
+    with pytest.raises(UnsafeLayer, match="'s' is a link"):
+        unpack(io.BytesIO(tar(("s", "symlink", "x"))), str(target), APPLY, files_only=True)
+    with pytest.raises(UnsafeLayer, match="more than 2 entries"):
+        unpack(
+            io.BytesIO(tar(("a", "file", ""), ("b", "file", ""), ("c", "file", ""))), str(target), APPLY, max_entries=2
+        )

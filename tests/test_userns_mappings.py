@@ -6,6 +6,7 @@ import pytest
 from google.protobuf import json_format
 
 from shimhub import userns
+from shimhub.config import UserNamespacesConfig
 from shimhub.errors import InvalidArgument
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
@@ -77,3 +78,14 @@ def test_a_container_joins_its_pods_namespace_or_none() -> None:
     privileged.linux.security_context.privileged = True
     with pytest.raises(InvalidArgument, match="privileged"):
         userns.check_container(privileged, pod)
+
+
+def test_by_default_no_pod_maps_onto_the_nodes_own_users() -> None:
+    """The default range starts where the kubelet's do: a client asking for host id 1000 (a person's
+    account on most nodes) is refused."""
+    ids = UserNamespacesConfig()
+    allowed = (ids.first_host_id, ids.host_id_count)
+    assert allowed == (65536, (1 << 32) - 65536)
+    with pytest.raises(InvalidArgument, match="outside the ids this node gives pods"):
+        userns.check_pod(_pod(_kubelets(1000, 100000)), allowed)
+    assert userns.check_pod(_pod(_kubelets(65536)), allowed) is not None

@@ -8,15 +8,16 @@ need the same blob at once share one download.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
-from shimhub.errors import InvalidArgument
+from shimhub.errors import InvalidArgument, ResourceExhausted
 from shimhub.hooktypes import FilesystemUsage
 from shimhub.mounts import tree_usage
 
@@ -60,8 +61,9 @@ class ContentStore:
         assert future is not None
         if not mine:
             return future.result()
+        chunks = download()
         try:
-            path = self._write(digest, size, download(), what)
+            path = self._write(digest, size, chunks, what)
         except BaseException as exc:
             future.set_exception(exc)
             raise
@@ -69,6 +71,10 @@ class ContentStore:
             future.set_result(path)
             return path
         finally:
+            # Closed here, in this thread: a download left suspended would be finalized by the garbage
+            # collector in whichever thread it runs, possibly inside the connection pool's lock.
+            if isinstance(chunks, Generator):
+                chunks.close()
             with self._lock:
                 del self._inflight[digest]
 
@@ -94,6 +100,10 @@ class ContentStore:
                     f"{what} {digest}: content does not match its digest (got sha256:{hasher.hexdigest()})"
                 )
             os.rename(partial, self.path(digest))
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(f"{what} {digest}: no space left in the content store {self.root}") from None
+            raise
         finally:
             partial.unlink(missing_ok=True)
         return self.path(digest)

@@ -17,13 +17,14 @@ httpx is imported by the functions that use it, at the first pull: it is
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from attrs import define
 
@@ -411,10 +412,24 @@ class RegistryClient:
         The download stops when `alive` turns false (the pull's client left) or when it is slower on
         average than MIN_BLOB_RATE past the registry timeout.
         """
-        import httpx
 
         failures: list[str] = []
-        for host, response, last in self._each_host(ref, f"blobs/{digest}", creds, {}, failures=failures, stream=True):
+        hosts = self._each_host(ref, f"blobs/{digest}", creds, {}, failures=failures, stream=True)
+        with contextlib.closing(hosts):  # closed in this thread when the consumer closes this generator
+            yield from self._blob_from(hosts, ref, digest, size, alive, failures)
+
+    def _blob_from(  # noqa: PLR0917 - one download's pieces
+        self,
+        hosts: Iterator[tuple[str, Any, bool]],
+        ref: Reference,
+        digest: str,
+        size: int,
+        alive: Callable[[], bool],
+        failures: list[str],
+    ) -> Iterator[bytes]:
+        import httpx
+
+        for host, response, last in hosts:
             try:
                 if response.status_code == 200:
                     deadline = time.monotonic() + self.config.timeout + size / MIN_BLOB_RATE
