@@ -22,6 +22,7 @@ from __future__ import annotations
 import array
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import resource
@@ -64,11 +65,21 @@ class Helper:
             )
         self._socket = ours
 
-    def _ask(self, request: bytes, fds: list[int]) -> dict[str, Any]:
+    def _ensure(self) -> socket.socket:
         if self._socket is None or self._process is None or self._process.poll() is not None:
             if self._socket is not None:
                 self._socket.close()
             self._start()
+        assert self._socket is not None
+        return self._socket
+
+    def start(self) -> None:
+        """Start the helper now (it imports what its children need), so that the first archive does not wait."""
+        with self._lock:
+            self._ensure()
+
+    def _ask(self, request: bytes, fds: list[int]) -> dict[str, Any]:
+        self._ensure()
         assert self._socket is not None
         self._socket.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
         answer = self._socket.recv(_MESSAGE_LIMIT)
@@ -89,6 +100,8 @@ class Helper:
         """Have a confined child work on `stream` as `request` says (its "target" the root it is chrooted
         into, its "limits" the child's); the child's answer, b"" when a limit stopped it."""
         archive_read, archive_write = os.pipe()
+        with contextlib.suppress(OSError):  # fewer, larger hand-overs: a pipe holds 64 KiB by default
+            fcntl.fcntl(archive_write, fcntl.F_SETPIPE_SZ, CHUNK)
         answer_read, answer_write = os.pipe()
         try:
             reply = self._fork(request, [archive_read, answer_write])

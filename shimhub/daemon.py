@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from shimhub import config as config_module
-from shimhub import profiles, telemetry
+from shimhub import profiles, telemetry, unpack
 from shimhub.backends import Backend
 from shimhub.background import Coalesced
 from shimhub.config import Config
@@ -64,6 +64,7 @@ class Daemon:
         # Others may pass through (as into /var/lib/containerd) but not list it; each driver's own is 0700.
         Path(config.storage.root).mkdir(parents=True, exist_ok=True, mode=0o711)
         self.store = StateStore(Path(config.state_dir))
+        unpack.start_helper()  # the confined layer unpacker, ready before the first pull
         self.locks = KeyedLocks()
         self.pod_names = NameRegistry("pod sandbox")
         self.container_names = NameRegistry("container")

@@ -44,6 +44,13 @@ class FailedPrecondition(ShimhubError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Refused(Exception):
+    """Raised by an extension's `shimhub_adjust_oci_spec` to refuse the container, saying why.
+
+    CreateContainer then fails with FAILED_PRECONDITION naming the extension and the reason.
+    """
+
+
 class PermissionDenied(ShimhubError):
     """The node's configuration does not allow the request."""
 

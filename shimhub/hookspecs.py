@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 PROJECT = "shimhub"
 #: The version of this contract. A new optional hook raises the minor; a
 #: changed or removed hook raises the major.
-API_VERSION = "1.5"
+API_VERSION = "1.6"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -344,7 +344,19 @@ class ExtensionSpec:
 
     @hookspec
     def shimhub_adjust_oci_spec(self, sandbox: SandboxRecord, container: ContainerRecord, spec: dict[str, Any]) -> None:
-        """Change a container's OCI runtime spec in place before the runtime creates it."""
+        """Change a container's OCI runtime spec in place before the runtime creates it.
+
+        :param sandbox: the container's pod (read only).
+        :param container: the container being created (read only).
+        :param spec: the OCI runtime spec, a copy shared by the extensions of this call: their edits
+            replace the container's spec only when every extension returned (whole or not at all).
+
+        Raise ``shimhub.errors.Refused("why")`` to refuse the container: CreateContainer fails with
+        FAILED_PRECONDITION naming the extension and the reason. Any other exception is the
+        extension's fault: it is logged, every edit of this call is discarded and the spec is
+        adjusted again without that extension. Called through pluggy's call loop: ``tryfirst``,
+        ``trylast`` and wrappers (``wrapper=True``) apply. Refusing since plugin API 1.6.
+        """
 
     @hookspec
     def shimhub_lifecycle_event(self, event: str, sandbox: SandboxRecord, container: ContainerRecord | None) -> None:

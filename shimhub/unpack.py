@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from pathlib import PurePosixPath
 from typing import IO, Any, ClassVar
 
-from attrs import define
+from attrs import asdict, define, fields
 
 from shimhub import confinement, tarstream
 from shimhub.errors import InvalidArgument, ResourceExhausted
@@ -62,6 +62,16 @@ APPLY = Whiteouts()
 
 class UnsafeLayer(InvalidArgument):
     """A layer tries to write outside its directory or is otherwise malformed."""
+
+
+@define(frozen=True)
+class Limits:
+    """What an archive may hold: file bytes and entries (0: no limit), only files and directories, one entry."""
+
+    max_bytes: int = 0
+    files_only: bool = False
+    max_entries: int = 0
+    only: str = ""
 
 
 @define
@@ -162,18 +172,14 @@ def unpack(
     `whiteouts` is instantiated again in the child: its class must be importable by its module and name
     and take no arguments.
     """
-    limits = {
-        "max_bytes": max_bytes,
-        "files_only": files_only,
-        "max_entries": max_entries,
-        "only": only,
-        "deadline": deadline,
-    }
+    limits = {**asdict(Limits(max_bytes, files_only, max_entries, only)), "deadline": deadline}
     named = f"{type(whiteouts).__module__}:{type(whiteouts).__qualname__}"
     return _result(_HELPER.run({"target": target, "whiteouts": named, "limits": limits}, stream), target, limits)
 
 
 _HELPER = confinement.Helper(__name__)
+#: Start the unpacker's helper process ahead of the first layer (the daemon does at startup).
+start_helper = _HELPER.start
 
 
 def _result(answer: bytes, target: str, limits: Mapping[str, Any]) -> UnpackResult:
@@ -215,18 +221,10 @@ def _prepare(request: dict[str, Any], cache: dict[str, Whiteouts] = {}) -> White
 
 def _work(request: dict[str, Any], whiteouts: Whiteouts) -> dict[str, Any]:
     """In the confined child, chrooted into the target: unpack standard input there."""
-    limits = request["limits"]
+    limits = Limits(**{field.name: request["limits"][field.name] for field in fields(Limits)})
     try:
-        with open(0, "rb", buffering=confinement.CHUNK, closefd=False) as stream:
-            done = unpack_here(
-                stream,
-                "/",
-                whiteouts,
-                max_bytes=int(limits.get("max_bytes") or 0),
-                files_only=bool(limits.get("files_only")),
-                max_entries=int(limits.get("max_entries") or 0),
-                only=str(limits.get("only") or ""),
-            )
+        with open(0, "rb", buffering=0, closefd=False) as stream:  # unbuffered: content is copied once
+            done = unpack_here(stream, "/", whiteouts, limits)
     except UnsafeLayer as exc:
         return {"error": "unsafe", "message": str(exc)}
     except OSError as exc:
@@ -234,18 +232,9 @@ def _work(request: dict[str, Any], whiteouts: Whiteouts) -> dict[str, Any]:
     return {"bytes": done.bytes, "inodes": done.inodes}
 
 
-def unpack_here(
-    stream: IO[bytes],
-    target: str,
-    whiteouts: Whiteouts,
-    max_bytes: int = 0,
-    *,
-    files_only: bool = False,
-    max_entries: int = 0,
-    only: str = "",
-) -> UnpackResult:
+def unpack_here(stream: IO[bytes], target: str, whiteouts: Whiteouts, limits: Limits) -> UnpackResult:
     """`unpack` in this process: only for the confined child, which runs it chrooted into `target`."""
-    unpacker = _Unpacker(ScopedRoot(target), whiteouts, max_bytes, files_only, max_entries, only)
+    unpacker = _Unpacker(ScopedRoot(target), whiteouts, limits)
     try:
         for entry in tarstream.TarReader(stream):
             try:
@@ -263,15 +252,10 @@ def unpack_here(
 class _Unpacker:
     """The state of one layer being unpacked."""
 
-    def __init__(  # noqa: PLR0917 - unpack_here's limits
-        self, root: ScopedRoot, whiteouts: Whiteouts, max_bytes: int, files_only: bool, max_entries: int, only: str
-    ) -> None:
+    def __init__(self, root: ScopedRoot, whiteouts: Whiteouts, limits: Limits) -> None:
         self.root = root
-        self.only = only
         self.whiteouts = whiteouts
-        self.max_bytes = max_bytes
-        self.files_only = files_only
-        self.max_entries = max_entries
+        self.limits = limits
         self.entries = 0
         self.result = UnpackResult()
         #: Entries this layer created (whiteouts never hide them).
@@ -280,13 +264,13 @@ class _Unpacker:
 
     def add(self, entry: tarstream.Entry) -> None:
         self.entries += 1
-        if self.max_entries and self.entries > self.max_entries:
-            raise UnsafeLayer(f"the archive holds more than {self.max_entries} entries")
-        if self.files_only and entry.kind not in (tarstream.REGULAR, tarstream.DIRECTORY):
+        if self.limits.max_entries and self.entries > self.limits.max_entries:
+            raise UnsafeLayer(f"the archive holds more than {self.limits.max_entries} entries")
+        if self.limits.files_only and entry.kind not in (tarstream.REGULAR, tarstream.DIRECTORY):
             link = entry.kind in (tarstream.SYMLINK, tarstream.HARDLINK)
             raise UnsafeLayer(f"{entry.name[:256]!r} is {'a link' if link else 'not a regular file or a directory'}")
         name = _clean_name(entry.name)
-        if not name or (self.only and name != self.only):
+        if not name or (self.limits.only and name != self.limits.only):
             return  # the layer root itself, or an entry not asked for
         if os.path.basename(name).startswith(WHITEOUT_PREFIX) and not self.whiteouts.keep_entries:
             _whiteout(self.root, name, self.whiteouts, self.created)
@@ -294,8 +278,8 @@ class _Unpacker:
         path = self.root.resolve(name)
         make_directories(os.path.dirname(path))
         self.result.bytes += entry.size
-        if self.max_bytes and self.result.bytes > self.max_bytes:
-            raise UnsafeLayer(f"layer unpacks to more than {self.max_bytes} bytes")
+        if self.limits.max_bytes and self.result.bytes > self.limits.max_bytes:
+            raise UnsafeLayer(f"layer unpacks to more than {self.limits.max_bytes} bytes")
         _extract(entry, path, self.root)
         self.created.add(name)
         self.result.inodes += 1
