@@ -34,6 +34,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
+import psutil
+
 #: Address space a child may take beyond the helper's own.
 MEMORY_ALLOWANCE = 512 << 20
 #: Wall-clock (and CPU) seconds one archive may take.
@@ -67,11 +69,20 @@ class Helper:
 
     def _ensure(self) -> socket.socket:
         if self._socket is None or self._process is None or self._process.poll() is not None:
-            if self._socket is not None:
-                self._socket.close()
+            self._stop()
             self._start()
         assert self._socket is not None
         return self._socket
+
+    def _stop(self) -> None:
+        """Close the channel and reap the helper (which exits when its channel closes)."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
 
     def start(self) -> None:
         """Start the helper now (it imports what its children need), so that the first archive does not wait."""
@@ -92,8 +103,8 @@ class Helper:
         with self._lock:
             try:
                 return self._ask(encoded, fds)
-            except (OSError, ConnectionError, ValueError):
-                self._socket = None  # it died under us: once more with a new helper
+            except (OSError, ConnectionError):
+                self._stop()  # it died under us: once more with a new helper
                 return self._ask(encoded, fds)
 
     def run(self, request: Mapping[str, Any], stream: IO[bytes]) -> bytes:
@@ -152,22 +163,14 @@ def _prctl(option: int, value: int) -> None:
         raise OSError(ctypes.get_errno(), f"prctl({option})")
 
 
-def _address_space() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _confine(target: str, limits: Mapping[str, Any]) -> None:
     """Everything a child does before it reads the archive."""
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the file size limit fails with EFBIG instead
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
-    size = _address_space() + int(limits.get("memory", MEMORY_ALLOWANCE))
-    deadline = max(1, int(limits.get("deadline", DEADLINE)))
+    size = psutil.Process().memory_info().vms + MEMORY_ALLOWANCE
+    deadline = max(1, int(limits["deadline"]))
     resource.setrlimit(resource.RLIMIT_AS, (size, size))
     resource.setrlimit(resource.RLIMIT_CPU, (deadline, deadline))
     resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_FILES, OPEN_FILES))

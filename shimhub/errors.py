@@ -7,7 +7,12 @@ layer is a bug and becomes INTERNAL (logged with its traceback, never sent).
 
 from __future__ import annotations
 
+import errno
+
 import grpc
+
+#: The errnos of a full disk or quota: a write that fails with one is RESOURCE_EXHAUSTED.
+NO_SPACE = frozenset((errno.ENOSPC, errno.EDQUOT))
 
 
 class ShimhubError(Exception):

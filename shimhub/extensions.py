@@ -83,6 +83,12 @@ class Extensions:
 
     def adjust_oci_spec(self, sandbox: SandboxRecord, container: ContainerRecord, spec: dict[str, Any]) -> None:
         """Let the extensions, then the NRI plugins, adjust `spec`: each change whole or not at all."""
+        if getattr(self.manager.hook, ADJUST).get_hookimpls():  # else there is no copy to make
+            self._adjust(sandbox, container, spec)
+        if self.nri is not None:
+            self.nri.create_container(sandbox, container, spec)
+
+    def _adjust(self, sandbox: SandboxRecord, container: ContainerRecord, spec: dict[str, Any]) -> None:
         excluded: list[str] = []
         while True:
             caller = self.manager.subset_hook_caller(
@@ -114,9 +120,7 @@ class Extensions:
                 continue
             spec.clear()
             spec.update(edited)
-            break
-        if self.nri is not None:
-            self.nri.create_container(sandbox, container, spec)
+            return
 
     def lifecycle_event(self, event: str, sandbox: SandboxRecord, container: ContainerRecord | None) -> None:
         """Tell every extension about a lifecycle change, each through a hook caller of its own."""

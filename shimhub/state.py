@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal, TypeVar, overload
 
 from shimhub.config import converter
-from shimhub.errors import InvalidArgument, NotFound, ResourceExhausted
+from shimhub.errors import NO_SPACE, InvalidArgument, NotFound, ResourceExhausted
 from shimhub.records import ContainerRecord, SandboxRecord
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def write_atomically(path: Path, data: bytes) -> None:
     except OSError as exc:
         os.close(fd)
         tmp.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno in NO_SPACE:
             raise ResourceExhausted(f"no space left to write {path.name}: {exc.strerror}") from None
         raise
     os.close(fd)

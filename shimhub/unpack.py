@@ -31,7 +31,7 @@ from typing import IO, Any, ClassVar
 from attrs import asdict, define, fields
 
 from shimhub import confinement, tarstream
-from shimhub.errors import InvalidArgument, ResourceExhausted
+from shimhub.errors import NO_SPACE, InvalidArgument, ResourceExhausted
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -184,10 +184,11 @@ start_helper = _HELPER.start
 
 def _result(answer: bytes, target: str, limits: Mapping[str, Any]) -> UnpackResult:
     """What the confined child answered, as a result or the error it stands for."""
-    deadline = limits.get("deadline", confinement.DEADLINE)
-    memory = int(limits.get("memory", confinement.MEMORY_ALLOWANCE)) >> 20
+    memory = confinement.MEMORY_ALLOWANCE >> 20
     if not answer:
-        raise UnsafeLayer(f"unpacking was stopped at a limit of the confined unpacker ({deadline} s, {memory} MiB)")
+        raise UnsafeLayer(
+            f"unpacking was stopped at a limit of the confined unpacker ({limits['deadline']} s, {memory} MiB)"
+        )
     result = json.loads(answer)
     error = result.get("error")
     message = str(result.get("message", ""))[:1024]
@@ -199,7 +200,7 @@ def _result(answer: bytes, target: str, limits: Mapping[str, Any]) -> UnpackResu
         raise UnsafeLayer(f"unpacking needs more than the {memory} MiB of memory the unpacker may use")
     if error == "os":
         code = int(result.get("errno", 0))
-        if code in (errno.ENOSPC, errno.EDQUOT):
+        if code in NO_SPACE:
             raise ResourceExhausted(f"no space left to unpack into {target}: {message}")
         if code == errno.EFBIG:
             raise UnsafeLayer(f"a file of the archive is larger than this node allows ({limits['max_bytes']} bytes)")

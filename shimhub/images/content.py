@@ -8,7 +8,6 @@ need the same blob at once share one download.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import shutil
@@ -17,7 +16,7 @@ from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
-from shimhub.errors import InvalidArgument, ResourceExhausted
+from shimhub.errors import NO_SPACE, InvalidArgument, ResourceExhausted
 from shimhub.hooktypes import FilesystemUsage
 from shimhub.mounts import tree_usage
 
@@ -101,7 +100,7 @@ class ContentStore:
                 )
             os.rename(partial, self.path(digest))
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno in NO_SPACE:
                 raise ResourceExhausted(f"{what} {digest}: no space left in the content store {self.root}") from None
             raise
         finally:

@@ -412,7 +412,6 @@ class RegistryClient:
         The download stops when `alive` turns false (the pull's client left) or when it is slower on
         average than MIN_BLOB_RATE past the registry timeout.
         """
-
         failures: list[str] = []
         hosts = self._each_host(ref, f"blobs/{digest}", creds, {}, failures=failures, stream=True)
         with contextlib.closing(hosts):  # closed in this thread when the consumer closes this generator
