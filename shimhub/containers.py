@@ -42,6 +42,7 @@ from shimhub_proto.cri.v1 import api_pb2 as cri
 
 if TYPE_CHECKING:
     from shimhub.backends import Backend
+    from shimhub.handlers import Handler
     from shimhub.images.store import ImageRecord
     from shimhub.node import Node
     from shimhub.plugins import LoadedPlugin
@@ -292,33 +293,25 @@ class ContainerManager:
         with node.locks.hold(sandbox.id), node.locks.hold(record.id):
             if sandbox.state != SANDBOX_READY:
                 raise FailedPrecondition(f"pod sandbox {sandbox.id} stopped while the container was being created")
+            driver = None
             if image is not None or volumes:
                 record.storage_driver, driver = node.storage_for(sandbox.handler)
             node.store.save_container(record)
             crash_point("create_container:saved")
             try:
-                if image is not None:
-                    node.images.provide_layers(image, record.storage_driver, driver)
-                    storage = driver.require()
-                    storage.call("storage_rootfs_create", container_id=record.id, layer_id=_hex(image.top_layer))
-                    record.rootfs = self._mount_rootfs(storage, record.id, idmapped)
-                    crash_point("create_container:rootfs")
+                self._provide_filesystems(record, image, volumes, driver, idmapped)
                 record.user = users.resolve(
                     record.rootfs, config.linux.security_context, image.user_spec() if image else ""
                 )
-                for number, volume_image in enumerate(volumes):
-                    self._mount_image_volume(record, volume_image, number, driver, idmapped)
                 if idmapped is not None:
                     idmapped.map_volumes(plugin_config)
                 _image_mounts_to_binds(plugin_config, record.image_volumes)
                 node.store.save_container(record)
-                arguments = {
-                    "sandbox": sandbox,
-                    "container": record,
-                    "config": plugin_config,
-                    "rootfs": record.rootfs,
-                    "image": image.config if image else {},
-                }
+                arguments: dict[str, Any] = {"sandbox": sandbox, "container": record, "config": plugin_config}
+                if plugin.builds_own_spec:
+                    arguments.update(rootfs=record.rootfs, image=image.config if image else {})
+                else:
+                    arguments["spec"] = self._finished_spec(sandbox, record, plugin_config, image, handler)
                 if archive:
                     arguments["checkpoint"], arguments["checkpointed_spec"] = self._unpack_checkpoint(record, archive)
                 plugin.call("runtime_container_restore" if archive else "runtime_container_create", **arguments)
@@ -330,6 +323,41 @@ class ContainerManager:
                 raise
         node.emit("container_created", sandbox, record)
         return record.id
+
+    def _provide_filesystems(
+        self,
+        record: ContainerRecord,
+        image: ImageRecord | None,
+        volumes: list[ImageRecord],
+        driver: Backend | None,
+        idmapped: userns.IdmappedBinds | None,
+    ) -> None:
+        """Mount the container's root filesystem (when it has an image) and its image volumes."""
+        if image is not None:
+            assert driver is not None
+            self.node.images.provide_layers(image, record.storage_driver, driver)
+            storage = driver.require()
+            storage.call("storage_rootfs_create", container_id=record.id, layer_id=_hex(image.top_layer))
+            record.rootfs = self._mount_rootfs(storage, record.id, idmapped)
+            crash_point("create_container:rootfs")
+        for number, volume_image in enumerate(volumes):
+            assert driver is not None
+            self._mount_image_volume(record, volume_image, number, driver, idmapped)
+
+    def _finished_spec(
+        self,
+        sandbox: SandboxRecord,
+        record: ContainerRecord,
+        config: cri.ContainerConfig,
+        image: ImageRecord | None,
+        handler: Handler,
+    ) -> dict[str, Any]:
+        """The container's OCI spec as its runtime gets it: built, then adjusted by the extensions and NRI."""
+        spec = oci.container.build(
+            sandbox, record, config, image.config if image else {}, self.node.config.cgroup_driver, handler.spec_options
+        )
+        self.node.extensions.adjust_oci_spec(sandbox, record, spec)
+        return spec
 
     def roll_back(self, record: ContainerRecord) -> None:
         """Undo the creation of a container that a crash interrupted (after a restart)."""

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from shimhub.backends import Backend
 from shimhub.config import Config, HandlerConfig
 from shimhub.errors import FailedPrecondition, InvalidArgument, PermissionDenied
-from shimhub.hooktypes import PluginContext
+from shimhub.hooktypes import PluginContext, SpecOptions
 from shimhub.plugins import LoadedPlugin
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,11 @@ class Handler:
     def installed(self) -> LoadedPlugin:
         """The handler's plugin even when not ready, to stop and remove existing pods."""
         return self.backend.installed()
+
+    @property
+    def spec_options(self) -> SpecOptions:
+        """How the core builds the handler's pods and specs, as its plugin said at setup."""
+        return self.backend.setup_readiness.spec_options
 
     def allowed_annotations(self, annotations: Mapping[str, str]) -> dict[str, str]:
         """The subset of `annotations` this handler's plugin may see."""

@@ -15,7 +15,13 @@ registers the instance with a pluggy plugin manager that knows only the hook
 specifications of that kind, so a hook implementation with a wrong name or a
 wrong argument is refused at startup. Every plugin class declares the API
 version it was written for as ``shimhub_api = "MAJOR.MINOR"``: shimhub loads it
-when the major equals ``API_VERSION``'s and the minor is not newer.
+when the major equals ``API_VERSION``'s and the minor is not newer, and a
+plugin of API 1.x through the adapter of `RuntimeSpecV1` (deprecated).
+
+In API 2.0 the core owns the pod and the OCI spec: it sets up the pod's
+namespaces and files (``SandboxRecord.pod``), builds each container's spec, lets
+the extensions and NRI adjust it, and hands the runtime the finished spec. A
+runtime only runs it.
 
 Hooks are called from gRPC worker threads, several at a time for different
 pods; shimhub never calls two hooks at once for the same pod or container.
@@ -51,7 +57,7 @@ if TYPE_CHECKING:
 PROJECT = "shimhub"
 #: The version of this contract. A new optional hook raises the minor; a
 #: changed or removed hook raises the major.
-API_VERSION = "1.6"
+API_VERSION = "2.0"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -80,21 +86,30 @@ class RuntimeSpec:
         """Reattach to this handler's pods and containers after shimhub restarted. Optional."""
 
     @hookspec(firstresult=True)
-    def runtime_sandbox_run(self, sandbox: SandboxRecord, config: cri.PodSandboxConfig, network: PodNetwork) -> None:
-        """Create and start the pod sandbox; return when it is ready.
+    def runtime_sandbox_run(
+        self, sandbox: SandboxRecord, config: cri.PodSandboxConfig, network: PodNetwork, spec: dict[str, Any]
+    ) -> None:
+        """Start whatever the handler runs for the pod itself; return when it is ready.
 
-        `config.annotations` holds only the annotations this handler allows.
+        :param sandbox: the pod; ``sandbox.pod`` is what the core set up for it (namespaces, files).
+        :param config: the pod's config; ``config.annotations`` holds only those the handler allows.
+        :param network: what the network backend set up (``network.netns_path`` is in ``sandbox.pod``).
+        :param spec: the OCI spec of the pod's sandbox process (the handler's pod init, joining every
+            namespace of the pod), for a runtime that runs one, e.g. as a shim v2 sandbox task; built
+            only when the implementation takes this argument.
+
         The plugin may keep what it needs later in ``sandbox.runtime_data``
-        (JSON-serialisable); shimhub persists it. Required.
+        (JSON-serialisable); shimhub persists it. Optional: a runtime that runs
+        nothing per pod leaves it out.
         """
 
     @hookspec(firstresult=True)
     def runtime_sandbox_stop(self, sandbox: SandboxRecord) -> None:
-        """Stop the sandbox's own processes (its containers are already stopped). Idempotent. Required."""
+        """Stop the sandbox's own processes (its containers are already stopped). Idempotent. Optional."""
 
     @hookspec(firstresult=True)
     def runtime_sandbox_remove(self, sandbox: SandboxRecord) -> None:
-        """Remove everything the sandbox holds on the node. Idempotent. Required."""
+        """Remove everything the runtime holds for the sandbox on the node. Idempotent. Optional."""
 
     @hookspec(firstresult=True)
     def runtime_sandbox_update(self, sandbox: SandboxRecord, resources: cri.LinuxContainerResources) -> None:
@@ -102,19 +117,18 @@ class RuntimeSpec:
 
     @hookspec(firstresult=True)
     def runtime_container_create(
-        self,
-        sandbox: SandboxRecord,
-        container: ContainerRecord,
-        config: cri.ContainerConfig,
-        rootfs: str,
-        image: Mapping[str, Any],
+        self, sandbox: SandboxRecord, container: ContainerRecord, config: cri.ContainerConfig, spec: dict[str, Any]
     ) -> None:
-        """Create (not start) a container whose root filesystem is mounted at `rootfs`.
+        """Create (not start) a container from its finished OCI spec. Required.
 
-        `image` is the OCI image config document of the container's image
-        (entrypoint, cmd, env, user, working dir under its "config" key). A
-        container created without an image has `rootfs` "" and `image` {}; the
-        plugin decides whether it can run such a container. Required.
+        :param sandbox: the container's pod.
+        :param container: the container; ``container.rootfs`` is its mounted root filesystem ("" for a
+            container without an image: the plugin decides whether it can run one), ``container.log_path``
+            its CRI log.
+        :param config: the container's CRI config, for what is not in a spec (tty, stdin, stdin_once).
+        :param spec: the OCI spec as the core finished it: built from the CRI config and the image,
+            with the devices, then adjusted by the extensions and NRI. Its ``root.path`` is
+            ``container.rootfs``; ``linux.cgroupsPath`` is where the container's cgroup goes.
         """
 
     @hookspec(firstresult=True)
@@ -133,21 +147,6 @@ class RuntimeSpec:
     def runtime_container_wait(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: float) -> bool:
         """Wait up to `timeout` seconds for the container to exit: True once it has (or is gone), False if it
         still runs. Since 1.4 (see `runtime_container_kill`).
-        """
-
-    @hookspec(
-        firstresult=True,
-        warn_on_impl=DeprecationWarning(
-            "runtime_container_stop is deprecated since plugin API 1.4 and goes in 2.0: implement "
-            "runtime_container_kill and runtime_container_wait, and shimhub owns the stop signal, the "
-            "escalation to SIGKILL and the timeouts"
-        ),
-    )
-    def runtime_container_stop(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: int) -> None:
-        """Stop the container: its stop signal, then SIGKILL after `timeout` seconds. Idempotent.
-
-        Deprecated since 1.4: called only for a plugin without `runtime_container_kill` and
-        `runtime_container_wait`. A runtime implements those two or this one.
         """
 
     @hookspec(firstresult=True)
@@ -196,8 +195,7 @@ class RuntimeSpec:
         sandbox: SandboxRecord,
         container: ContainerRecord,
         config: cri.ContainerConfig,
-        rootfs: str,
-        image: Mapping[str, Any],
+        spec: dict[str, Any],
         checkpoint: str,
         checkpointed_spec: Mapping[str, Any],
     ) -> None:
@@ -260,6 +258,67 @@ class RuntimeSpec:
         nothing listens there; the client sees the message. Without this hook
         PortForward answers UNIMPLEMENTED.
         """
+
+
+_V1 = (
+    "plugin API 1.x is deprecated and goes in 3.0: declare shimhub_api = \"2.0\" and take the finished OCI "
+    "spec the core hands runtime_container_create (see docs/plugins.md, \"From API 1.x\")"
+)
+
+
+class RuntimeSpecV1(RuntimeSpec):
+    """The runtime hooks of API 1.x, for plugins that declare it (deprecated).
+
+    Such a runtime sets its pod up itself in `runtime_sandbox_run` and builds
+    each container's spec in `runtime_container_create`, calling the extension
+    relay of its `PluginContext`; the core sets up no `SandboxRecord.pod` for it.
+    """
+
+    @hookspec(firstresult=True, warn_on_impl=DeprecationWarning(_V1))
+    def runtime_sandbox_run(  # type: ignore[override]
+        self, sandbox: SandboxRecord, config: cri.PodSandboxConfig, network: PodNetwork
+    ) -> None:
+        """Create and start the pod sandbox (its namespaces and files too); return when it is ready."""
+
+    @hookspec(firstresult=True, warn_on_impl=DeprecationWarning(_V1))
+    def runtime_container_create(  # type: ignore[override]
+        self,
+        sandbox: SandboxRecord,
+        container: ContainerRecord,
+        config: cri.ContainerConfig,
+        rootfs: str,
+        image: Mapping[str, Any],
+    ) -> None:
+        """Create a container whose root filesystem is mounted at `rootfs`; `image` is its image's config."""
+
+    @hookspec(firstresult=True)
+    def runtime_container_restore(  # type: ignore[override]  # noqa: PLR0917
+        self,
+        sandbox: SandboxRecord,
+        container: ContainerRecord,
+        config: cri.ContainerConfig,
+        rootfs: str,
+        image: Mapping[str, Any],
+        checkpoint: str,
+        checkpointed_spec: Mapping[str, Any],
+    ) -> None:
+        """`runtime_container_create` resuming the processes checkpointed into `checkpoint`."""
+
+    @hookspec(
+        firstresult=True,
+        warn_on_impl=DeprecationWarning(
+            "runtime_container_stop is deprecated since plugin API 1.4 and is not in 2.0: implement "
+            "runtime_container_kill and runtime_container_wait, and shimhub owns the stop signal, the "
+            "escalation to SIGKILL and the timeouts"
+        ),
+    )
+    def runtime_container_stop(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: int) -> None:
+        """Stop the container: its stop signal, then SIGKILL after `timeout` seconds. Idempotent.
+
+        Deprecated since 1.4: called only for a plugin without `runtime_container_kill` and
+        `runtime_container_wait`. A runtime implements those two or this one.
+        """
+
 
 
 class StorageSpec:
@@ -367,11 +426,6 @@ class ExtensionSpec:
         """
 
 
-#: Hooks of which a plugin of the kind implements one set or the other: the current one first, then the
-#: deprecated one it replaces.
-ALTERNATIVES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "runtime": (("runtime_container_kill", "runtime_container_wait"), ("runtime_container_stop",)),
-}
 #: Entry point group, hook specification class and required hooks of each plugin kind.
 KINDS: dict[str, tuple[str, type, tuple[str, ...]]] = {
     "runtime": (
@@ -379,11 +433,10 @@ KINDS: dict[str, tuple[str, type, tuple[str, ...]]] = {
         RuntimeSpec,
         (
             "runtime_setup",
-            "runtime_sandbox_run",
-            "runtime_sandbox_stop",
-            "runtime_sandbox_remove",
             "runtime_container_create",
             "runtime_container_start",
+            "runtime_container_kill",
+            "runtime_container_wait",
             "runtime_container_remove",
             "runtime_container_state",
         ),
@@ -405,3 +458,19 @@ KINDS: dict[str, tuple[str, type, tuple[str, ...]]] = {
     "network": ("shimhub.network", NetworkSpec, ("network_setup", "network_pod_setup", "network_pod_teardown")),
     "extension": ("shimhub.extension", ExtensionSpec, ()),
 }
+#: Runtime plugins of API 1.x: their specification and required hooks, and the hooks of which they implement
+#: one set (the current one first) or the other (deprecated).
+RUNTIME_V1 = (
+    RuntimeSpecV1,
+    (
+        "runtime_setup",
+        "runtime_sandbox_run",
+        "runtime_sandbox_stop",
+        "runtime_sandbox_remove",
+        "runtime_container_create",
+        "runtime_container_start",
+        "runtime_container_remove",
+        "runtime_container_state",
+    ),
+    (("runtime_container_kill", "runtime_container_wait"), ("runtime_container_stop",)),
+)

@@ -28,8 +28,9 @@ class PluginContext:
     log: logging.Logger
     #: The node's cgroup driver: "cgroupfs" or "systemd".
     cgroup_driver: str
-    #: The extension hooks (see ExtensionSpec), for a runtime to call, e.g.
-    #: ``context.extensions.shimhub_adjust_oci_spec(...)`` before creating a container.
+    #: The extension hooks (see ExtensionSpec), for a runtime of API 1.x to call, e.g.
+    #: ``context.extensions.shimhub_adjust_oci_spec(...)`` before creating a container. Deprecated: in
+    #: API 2.0 the core runs them (and NRI) on every spec before the runtime gets it.
     extensions: Any
 
 
@@ -42,6 +43,41 @@ class HandlerFeatures:
 
 
 @define
+class SpecOptions:
+    """How the core builds a runtime handler's pods and OCI specs (API 2.0)."""
+
+    #: Clamp each container's oom_score_adj to shimhub's own, for a runtime that cannot set a lower one.
+    restrict_oom_score_adj: bool = False
+    #: The init (e.g. catatonit) the core runs to hold the PID namespace of a pod that shares one.
+    pod_init: str = "catatonit"
+    #: Whether the pod's namespaces are a VM's, the runtime's own: the core then pins none on the node and
+    #: hands the runtime a spec that joins none (the runtime translates it for its guest).
+    guest: bool = False
+
+
+@define
+class Pod:
+    """What the core set up for a pod on the node; every container's spec joins it.
+
+    Kept in ``SandboxRecord.pod``. The files are under `dir`: ``resolv.conf``,
+    ``hosts`` and ``hostname``.
+    """
+
+    dir: str
+    hostname: str
+    #: Namespace type ("network", "ipc", "uts", "pid") -> path to join; absent = a new one; "" = the host's.
+    namespaces: dict[str, str] = field(factory=dict)
+    #: The pod's /dev/shm tmpfs ("": none, each container gets its own).
+    shm: str = ""
+    #: The process holding the pod's PID namespace (0: none).
+    infra_pid: int = 0
+
+    def file(self, name: str) -> str:
+        """The path of one of the pod's files ("resolv.conf", "hosts", "hostname")."""
+        return str(Path(self.dir, name))
+
+
+@define
 class Readiness:
     """Whether a plugin can serve requests now, and if not, why."""
 
@@ -50,6 +86,8 @@ class Readiness:
     reason: str = ""
     #: Runtime plugins: the handler's optional features.
     features: HandlerFeatures = field(factory=HandlerFeatures)
+    #: Runtime plugins: how the core builds the handler's pods and specs.
+    spec_options: SpecOptions = field(factory=SpecOptions)
     #: Anything worth showing in verbose Status output (JSON-serialisable).
     info: dict[str, Any] = field(factory=dict)
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from shimhub.backends import Backend
     from shimhub.config import Config
+    from shimhub.extensions import Extensions
     from shimhub.handlers import HandlerRegistry
     from shimhub.images.manager import ImageManager
     from shimhub.locks import KeyedLocks
@@ -32,6 +33,8 @@ class Node(Protocol):
     network: Backend
     storage_drivers: dict[str, Backend]
     images: ImageManager
+    #: What adjusts every container's spec after the core built it: the extensions, then NRI.
+    extensions: Extensions
 
     def storage_for(self, handler_name: str) -> tuple[str, Backend]:
         """The storage driver (name and backend) that a handler's containers use."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -23,7 +24,7 @@ from attrs import define
 
 from shimhub import telemetry
 from shimhub.errors import ConfigError, PluginFailed, PluginLoadError, ShimhubError, Unimplemented
-from shimhub.hookspecs import ALTERNATIVES, API_VERSION, KINDS, PROJECT
+from shimhub.hookspecs import API_VERSION, KINDS, PROJECT, RUNTIME_V1
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def load_class(kind: str, name: str) -> tuple[type, str]:
     except PluginLoadError as exc:
         raise PluginLoadError(f"{label}: cannot be imported: {exc}") from exc
     plugin_class = driver.driver
-    _check_api_version(plugin_class, label)
+    api_version(plugin_class, label)
     return plugin_class, label
 
 
@@ -98,7 +99,12 @@ def _raise_load_failure(_manager: object, entry_point: EntryPoint, exc: BaseExce
     raise PluginLoadError(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _check_api_version(plugin_class: type, label: str) -> None:
+#: The older plugin API still loaded, up to its last minor (runtimes through `hookspecs.RuntimeSpecV1`).
+OLDER_API = (1, 6)
+
+
+def api_version(plugin_class: type, label: str) -> tuple[int, int]:
+    """The plugin API version `plugin_class` declares, if this shimhub can load it."""
     declared = getattr(plugin_class, "shimhub_api", None)
     if not isinstance(declared, str):
         raise PluginLoadError(f'{label}: declares no shimhub_api = "MAJOR.MINOR" (this shimhub provides {API_VERSION})')
@@ -107,8 +113,10 @@ def _check_api_version(plugin_class: type, label: str) -> None:
     except ValueError:
         raise PluginLoadError(f"{label}: shimhub_api {declared!r} is not of the form MAJOR.MINOR") from None
     core_major, core_minor = (int(part) for part in API_VERSION.split("."))
-    if major != core_major or minor > core_minor:
+    known = (major == core_major and minor <= core_minor) or (major == OLDER_API[0] and minor <= OLDER_API[1])
+    if not known:
         raise PluginLoadError(f"{label}: written for plugin API {declared}, this shimhub provides {API_VERSION}")
+    return major, minor
 
 
 class LoadedPlugin:
@@ -118,26 +126,37 @@ class LoadedPlugin:
         self.kind = kind
         self.name = name
         self.label = label
+        #: The plugin API major the plugin was written for.
+        self.api_major = api_version(plugin_class, label)[0]
+        legacy_runtime = kind == "runtime" and self.api_major == 1
+        specs, required = (RUNTIME_V1[0], RUNTIME_V1[1]) if legacy_runtime else KINDS[kind][1:]
         self.manager = pluggy.PluginManager(PROJECT)
-        self.manager.add_hookspecs(KINDS[kind][1])
-        self.instance = register(self.manager, plugin_class, name, label)
-        missing = [hook for hook in KINDS[kind][2] if not self.implements(hook)]
+        self.manager.add_hookspecs(specs)
+        with warnings.catch_warnings(record=True) as deprecated:
+            warnings.simplefilter("always", DeprecationWarning)
+            self.instance = register(self.manager, plugin_class, name, label)
+        for warning in {str(w.message) for w in deprecated}:
+            log.warning("%s: %s", label, warning)
+        missing = [hook for hook in required if not self.implements(hook)]
         if missing:
             raise PluginLoadError(f"{label}: does not implement required hook(s) {', '.join(missing)}")
-        if kind in ALTERNATIVES:
-            current, deprecated = ALTERNATIVES[kind]
-            if not all(map(self.implements, current)):
-                if not all(map(self.implements, deprecated)):
-                    raise PluginLoadError(
-                        f"{label}: does not implement required hook(s) {' and '.join(current)} "
-                        f"(or the deprecated {' and '.join(deprecated)})"
-                    )
-                log.warning(
-                    "%s implements the deprecated hook(s) %s, which go in plugin API 2.0: implement %s",
-                    label,
-                    ", ".join(deprecated),
-                    " and ".join(current),
+        if legacy_runtime:
+            current, old = RUNTIME_V1[2]
+            if not all(map(self.implements, current)) and not all(map(self.implements, old)):
+                raise PluginLoadError(
+                    f"{label}: does not implement required hook(s) {' and '.join(current)} "
+                    f"(or the deprecated {' and '.join(old)})"
                 )
+
+    @property
+    def builds_own_spec(self) -> bool:
+        """Whether the plugin is a runtime of API 1.x, which sets its pods up and builds its specs itself."""
+        return self.kind == "runtime" and self.api_major == 1
+
+    def takes(self, hook: str, argument: str) -> bool:
+        """Whether the plugin's implementation of `hook` takes `argument` (pluggy passes only those)."""
+        caller = getattr(self.manager.hook, hook, None)
+        return caller is not None and any(argument in impl.argnames for impl in caller.get_hookimpls())
 
     def implements(self, hook: str) -> bool:
         """Whether the plugin implements `hook` (False for a hook its kind does not have)."""

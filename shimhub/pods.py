@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shimhub import netns, resources, userns
+from shimhub import netns, oci, resources, userns
 from shimhub.errors import FailedPrecondition, InvalidArgument
 from shimhub.faults import crash_point
 from shimhub.hooktypes import PodNetwork
@@ -34,6 +34,7 @@ from shimhub_proto.cri.v1 import api_pb2 as cri
 
 if TYPE_CHECKING:
     from shimhub.containers import ContainerManager
+    from shimhub.handlers import Handler
     from shimhub.node import Node
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,15 @@ class PodManager:
                     record.network = backend.call("network_pod_setup", sandbox=record, config=plugin_config)
                     crash_point("run_pod:network")
                     node.store.save_sandbox(record)
-                plugin.call("runtime_sandbox_run", sandbox=record, config=plugin_config, network=record.network)
+                if not plugin.builds_own_spec:
+                    self._set_up_pod(record, plugin_config, handler)
+                if plugin.implements("runtime_sandbox_run"):
+                    arguments = {"sandbox": record, "config": plugin_config, "network": record.network}
+                    if plugin.takes("runtime_sandbox_run", "spec"):
+                        arguments["spec"] = oci.container.sandbox_process(
+                            record, plugin_config, node.config.cgroup_driver, handler.spec_options
+                        )
+                    plugin.call("runtime_sandbox_run", **arguments)
                 crash_point("run_pod:sandbox")
                 record.state = SANDBOX_READY
                 record.pending = ""
@@ -134,6 +143,27 @@ class PodManager:
         node.emit("sandbox_ready", record)
         return record.id
 
+    def _pod_dir(self, record: SandboxRecord) -> Path:
+        return Path(self.node.config.run_dir, "pods", record.id)
+
+    def _set_up_pod(self, record: SandboxRecord, config: cri.PodSandboxConfig, handler: Handler) -> None:
+        """The pod's namespaces and files, in one place for every handler (``record.pod``)."""
+        record.pod = oci.pod.create(
+            self._pod_dir(record),
+            config,
+            record.network.netns_path,
+            record.network.ips,
+            handler.spec_options,
+            user_namespace=record.user_namespace,
+        )
+        self.node.store.save_sandbox(record)
+
+    def _call_runtime(self, record: SandboxRecord, hook: str) -> None:
+        """Run the runtime's `hook` (stop or remove) for the pod if it has one."""
+        plugin = self.node.handlers.get(record.handler).installed()
+        if plugin.implements(hook):
+            plugin.call(hook, sandbox=record)
+
     def roll_back(self, record: SandboxRecord) -> None:
         """Undo the creation of a sandbox that a crash interrupted (after a restart)."""
         with self.node.locks.hold(record.id):
@@ -144,9 +174,10 @@ class PodManager:
     def _undo(self, record: SandboxRecord) -> None:
         """Best-effort removal of a sandbox whose creation failed."""
         try:
-            self.node.handlers.get(record.handler).installed().call("runtime_sandbox_remove", sandbox=record)
+            self._call_runtime(record, "runtime_sandbox_remove")
         except Exception:
             log.exception("cleanup of failed sandbox %s: runtime removal failed", record.id[:12])
+        oci.pod.remove(self._pod_dir(record), record.pod)
         try:
             self._release_network(record)
         except Exception:
@@ -179,7 +210,8 @@ class PodManager:
                     self.containers.finish_removal(container.id)
                 else:
                     self.containers.stop(container.id, timeout=0)
-            self.node.handlers.get(record.handler).installed().call("runtime_sandbox_stop", sandbox=record)
+            self._call_runtime(record, "runtime_sandbox_stop")
+            oci.pod.stop(self._pod_dir(record), record.pod)
             self._release_network(record)
             changed = record.state != SANDBOX_NOTREADY
             record.state = SANDBOX_NOTREADY
@@ -200,7 +232,8 @@ class PodManager:
             crash_point("remove_pod:containers")
             if record.state == SANDBOX_READY:
                 self.stop(record.id)
-            self.node.handlers.get(record.handler).installed().call("runtime_sandbox_remove", sandbox=record)
+            self._call_runtime(record, "runtime_sandbox_remove")
+            oci.pod.remove(self._pod_dir(record), record.pod)
             crash_point("remove_pod:runtime")
             self._release_network(record)
             crash_point("remove_pod:network")

@@ -12,7 +12,7 @@ from typing import Any
 from attrs import define, field
 from google.protobuf import json_format
 
-from shimhub.hooktypes import ContainerState, ContainerStatus, PodNetwork
+from shimhub.hooktypes import ContainerState, ContainerStatus, Pod, PodNetwork
 from shimhub.users import User
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
@@ -54,6 +54,8 @@ class SandboxRecord:
     #: The directory where the pod's own user, IPC and UTS namespaces are pinned ("": the node's user
     #: namespace). Runtimes join them; the network namespace is the backend's, owned by that user namespace.
     user_namespace: str = ""
+    #: What the core set up for the pod: its namespaces and files (None: not yet, or a plugin of API 1.x).
+    pod: Pod | None = None
 
     #: `config` parsed, kept for the list and status calls (not persisted).
     _parsed: cri.PodSandboxConfig | None = field(default=None, init=False, eq=False, repr=False)

@@ -9,8 +9,9 @@ Groups:
 
 * the contract: `hookimpl`, `API_VERSION`, the value types of hooks, errors;
 * records the hooks receive (`SandboxRecord`, `ContainerRecord`);
-* the CRI's meaning, built by the core: `oci` (OCI spec, seccomp, a pod's
-  shared pieces), `User`;
+* what the core built from the CRI for a runtime: `Pod` (``SandboxRecord.pod``),
+  `SpecOptions` (what a handler asks of the core's pipeline), `User`, and
+  `oci_resources`, `termination_log`, `termination_message`;
 * a container's output into its CRI log and to attached clients: `OutputFanout`;
 * node helpers: `cgroups`, `netns`, `namespaces`, `fifos`, `ttrpc`, `crilog`,
   `mountinfo`, `mounts`, `processes`, `plugin_options`, `write_atomically`,
@@ -26,7 +27,6 @@ from shimhub import (
     mounts,
     namespaces,
     netns,
-    oci,
     plugin_options,
     processes,
     ttrpc,
@@ -59,12 +59,16 @@ from shimhub.hooktypes import (
     FilesystemUsage,
     HandlerFeatures,
     PluginContext,
+    Pod,
     PodNetwork,
     Pressure,
     PressureLine,
     Readiness,
+    SpecOptions,
     StreamedProcess,
 )
+from shimhub.oci.container import termination_log, termination_message
+from shimhub.oci.spec import resources as oci_resources
 from shimhub.output import EXEC_BACKLOG, Attachment, OutputFanout
 from shimhub.records import ContainerRecord, SandboxRecord
 from shimhub.state import write_atomically
@@ -97,6 +101,7 @@ __all__ = [
     "PluginContext",
     "PluginFailed",
     "Refused",
+    "Pod",
     "PodNetwork",
     "Pressure",
     "PressureLine",
@@ -104,6 +109,7 @@ __all__ = [
     "ResourceExhausted",
     "SandboxRecord",
     "ShimhubError",
+    "SpecOptions",
     "StreamedProcess",
     "Unavailable",
     "Unimplemented",
@@ -120,10 +126,12 @@ __all__ = [
     "mounts",
     "namespaces",
     "netns",
-    "oci",
+    "oci_resources",
     "plugin_options",
     "processes",
     "remove_path",
+    "termination_log",
+    "termination_message",
     "ttrpc",
     "unpack",
     "write_atomically",

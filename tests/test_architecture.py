@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shimhub import hookspecs
+from shimhub import hookspecs, sdk
 
 pytestmark = pytest.mark.unit
 
@@ -100,19 +100,27 @@ def test_no_import_cycle_in_the_core() -> None:
         walk(name, [])
 
 
+def _hooks(spec_class: type, required: tuple[str, ...]) -> dict[str, str]:
+    hooks = {}
+    for name, function in inspect.getmembers(spec_class, inspect.isfunction):
+        options = getattr(function, f"{hookspecs.PROJECT}_spec", {})
+        hooks[name] = (
+            f"{inspect.signature(function)} firstresult={bool(options.get('firstresult'))}"
+            f" required={name in required} deprecated={options.get('warn_on_impl') is not None}"
+        )
+    return hooks
+
+
 def _signatures() -> dict[str, dict[str, str]]:
-    """Every hook of every plugin kind: its parameters and options, as the contract states them."""
-    result = {}
-    for kind, (_group, spec_class, required) in sorted(hookspecs.KINDS.items()):
-        hooks = {}
-        for name, function in inspect.getmembers(spec_class, inspect.isfunction):
-            options = getattr(function, f"{hookspecs.PROJECT}_spec", {})
-            hooks[name] = (
-                f"{inspect.signature(function)} firstresult={bool(options.get('firstresult'))}"
-                f" required={name in required} deprecated={options.get('warn_on_impl') is not None}"
-            )
-        result[kind] = hooks
-    return result
+    """Every hook of every plugin kind (and of runtimes of API 1.x): its parameters and options."""
+    result = {kind: _hooks(spec_class, required) for kind, (_group, spec_class, required) in hookspecs.KINDS.items()}
+    result["runtime (API 1.x)"] = _hooks(*hookspecs.RUNTIME_V1[:2])
+    return dict(sorted(result.items()))
+
+
+def _sdk() -> list[str]:
+    """Every public name of the SDK, with what it is."""
+    return sorted(f"{name}: {type(getattr(sdk, name)).__name__}" for name in sdk.__all__)
 
 
 def test_hook_signatures_change_only_with_the_api_version() -> None:
@@ -124,4 +132,8 @@ def test_hook_signatures_change_only_with_the_api_version() -> None:
     assert recorded["hooks"] == _signatures(), (
         "a hook changed without a new API_VERSION: raise the minor for a new optional hook, the major for a "
         f"changed or removed one, and record the result in {SNAPSHOT.name}"
+    )
+    assert recorded["sdk"] == _sdk(), (
+        "a public name of shimhub.sdk changed without a new API_VERSION: raise the minor for an added name, the "
+        f"major for a removed or changed one, and record the result in {SNAPSHOT.name}"
     )

@@ -51,8 +51,8 @@ BROKEN = {
         f'declares no shimhub_api = "MAJOR.MINOR" (this shimhub provides {API_VERSION})',
     ),
     "future-api": (
-        GOOD_HOOKS + "class Plugin(Base):\n    shimhub_api = '1.7'\n",
-        f"written for plugin API 1.7, this shimhub provides {API_VERSION}",
+        GOOD_HOOKS + "class Plugin(Base):\n    shimhub_api = '2.1'\n",
+        f"written for plugin API 2.1, this shimhub provides {API_VERSION}",
     ),
     "old-major": (
         GOOD_HOOKS + "class Plugin(Base):\n    shimhub_api = '0.9'\n",
@@ -113,7 +113,7 @@ def test_broken_plugin_stops_startup_naming_it(daemon_factory, tmp_path: Path, c
     assert f"error: {label}" in listing.stdout
 
 
-def test_a_runtime_with_the_deprecated_stop_hook_loads_with_a_warning(daemon_factory, tmp_path: Path) -> None:
+def test_a_runtime_of_api_1_with_the_deprecated_stop_hook_loads_with_warnings(daemon_factory, tmp_path: Path) -> None:
     site = tmp_path / "site"
     install_fake_distribution(
         site,
@@ -126,11 +126,9 @@ def test_a_runtime_with_the_deprecated_stop_hook_loads_with_a_warning(daemon_fac
     daemon = daemon_factory(config, env={"PYTHONPATH": str(site)}).start()
     conditions = {c.type: c for c in daemon.runtime.Status(cri.StatusRequest()).status.conditions}
     assert conditions["RuntimeReady"].status
-    assert (
-        "runtime plugin 'old' (shimhub.runtime = oldstop:Plugin, distribution shimhub-oldstop 0.1) implements the "
-        "deprecated hook(s) runtime_container_stop, which go in plugin API 2.0: implement runtime_container_kill "
-        "and runtime_container_wait"
-    ) in daemon.log()
+    label = "runtime plugin 'old' (shimhub.runtime = oldstop:Plugin, distribution shimhub-oldstop 0.1)"
+    assert f"{label}: runtime_container_stop is deprecated since plugin API 1.4 and is not in 2.0" in daemon.log()
+    assert f"{label}: plugin API 1.x is deprecated and goes in 3.0" in daemon.log()
 
 
 def test_two_distributions_claiming_one_name(daemon_factory, tmp_path: Path) -> None:

@@ -2,8 +2,9 @@
 
 * `spec` builds a container's OCI spec from its CRI config, image config and pod;
 * `seccomp` is the runtime's default profile and the CRI's seccomp choices;
-* `container` is what every OCI runtime derives alike from a container's config
-  (spec with the extensions' adjustments, stop signal, termination log);
+* `container` builds the specs the core hands a runtime (a container's, a pod's
+  sandbox process's), and what else derives from a container's config (stop
+  signal, termination log);
 * `pod` sets up what a pod's containers share on the node (pinned namespaces,
   /etc files, /dev/shm, an infra process when the PID namespace is shared).
 """

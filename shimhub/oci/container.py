@@ -1,15 +1,19 @@
-"""What both runtimes of this distribution (conmon-monitored and shim v2) derive alike from a container's CRI config."""
+"""The finished OCI specs the core hands a runtime: a container's, and its pod's sandbox process's."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
 from shimhub.errors import FailedPrecondition
+from shimhub.hooktypes import Pod, SpecOptions
 from shimhub.oci import spec
 from shimhub.oci.pod import context as pod_context
 from shimhub.records import ContainerRecord, SandboxRecord
+from shimhub.users import User
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
 TERMINATION_LOG = "/dev/termination-log"
@@ -18,58 +22,81 @@ MAX_SIGNAL = 64
 SIGNAL_NAMES = frozenset(cri.Signal.keys()) - {"RUNTIME_DEFAULT"}
 log = logging.getLogger(__name__)
 TERMINATION_LOG_LIMIT = 4096
+#: Where a sandbox process's init is bound in its (empty) root filesystem, and its oom_score_adj.
+SANDBOX_INIT = "/pause"
+SANDBOX_OOM_SCORE = -998
 
 
-class OomScore:
-    """oom_score_adj values clamped, when the handler asks for it, to what shimhub itself may set."""
-
-    def __init__(self, restrict: bool, log: logging.Logger) -> None:
-        self.restrict = restrict
-        self.log = log
-        with open("/proc/self/oom_score_adj") as own:
-            self.floor = int(own.read())
-
-    def clamp(self, requested: int) -> int:
-        if self.restrict and requested < self.floor:
-            self.log.info("oom_score_adj %d clamped to %d: shimhub itself may not go lower", requested, self.floor)
-            return self.floor
-        return requested
+@functools.cache
+def _own_oom_score() -> int:
+    with open("/proc/self/oom_score_adj") as own:
+        return int(own.read())
 
 
-def build(
+def oom_score(requested: int, options: SpecOptions) -> int:
+    """`requested`, clamped to shimhub's own oom_score_adj when the handler asks for it."""
+    floor = _own_oom_score()
+    if options.restrict_oom_score_adj and requested < floor:
+        log.info("oom_score_adj %d clamped to %d: shimhub itself may not go lower", requested, floor)
+        return floor
+    return requested
+
+
+def _pod(sandbox: SandboxRecord) -> Pod:
+    if sandbox.pod is None:
+        raise FailedPrecondition(f"pod sandbox {sandbox.id} has no pod set up by shimhub")
+    return sandbox.pod
+
+
+def build(  # noqa: PLR0917 - what a container is made of
     sandbox: SandboxRecord,
     container: ContainerRecord,
     config: cri.ContainerConfig,
-    rootfs: str,
     image: Mapping[str, Any],
-    *,
-    pod_data: dict[str, Any] | None,
     cgroup_driver: str,
-    oom: OomScore,
-    extensions: Any,
-) -> tuple[dict[str, Any], str]:
-    """The container's OCI spec, adjusted by the extensions, and its cgroup path.
-
-    `pod_data` is what the runtime kept of the pod (None: the pod is not this runtime's).
-    """
-    if not rootfs:
-        raise FailedPrecondition("this runtime runs containers from images: the container has no root filesystem")
-    if pod_data is None:
-        raise FailedPrecondition(f"pod sandbox {sandbox.id} was not set up by this runtime")
-    context = pod_context(pod_data, sandbox.pod_config())
-    cgroup = spec.cgroups_path(cgroup_driver, context.cgroup_parent, container.id)
-    oci_spec = spec.build(
+    options: SpecOptions,
+) -> dict[str, Any]:
+    """The container's OCI spec, before devices, extensions and NRI, with its root at ``container.rootfs``."""
+    context = pod_context(_pod(sandbox), sandbox.pod_config(), sandbox.user_namespace)
+    return spec.build(
         config,
         image,
-        rootfs,
+        container.rootfs,
         pod=context,
-        cgroup_path=cgroup,
-        oom_score_adj=oom.clamp(config.linux.resources.oom_score_adj),
+        cgroup_path=spec.cgroups_path(cgroup_driver, context.cgroup_parent, container.id),
+        oom_score_adj=oom_score(config.linux.resources.oom_score_adj, options),
         user=container.user,
     )
-    if extensions is not None:
-        extensions.adjust_oci_spec(sandbox, container, oci_spec)
-    return oci_spec, cgroup
+
+
+def sandbox_process(
+    sandbox: SandboxRecord, config: cri.PodSandboxConfig, cgroup_driver: str, options: SpecOptions
+) -> dict[str, Any]:
+    """The OCI spec of a pod's sandbox process, for a runtime that runs one (a shim v2 sandbox task).
+
+    It runs the handler's pod init as `SANDBOX_INIT`, bound read-only into an empty root filesystem
+    at the bundle's ``rootfs``, and joins every namespace of the pod. `config` is the pod's config as
+    the runtime sees it (only the annotations it allows).
+    """
+    init = shutil.which(options.pod_init)
+    if init is None:
+        raise FailedPrecondition(f"the pod's sandbox process needs {options.pod_init} (Debian package catatonit)")
+    context = pod_context(_pod(sandbox), config, sandbox.user_namespace)
+    process = cri.ContainerConfig(command=[SANDBOX_INIT, "-P"])
+    process.linux.security_context.readonly_rootfs = True
+    sandbox_spec = spec.build(
+        process,
+        {},
+        "rootfs",
+        pod=context,
+        cgroup_path=spec.cgroups_path(cgroup_driver, config.linux.cgroup_parent, sandbox.id),
+        oom_score_adj=oom_score(SANDBOX_OOM_SCORE, options),
+        user=User(),
+    )
+    bind = {"destination": SANDBOX_INIT, "type": "bind", "source": init, "options": ["rbind", "ro"]}
+    sandbox_spec["mounts"].append(bind)
+    sandbox_spec["annotations"] = dict(config.annotations)
+    return sandbox_spec
 
 
 def stop_signal(config: cri.ContainerConfig, image: Mapping[str, Any]) -> str:

@@ -15,10 +15,10 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 from shimhub import userns
 from shimhub.errors import FailedPrecondition
+from shimhub.hooktypes import Pod, SpecOptions
 from shimhub.mounts import run, unmount
 from shimhub.namespaces import pin_new
 from shimhub.oci.spec import PodContext
@@ -26,10 +26,6 @@ from shimhub_proto.cri.v1 import api_pb2 as cri
 
 SHM_SIZE = "64m"
 INFRA_WAIT = 5.0
-
-
-def _mode(options: cri.NamespaceOption, kind: str) -> int:
-    return getattr(options, kind)
 
 
 def resolv_conf(dns: cri.DNSConfig) -> str:
@@ -59,51 +55,50 @@ def create(
     config: cri.PodSandboxConfig,
     netns: str,
     ips: list[str],
-    pause: str,
+    options: SpecOptions,
     *,
-    infra: bool = True,
     user_namespace: str = "",
-) -> dict[str, Any]:
-    """Set the pod up in `directory`; return what later containers and teardown need (JSON-serialisable).
+) -> Pod:
+    """Set the pod up in `directory`: its files, and unless its runtime holds them (`options.guest`) its
+    namespaces, /dev/shm and the init of a shared PID namespace.
 
-    Without `infra`, a pod sharing one PID namespace gets no infra process here:
-    the caller runs one and sets ``namespaces["pid"]`` itself. `user_namespace` is the
-    sandbox's (`SandboxRecord.user_namespace`): the directory where the core pinned the
-    pod's user namespace and the IPC and UTS namespaces it owns; the pod uses those.
+    `user_namespace` is the sandbox's (`SandboxRecord.user_namespace`): the directory where the core
+    pinned the pod's user namespace and the IPC and UTS namespaces it owns; the pod uses those.
     """
-    options = config.linux.security_context.namespace_options
+    namespace_options = config.linux.security_context.namespace_options
     directory.mkdir(parents=True, exist_ok=True, mode=0o711)
-    hostname = config.hostname if options.network != cri.NODE else os.uname().nodename
+    hostname = config.hostname if namespace_options.network != cri.NODE else os.uname().nodename
     (directory / "resolv.conf").write_text(resolv_conf(config.dns_config))
     (directory / "hosts").write_text(hosts_file(hostname, ips))
     (directory / "hostname").write_text(hostname + "\n")
-    data: dict[str, Any] = {"dir": str(directory), "hostname": hostname, "namespaces": {}}
-    namespaces: dict[str, str] = data["namespaces"]
-    namespaces["network"] = netns if options.network != cri.NODE else ""
+    pod = Pod(dir=str(directory), hostname=hostname)
+    if options.guest:  # the VM's own namespaces are the pod's
+        pod.namespaces = {"network": "", "ipc": "", "uts": ""}
+        return pod
+    pod.namespaces["network"] = netns if namespace_options.network != cri.NODE else ""
     # A host-network pod also keeps the node's UTS namespace (its hostname), as the kubelet expects.
     pins = {
         kind: directory / kind
-        for kind, shared in (("ipc", options.ipc), ("uts", options.network))
+        for kind, shared in (("ipc", namespace_options.ipc), ("uts", namespace_options.network))
         if shared != cri.NODE
     }
     if user_namespace:
-        data["user_namespace"] = user_namespace
         pins = {kind: Path(user_namespace, kind) for kind in pins}  # pinned by the core, hostname set
     for kind in ("ipc", "uts"):
-        namespaces[kind] = str(pins[kind]) if kind in pins else ""
+        pod.namespaces[kind] = str(pins[kind]) if kind in pins else ""
     if pins and not user_namespace:
         pin_new(pins, hostname)
-    if options.ipc != cri.NODE:
+    if namespace_options.ipc != cri.NODE:
         shm = directory / "shm"
         shm.mkdir(exist_ok=True)
         run("mount", "-t", "tmpfs", "-o", f"nosuid,nodev,noexec,mode=1777,size={SHM_SIZE}", "shm", str(shm))
-        data["shm"] = str(shm)
-    if options.pid == cri.NODE:
-        namespaces["pid"] = ""
-    elif options.pid == cri.POD and infra:
-        data["infra_pid"] = _start_infra(directory, pause, user_namespace)
-        namespaces["pid"] = f"/proc/{data['infra_pid']}/ns/pid"
-    return data
+        pod.shm = str(shm)
+    if namespace_options.pid == cri.NODE:
+        pod.namespaces["pid"] = ""
+    elif namespace_options.pid == cri.POD:
+        pod.infra_pid = _start_infra(directory, options.pod_init, user_namespace)
+        pod.namespaces["pid"] = f"/proc/{pod.infra_pid}/ns/pid"
+    return pod
 
 
 def _start_infra(directory: Path, pause: str, user_namespace: str) -> int:
@@ -130,38 +125,36 @@ def _start_infra(directory: Path, pause: str, user_namespace: str) -> int:
     raise FailedPrecondition("the pod's infra process did not start")
 
 
-def context(data: dict[str, Any], config: cri.PodSandboxConfig) -> PodContext:
-    """What containers of the pod take from it."""
-    directory = Path(data["dir"])
+def context(pod: Pod, config: cri.PodSandboxConfig, user_namespace: str) -> PodContext:
+    """What containers of the pod take from it; `user_namespace` as for `create`."""
     mappings = userns.requested(config.linux.security_context.namespace_options, "pod sandbox")
     return PodContext(
-        namespaces=dict(data["namespaces"]),
-        hostname=data["hostname"],
-        resolv_conf=str(directory / "resolv.conf"),
-        hosts=str(directory / "hosts"),
-        hostname_file=str(directory / "hostname"),
-        shm=data.get("shm", ""),
+        namespaces=dict(pod.namespaces),
+        hostname=pod.hostname,
+        resolv_conf=pod.file("resolv.conf"),
+        hosts=pod.file("hosts"),
+        hostname_file=pod.file("hostname"),
+        shm=pod.shm,
         cgroup_parent=config.linux.cgroup_parent,
         sysctls=dict(config.linux.sysctls),
-        user_namespace=userns.user_file(data["user_namespace"]) if data.get("user_namespace") else "",
+        user_namespace=userns.user_file(user_namespace) if user_namespace else "",
         id_mappings=mappings.oci() if mappings is not None else {},
     )
 
 
-def stop(data: dict[str, Any]) -> None:
+def stop(directory: Path, pod: Pod | None) -> None:
     """Stop the infra process and release the pod's namespaces and /dev/shm. Idempotent.
 
-    The pod's directory alone is enough: after a crash, `data` may hold nothing but "dir".
+    The pod's directory alone is enough: after a crash, `pod` may be None.
     """
-    if not data.get("dir"):
-        return
-    directory = Path(data["dir"])
-    pid = data.pop("infra_pid", None)
+    pid = pod.infra_pid if pod is not None else 0
     recorded = directory / "infra.pid"
     if not pid and recorded.exists():
-        pid = recorded.read_text().strip()
+        pid = int(recorded.read_text().strip() or 0)
     if pid:
-        _kill_infra(int(pid))
+        _kill_infra(pid)
+    if pod is not None:
+        pod.infra_pid = 0
     for name in ("ipc", "uts", "shm"):
         unmount(str(directory / name))
 
@@ -176,8 +169,7 @@ def _kill_infra(pid: int) -> None:
         return
 
 
-def remove(data: dict[str, Any]) -> None:
+def remove(directory: Path, pod: Pod | None) -> None:
     """Remove everything the pod left on the node. Idempotent."""
-    stop(data)
-    if data.get("dir"):
-        shutil.rmtree(data["dir"], ignore_errors=True)
+    stop(directory, pod)
+    shutil.rmtree(directory, ignore_errors=True)

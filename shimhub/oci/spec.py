@@ -275,7 +275,7 @@ def _devices(config: cri.ContainerConfig) -> tuple[list[dict[str, Any]], list[di
     return devices, rules
 
 
-def resources(linux: cri.LinuxContainerResources, oom_floor: int | None = None) -> dict[str, Any]:
+def resources(linux: cri.LinuxContainerResources) -> dict[str, Any]:
     """The OCI linux.resources of CRI resources (unset values left out)."""
     result: dict[str, Any] = {}
     cpu = {

@@ -1,12 +1,14 @@
 """An example shimhub runtime plugin: containers as chrooted host processes.
 
-A container is its command run by a small supervisor (``shimhub_procrun.supervise``)
-inside the pod's network namespace, chrooted into the container's root filesystem
-(a container without an image sees the node's). The supervisor writes the CRI log
-and the exit code, and outlives shimhub.
+A container is the process of the OCI spec the core finished (its arguments and
+environment, as the extensions and NRI left them) run by a small supervisor
+(``shimhub_procrun.supervise``) inside the pod's network namespace, chrooted into
+the container's root filesystem (a container without an image sees the node's).
+The supervisor writes the CRI log and the exit code, and outlives shimhub.
 
-Honest limits: no PID, mount, IPC, UTS or user namespaces, no cgroup limits, no
-seccomp or capabilities dropped, every container runs as root. It shows the
+Honest limits: of the spec, only the process's arguments and environment and the
+pod's network namespace are used: no PID, mount, IPC, UTS or user namespaces, no
+cgroup limits, no seccomp or capabilities dropped, every container runs as root. It shows the
 plugin contract, not isolation: use the runc plugin for real workloads.
 """
 
@@ -32,9 +34,7 @@ from shimhub.sdk import (
     ContainerStatus,
     ContainerUsage,
     ExecResult,
-    InvalidArgument,
     PluginContext,
-    PodNetwork,
     Readiness,
     SandboxRecord,
     hookimpl,
@@ -48,7 +48,7 @@ OPTIONS = {"nsenter": "nsenter", "chroot": "chroot"}
 class ProcRuntime:
     """The `proc` runtime: one instance per runtime handler that names it."""
 
-    shimhub_api = "1.4"
+    shimhub_api = "2.0"
 
     def __init__(self) -> None:
         self.state_dir = Path()
@@ -65,21 +65,12 @@ class ProcRuntime:
             self.tools[tool] = found
         return Readiness(ready=True, info=dict(self.tools))
 
-    # -- pods: the network backend made the namespace; nothing else to run ------------------
+    # -- pods: the core made the namespaces; nothing to run ----------------------------------
 
     @hookimpl
-    def runtime_sandbox_run(self, sandbox: SandboxRecord, config: cri.PodSandboxConfig, network: PodNetwork) -> None:
-        sandbox.runtime_data["netns"] = network.netns_path
+    def runtime_sandbox_run(self, sandbox: SandboxRecord, config: cri.PodSandboxConfig) -> None:
         # Only the annotations the handler's `allowed_annotations` let through reach a plugin.
         sandbox.runtime_data["annotations_seen"] = dict(config.annotations)
-
-    @hookimpl
-    def runtime_sandbox_stop(self, sandbox: SandboxRecord) -> None:
-        """Its containers are stopped already."""
-
-    @hookimpl
-    def runtime_sandbox_remove(self, sandbox: SandboxRecord) -> None:
-        """Its containers are removed already."""
 
     # -- containers --------------------------------------------------------------------------
 
@@ -88,25 +79,16 @@ class ProcRuntime:
 
     def _enter(self, sandbox: SandboxRecord, container: ContainerRecord, argv: list[str]) -> list[str]:
         """`argv` as a command run in the pod's network namespace and the container's root filesystem."""
-        netns = sandbox.runtime_data.get("netns", "")
-        rootfs = container.runtime_data["rootfs"]
+        netns = sandbox.pod.namespaces.get("network", "") if sandbox.pod else ""
+        rootfs = container.rootfs
         chrooted = [self.tools["chroot"], rootfs, *argv] if rootfs else argv
         return [self.tools["nsenter"], f"--net={netns}", "--", *chrooted] if netns else chrooted
 
     @hookimpl
-    def runtime_container_create(
-        self, container: ContainerRecord, config: cri.ContainerConfig, rootfs: str, image: Mapping[str, Any]
-    ) -> None:
-        image_config = image.get("config", {})
-        command = list(config.command) or list(image_config.get("Entrypoint") or [])
-        args = list(config.args) or ([] if config.command else list(image_config.get("Cmd") or []))
-        if not command + args:
-            raise InvalidArgument("neither the container nor its image gives a command")
-        env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", *image_config.get("Env", [])]
-        env += [f"{pair.key}={pair.value}" for pair in config.envs]
+    def runtime_container_create(self, container: ContainerRecord, spec: dict[str, Any]) -> None:
         self._dir(container).mkdir(parents=True)
-        (self._dir(container) / "env").write_text("\n".join(env) + "\n")
-        container.runtime_data.update(argv=command + args, rootfs=rootfs)
+        (self._dir(container) / "env").write_text("\n".join(spec["process"]["env"]) + "\n")
+        container.runtime_data["argv"] = spec["process"]["args"]
 
     @hookimpl
     def runtime_container_start(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:

@@ -4,7 +4,7 @@ One instance per runtime handler. Handler options (all optional):
 
     binary = "runc"                      # the OCI runtime: runc, runsc, crun, or a path
     conmon = "conmon"                    # the monitor
-    pause = "catatonit"                  # init of pods that share one PID namespace
+    pause = "catatonit"                  # the init the core runs for pods that share one PID namespace
     runtime_args = []                    # global arguments for every runtime call, e.g. ["--platform=ptrace"]
     host_network_runtime_args = []       # added for host-network pods, e.g. ["--network=host"] for runsc
     restrict_oom_score_adj = true        # clamp oom_score_adj to what shimhub itself may set
@@ -37,15 +37,17 @@ from shimhub.sdk import (
     NotFound,
     PluginContext,
     PluginFailed,
-    PodNetwork,
     Readiness,
     SandboxRecord,
+    SpecOptions,
     StreamedProcess,
     cgroups,
     hookimpl,
     netns,
-    oci,
+    oci_resources,
     plugin_options,
+    termination_log,
+    termination_message,
 )
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from shimhub_runc import conmon, criu, streams
@@ -103,18 +105,16 @@ def _unsupported_cgroups(binary: str) -> str:
 class RuncRuntime:
     """Runs pods and containers with an OCI runtime binary under conmon."""
 
-    shimhub_api = "1.5"
+    shimhub_api = "2.0"
 
     def __init__(self) -> None:
         self.options: dict[str, Any] = dict(OPTIONS)
         self.binary = ""
         self.conmon = ""
         self.state_root = Path()
-        self.pods = Path()
         self.bundles = Path()
         self.exits = Path()
         self.attach = Path()
-        self.oom: oci.container.OomScore | None = None
         self.cgroup_driver = "cgroupfs"
         self.context: PluginContext | None = None
         self.log = logging.getLogger(__name__)
@@ -129,9 +129,8 @@ class RuncRuntime:
         self.state_root = context.run_dir / "runtime"
         self.exits = context.run_dir / "exits"
         self.attach = context.run_dir / "attach"
-        self.pods = context.state_dir / "pods"
         self.bundles = context.state_dir / "containers"
-        for directory in (self.state_root, self.exits, self.attach, self.pods, self.bundles):
+        for directory in (self.state_root, self.exits, self.attach, self.bundles):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         conmon_cgroup = self.options["conmon_cgroup"]
         if conmon_cgroup and self.cgroup_driver != "systemd":
@@ -149,9 +148,15 @@ class RuncRuntime:
         unsupported = _unsupported_cgroups(self.binary)
         if unsupported:
             return Readiness(ready=False, reason=unsupported)
-        self.oom = oci.container.OomScore(self.options["restrict_oom_score_adj"], self.log)
         version = self._version()
-        return Readiness(ready=True, features=self._features(), info={"binary": self.binary, "version": version})
+        return Readiness(
+            ready=True,
+            features=self._features(),
+            spec_options=SpecOptions(
+                restrict_oom_score_adj=self.options["restrict_oom_score_adj"], pod_init=self.options["pause"]
+            ),
+            info={"binary": self.binary, "version": version},
+        )
 
     def _version(self) -> str:
         try:
@@ -185,32 +190,6 @@ class RuncRuntime:
             raise PluginFailed(f"{os.path.basename(self.binary)} {args[0]} failed: {message}")
         return done.stdout.decode(errors="replace")
 
-    # -- pod sandboxes ---------------------------------------------------------
-
-    @hookimpl
-    def runtime_sandbox_run(self, sandbox: SandboxRecord, config: cri.PodSandboxConfig, network: PodNetwork) -> None:
-        directory = self.pods / sandbox.id
-        try:
-            sandbox.runtime_data["pod"] = oci.pod.create(
-                directory,
-                config,
-                network.netns_path,
-                network.ips,
-                self.options["pause"],
-                user_namespace=sandbox.user_namespace,
-            )
-        except BaseException:
-            oci.pod.remove({"dir": str(directory)})
-            raise
-
-    @hookimpl
-    def runtime_sandbox_stop(self, sandbox: SandboxRecord) -> None:
-        oci.pod.stop(sandbox.runtime_data.get("pod", {}))
-
-    @hookimpl
-    def runtime_sandbox_remove(self, sandbox: SandboxRecord) -> None:
-        oci.pod.remove(sandbox.runtime_data.get("pod", {"dir": str(self.pods / sandbox.id)}))
-
     # -- containers -------------------------------------------------------------
 
     def _conmon_slice(self, sandbox: SandboxRecord) -> str:
@@ -225,28 +204,21 @@ class RuncRuntime:
 
     @hookimpl
     def runtime_container_create(
-        self,
-        sandbox: SandboxRecord,
-        container: ContainerRecord,
-        config: cri.ContainerConfig,
-        rootfs: str,
-        image: Mapping[str, Any],
+        self, sandbox: SandboxRecord, container: ContainerRecord, config: cri.ContainerConfig, spec: dict[str, Any]
     ) -> None:
-        self._write_bundle(sandbox, container, config, rootfs, image)
+        self._write_bundle(container, config, spec)
         container.runtime_data["pid"] = self._launch(sandbox, container, self._stdio(config))
 
     @hookimpl
-    def runtime_container_restore(  # noqa: PLR0917 - the hook's arguments
+    def runtime_container_restore(
         self,
-        sandbox: SandboxRecord,
         container: ContainerRecord,
         config: cri.ContainerConfig,
-        rootfs: str,
-        image: Mapping[str, Any],
+        spec: dict[str, Any],
         checkpoint: str,
         checkpointed_spec: Mapping[str, Any],
     ) -> None:
-        self._write_bundle(sandbox, container, config, rootfs, image)
+        self._write_bundle(container, config, spec)
         # CRIU may restore the processes into the checkpointed container's cgroup (made again if it is gone)
         source = str((checkpointed_spec.get("linux") or {}).get("cgroupsPath", ""))
         container.runtime_data["restore"] = {"checkpoint": checkpoint, "source_cgroup": source, **self._stdio(config)}
@@ -255,32 +227,17 @@ class RuncRuntime:
     def _stdio(config: cri.ContainerConfig) -> dict[str, bool]:
         return {"terminal": config.tty, "stdin": config.stdin, "stdin_once": config.stdin_once}
 
-    def _write_bundle(
-        self,
-        sandbox: SandboxRecord,
-        container: ContainerRecord,
-        config: cri.ContainerConfig,
-        rootfs: str,
-        image: Mapping[str, Any],
-    ) -> None:
-        assert self.oom is not None and self.context is not None
-        oci_spec, cgroup = oci.container.build(
-            sandbox,
-            container,
-            config,
-            rootfs,
-            image,
-            pod_data=sandbox.runtime_data.get("pod"),
-            cgroup_driver=self.cgroup_driver,
-            oom=self.oom,
-            extensions=self.context.extensions,
-        )
+    def _write_bundle(self, container: ContainerRecord, config: cri.ContainerConfig, spec: dict[str, Any]) -> None:
+        if not container.rootfs:
+            raise FailedPrecondition("this runtime runs containers from images: the container has no root filesystem")
         monitor = self._monitor(container)
         monitor.bundle.mkdir(mode=0o700)
-        (monitor.bundle / "config.json").write_text(json.dumps(oci_spec))
+        (monitor.bundle / "config.json").write_text(json.dumps(spec))
         if container.log_path:
             Path(container.log_path).parent.mkdir(parents=True, exist_ok=True)
-        container.runtime_data.update(cgroup=cgroup, termination_log=oci.container.termination_log(config))
+        container.runtime_data.update(
+            cgroup=spec["linux"]["cgroupsPath"], termination_log=termination_log(config)
+        )
 
     def _launch(self, sandbox: SandboxRecord, container: ContainerRecord, stdio: Mapping[str, Any]) -> int:
         """conmon for the container: creating it, or restoring it when `stdio` names a checkpoint."""
@@ -374,7 +331,7 @@ class RuncRuntime:
                 finished_at=finished,
                 exit_code=code,
                 reason=reason,
-                message=oci.container.termination_message(data.get("termination_log", "")),
+                message=termination_message(data.get("termination_log", "")),
             )
         if alive:
             return ContainerState(
@@ -450,7 +407,7 @@ class RuncRuntime:
     def runtime_container_update(
         self, sandbox: SandboxRecord, container: ContainerRecord, resources: cri.LinuxContainerResources
     ) -> None:
-        self._run("update", "--resources", "-", container.id, stdin=json.dumps(oci.spec.resources(resources)).encode())
+        self._run("update", "--resources", "-", container.id, stdin=json.dumps(oci_resources(resources)).encode())
 
     @hookimpl
     def runtime_container_reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:

@@ -10,8 +10,8 @@ for containerd-shim-runc-v2. One instance per runtime handler. Handler options (
     pause = "catatonit"                  # the pod sandbox's process (static binary, run as /pause -P)
     restrict_oom_score_adj = true        # clamp oom_score_adj to what shimhub itself may set
 
-Every pod is a sandbox task (the pause process, holding the pod's PID
-namespace) plus one task per container, all marked with the CRI's
+Every pod is a sandbox task (the process of the spec the core builds for it,
+the pod init joining the pod's namespaces) plus one task per container, all marked with the CRI's
 container-type and sandbox-id annotations so a grouping shim runs them in
 one shim (Kata: one VM). The shim holds the processes and their exit codes,
 and keeps running when shimhub restarts; shimhub copies container output from
@@ -47,20 +47,21 @@ from shimhub.sdk import (
     NotFound,
     PluginContext,
     PluginFailed,
-    PodNetwork,
     Readiness,
     SandboxRecord,
     ShimhubError,
+    SpecOptions,
     StreamedProcess,
     Unavailable,
-    User,
     cgroups,
     fifos,
     hookimpl,
     mounts,
     netns,
-    oci,
+    oci_resources,
     plugin_options,
+    termination_log,
+    termination_message,
     ttrpc,
 )
 from shimhub_proto.containerd.cgroups.v1 import metrics_pb2 as cgroups_v1
@@ -90,9 +91,9 @@ SANDBOX_NAME = "io.kubernetes.cri.sandbox-name"
 SANDBOX_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
 SANDBOX_UID = "io.kubernetes.cri.sandbox-uid"
 CONTAINER_NAME = "io.kubernetes.cri.container-name"
-PAUSE_PATH = "/pause"
+#: Where the core binds the pod init into a sandbox process's root filesystem (see its sandbox spec).
+SANDBOX_INIT = "/pause"
 OPTIONS_TYPE = "runtimeoptions.v1.Options"
-SANDBOX_OOM_SCORE = -998
 
 
 def _cri_annotations(kind: str, sandbox_id: str, pod: cri.PodSandboxConfig) -> dict[str, str]:
@@ -163,17 +164,14 @@ def _remove_dead_socket(address: str) -> None:
 class ShimV2Runtime:
     """Runs pods and containers through a containerd shim v2 binary, over ttrpc."""
 
-    shimhub_api = "1.4"
+    shimhub_api = "2.0"
 
     def __init__(self) -> None:
         self.options: dict[str, Any] = dict(OPTIONS)
         self.binary: Binary | None = None
-        self.pause = ""
         self.tasks = Path()
-        self.pods = Path()
         self.cgroup_driver = "cgroupfs"
         self.context: PluginContext | None = None
-        self.oom: oci.container.OomScore | None = None
         self.log = logging.getLogger(__name__)
         self.relay: fifos.OutputRelay | None = None
         self.events: ttrpc.Receiver | None = None
@@ -189,17 +187,13 @@ class ShimV2Runtime:
         self.context, self.log = context, context.log
         self.cgroup_driver = context.cgroup_driver
         self.tasks = context.run_dir / "tasks"
-        self.pods = context.state_dir / "pods"
-        for directory in (self.tasks, self.pods):
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.oom = oci.container.OomScore(self.options["restrict_oom_score_adj"], self.log)
+        self.tasks.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.relay is None:
             self.relay = fifos.OutputRelay()
         path = shutil.which(self.options["shim"]) or ""
-        self.pause = shutil.which(self.options["pause"]) or ""
         if not path:
             return Readiness(ready=False, reason=f"shim binary {self.options['shim']!r} not found")
-        if not self.pause:
+        if not shutil.which(self.options["pause"]):
             return Readiness(ready=False, reason=f"pause binary {self.options['pause']!r} not found (Debian catatonit)")
         if self.options["shim_config"] and not os.path.isfile(self.options["shim_config"]):
             return Readiness(ready=False, reason=f"shim configuration {self.options['shim_config']!r} not found")
@@ -210,7 +204,13 @@ class ShimV2Runtime:
         self.binary = Binary(path, NAMESPACE, address, events)
         if self.events is None:
             self.events = ttrpc.Receiver(events, lambda request: None)
-        return Readiness(ready=True, info={"shim": path})
+        return Readiness(
+            ready=True,
+            spec_options=SpecOptions(
+                restrict_oom_score_adj=self.options["restrict_oom_score_adj"], pod_init=self.options["pause"]
+            ),
+            info={"shim": path},
+        )
 
     @hookimpl
     def runtime_recover(self, sandboxes: list[SandboxRecord], containers: list[ContainerRecord]) -> None:
@@ -302,46 +302,18 @@ class ShimV2Runtime:
 
     # -- pod sandboxes -------------------------------------------------------------
 
-    def _sandbox_spec(self, sandbox: SandboxRecord, config: cri.PodSandboxConfig, pod_data: dict[str, Any]) -> dict:
-        context = oci.pod.context(pod_data, config)
-        context.namespaces.pop("pid", None)  # the sandbox makes the pod's PID namespace (unless the host's)
-        if config.linux.security_context.namespace_options.pid == cri.NODE:
-            context.namespaces["pid"] = ""
-        rootfs = self._bundle(sandbox.id) / "rootfs"
-        container = cri.ContainerConfig(command=[PAUSE_PATH, "-P"])
-        container.linux.security_context.readonly_rootfs = True
-        assert self.oom is not None
-        oci_spec = oci.spec.build(
-            container,
-            {},
-            str(rootfs),
-            pod=context,
-            cgroup_path=oci.spec.cgroups_path(self.cgroup_driver, config.linux.cgroup_parent, sandbox.id),
-            oom_score_adj=max(SANDBOX_OOM_SCORE, self.oom.floor) if self.oom.restrict else SANDBOX_OOM_SCORE,
-            user=User(),
-        )
-        oci_spec["root"]["path"] = "rootfs"
-        pause = {"destination": PAUSE_PATH, "type": "bind", "source": self.pause, "options": ["rbind", "ro"]}
-        oci_spec["mounts"].append(pause)
-        oci_spec["annotations"] = {**config.annotations, **_cri_annotations("sandbox", sandbox.id, config)}
-        return oci_spec
-
     @hookimpl
-    def runtime_sandbox_run(self, sandbox: SandboxRecord, config: cri.PodSandboxConfig, network: PodNetwork) -> None:
+    def runtime_sandbox_run(self, sandbox: SandboxRecord, config: cri.PodSandboxConfig, spec: dict[str, Any]) -> None:
         bundle = self._bundle(sandbox.id)
         data = sandbox.runtime_data
         try:
-            data["pod"] = oci.pod.create(
-                self.pods / sandbox.id, config, network.netns_path, network.ips, self.pause, infra=False
-            )
             (bundle / "rootfs").mkdir(parents=True, mode=0o755)
-            (bundle / "rootfs" / PAUSE_PATH.lstrip("/")).touch()
-            (bundle / "config.json").write_text(json.dumps(self._sandbox_spec(sandbox, config, data["pod"])))
+            (bundle / "rootfs" / SANDBOX_INIT.lstrip("/")).touch()
+            spec["annotations"].update(_cri_annotations("sandbox", sandbox.id, config))
+            (bundle / "config.json").write_text(json.dumps(spec))
             data["shim"], pid = self._start_task(sandbox.id, task.CreateTaskRequest(id=sandbox.id, bundle=str(bundle)))
             self._client(data["shim"]).start(sandbox.id)
             data["pid"] = pid
-            if config.linux.security_context.namespace_options.pid == cri.POD:
-                data["pod"]["namespaces"]["pid"] = f"/proc/{pid}/ns/pid"
         except BaseException:
             self.runtime_sandbox_remove(sandbox)
             raise
@@ -355,7 +327,6 @@ class ShimV2Runtime:
             self._delete_task(sandbox.id, address)
             self._shutdown(sandbox.id, address)
             data["task_deleted"] = True
-        oci.pod.stop(data.get("pod", {}))
 
     @hookimpl
     def runtime_sandbox_remove(self, sandbox: SandboxRecord) -> None:
@@ -366,7 +337,6 @@ class ShimV2Runtime:
             # containers are deleted now, so it may exit (asking a shim that is gone already is harmless).
             self._shutdown(sandbox.id, address)
         self._remove_bundle(sandbox.id)
-        oci.pod.remove(sandbox.runtime_data.get("pod", {"dir": str(self.pods / sandbox.id)}))
 
     # -- containers ----------------------------------------------------------------
 
@@ -381,35 +351,22 @@ class ShimV2Runtime:
 
     @hookimpl
     def runtime_container_create(
-        self,
-        sandbox: SandboxRecord,
-        container: ContainerRecord,
-        config: cri.ContainerConfig,
-        rootfs: str,
-        image: Mapping[str, Any],
+        self, sandbox: SandboxRecord, container: ContainerRecord, config: cri.ContainerConfig, spec: dict[str, Any]
     ) -> None:
-        assert self.oom is not None and self.context is not None
-        oci_spec, cgroup = oci.container.build(
-            sandbox,
-            container,
-            config,
-            rootfs,
-            image,
-            pod_data=sandbox.runtime_data.get("pod") if "shim" in sandbox.runtime_data else None,
-            cgroup_driver=self.cgroup_driver,
-            oom=self.oom,
-            extensions=self.context.extensions,
-        )
-        oci_spec["root"]["path"] = "rootfs"  # where the shim mounts the root filesystem it is handed
-        oci_spec["annotations"].update(_cri_annotations("container", sandbox.id, sandbox.pod_config()))
-        oci_spec["annotations"][CONTAINER_NAME] = config.metadata.name
+        if "shim" not in sandbox.runtime_data:
+            raise FailedPrecondition(f"pod sandbox {sandbox.id} was not set up by this runtime")
+        if not container.rootfs:
+            raise FailedPrecondition("this runtime runs containers from images: the container has no root filesystem")
+        spec["root"]["path"] = "rootfs"  # where the shim mounts the root filesystem it is handed
+        spec["annotations"].update(_cri_annotations("container", sandbox.id, sandbox.pod_config()))
+        spec["annotations"][CONTAINER_NAME] = config.metadata.name
         bundle = self._bundle(container.id)
         (bundle / "rootfs").mkdir(parents=True, mode=0o755)
-        (bundle / "config.json").write_text(json.dumps(oci_spec))
+        (bundle / "config.json").write_text(json.dumps(spec))
         data = container.runtime_data
         data.update(
-            cgroup=cgroup,
-            termination_log=oci.container.termination_log(config),
+            cgroup=spec["linux"]["cgroupsPath"],
+            termination_log=termination_log(config),
             tty=config.tty,
             stdin=config.stdin,
             stdin_once=config.stdin_once,
@@ -419,7 +376,7 @@ class ShimV2Runtime:
             request = task.CreateTaskRequest(
                 id=container.id,
                 bundle=str(bundle),
-                rootfs=[mount_pb2.Mount(type="bind", source=rootfs, options=["rbind", "rw"])],
+                rootfs=[mount_pb2.Mount(type="bind", source=container.rootfs, options=["rbind", "rw"])],
                 terminal=config.tty,
                 stdin=output.stdio.paths["stdin"],
                 stdout=output.stdio.paths["stdout"],
@@ -449,7 +406,7 @@ class ShimV2Runtime:
             started_at=container.runtime_data.get("started_at", 0),
             finished_at=finished,
             exit_code=code,
-            message=message or oci.container.termination_message(container.runtime_data.get("termination_log", "")),
+            message=message or termination_message(container.runtime_data.get("termination_log", "")),
         )
 
     @hookimpl
@@ -554,7 +511,7 @@ class ShimV2Runtime:
     def runtime_container_update(
         self, sandbox: SandboxRecord, container: ContainerRecord, resources: cri.LinuxContainerResources
     ) -> None:
-        self._client(container.runtime_data["shim"]).update(container.id, oci.spec.resources(resources))
+        self._client(container.runtime_data["shim"]).update(container.id, oci_resources(resources))
 
     @hookimpl
     def runtime_container_reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:

@@ -60,13 +60,16 @@ from shimhub.sdk import (
     Readiness,
     SandboxRecord,
     ShimhubError,
+    SpecOptions,
     StreamedProcess,
     Unavailable,
     hookimpl,
     mountinfo,
     mounts,
-    oci,
+    oci_resources,
     plugin_options,
+    termination_log,
+    termination_message,
 )
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from shimhub_vm import guest, qemu, tap, template
@@ -95,6 +98,10 @@ MIN_MEMORY_MIB = 128
 FORBIDDEN_KERNEL_PARAMS = ("init=", "rdinit=")
 KILL_WAIT = 10.0
 OUTPUT_WAIT = 2.0
+#: The pod's files the core writes, which the guest's containers get from the share.
+POD_FILES = ("resolv.conf", "hosts", "hostname")
+#: Where a container's cgroup goes in the guest.
+GUEST_CGROUP = "/shimhub/shimhub-{}"
 VM_LOST = "the pod's VM exited unexpectedly; its containers are gone"
 
 
@@ -144,7 +151,7 @@ class AgentProcess:
 class VmRuntime:
     """Base of the VM runtime plugins; subclasses implement `share_rootfs` and `release_rootfs`."""
 
-    shimhub_api = "1.4"
+    shimhub_api = "2.0"
     #: Whether the VM gets a hot-pluggable SCSI controller (for block-device root filesystems).
     block_devices = False
 
@@ -209,7 +216,7 @@ class VmRuntime:
         info = {"accel": self.accel, "kernel": self.options["kernel"]}
         if self.accel_reason:
             info["warning"] = f"software emulation (TCG): {self.accel_reason}"
-        return Readiness(ready=True, info=info)
+        return Readiness(ready=True, spec_options=SpecOptions(guest=True), info=info)
 
     def _vm_config(self, vcpus: int, memory: int, params: str, directory: Path) -> qemu.VmConfig:
         """A VM of the handler, in `directory`, booting the handler's guest files."""
@@ -302,12 +309,13 @@ class VmRuntime:
         threading.Thread(target=process.wait, daemon=True).start()  # reap it when it exits with the VM
         return qemu.SHARE_SOCKET
 
-    def _pod_files(self, sandbox: SandboxRecord, config: cri.PodSandboxConfig, ips: list[str]) -> None:
+    def _pod_files(self, sandbox: SandboxRecord) -> None:
+        """The pod's files the core wrote (resolv.conf, hosts, hostname), copied into the share."""
+        assert sandbox.pod is not None
         files = self._shared(sandbox) / "pod"
         files.mkdir(parents=True)
-        (files / "resolv.conf").write_text(oci.pod.resolv_conf(config.dns_config))
-        (files / "hosts").write_text(oci.pod.hosts_file(config.hostname, ips))
-        (files / "hostname").write_text(config.hostname + "\n")
+        for name in POD_FILES:
+            shutil.copyfile(sandbox.pod.file(name), files / name)
 
     @hookimpl
     def runtime_sandbox_run(self, sandbox: SandboxRecord, config: cri.PodSandboxConfig, network: PodNetwork) -> None:
@@ -318,7 +326,7 @@ class VmRuntime:
         sandbox.runtime_data["vm"] = vm
         try:
             self._shared(sandbox).mkdir(parents=True, mode=0o700)
-            self._pod_files(sandbox, config, network.ips)
+            self._pod_files(sandbox)
             interfaces, routes = [], []
             vm_config = self._vm_config(vcpus, memory, params, directory)
             templated = self.options["vm_template"]
@@ -418,43 +426,20 @@ class VmRuntime:
             output = self._outputs[container.id] = OutputFanout(container.log_path, streams=1)
         return output.write
 
-    def _guest_spec(
-        self,
-        sandbox: SandboxRecord,
-        container: ContainerRecord,
-        config: cri.ContainerConfig,
-        rootfs: str,
-        image: Mapping[str, Any],
-    ) -> dict[str, Any]:
-        """The container's OCI spec as the guest's runc needs it: the VM's namespaces, files from the share."""
-        assert self.context is not None
+    def _guest_spec(self, sandbox: SandboxRecord, container: ContainerRecord, spec: dict[str, Any]) -> dict[str, Any]:
+        """The core's finished spec as the guest's runc needs it: the VM's namespaces (the core joined none),
+        no host devices or AppArmor, a cgroup of the guest's, every bind source from the share."""
+        assert sandbox.pod is not None
         shared = self._shared(sandbox)
-        pod_config = sandbox.pod_config()
-        context = oci.spec.PodContext(
-            namespaces={"network": "", "ipc": "", "uts": ""},
-            hostname=pod_config.hostname,
-            resolv_conf=str(shared / "pod" / "resolv.conf"),
-            hosts=str(shared / "pod" / "hosts"),
-            hostname_file=str(shared / "pod" / "hostname"),
-            sysctls=dict(pod_config.linux.sysctls),
-        )
-        oci_spec = oci.spec.build(
-            config,
-            image,
-            rootfs,
-            pod=context,
-            cgroup_path=oci.spec.cgroups_path("cgroupfs", "", container.id),
-            oom_score_adj=config.linux.resources.oom_score_adj,
-            user=container.user,
-        )
-        self.context.extensions.adjust_oci_spec(sandbox, container, oci_spec)
-        oci_spec["linux"]["devices"] = []  # the host's device nodes are not the guest's
-        oci_spec["process"].pop("apparmorProfile", None)
+        spec["linux"]["devices"] = []  # the host's device nodes are not the guest's
+        spec["linux"]["cgroupsPath"] = GUEST_CGROUP.format(container.id)
+        spec["process"].pop("apparmorProfile", None)
+        pod_files = {sandbox.pod.file(name): shared / "pod" / name for name in POD_FILES}
         mounts_dir = shared / container.id / "mounts"
-        for number, mount in enumerate(oci_spec["mounts"]):
+        for number, mount in enumerate(spec["mounts"]):
             if mount["type"] != "bind":
                 continue
-            source = Path(mount["source"])
+            source = pod_files.get(mount["source"], Path(mount["source"]))
             if not source.is_relative_to(shared):
                 target = mounts_dir / str(number)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -462,31 +447,26 @@ class VmRuntime:
                 mounts.run("mount", "--bind", str(source), str(target))
                 source = target
             mount["source"], mount["shared"] = str(source.relative_to(shared)), True
-        return oci_spec
+        return spec
 
     @hookimpl
     def runtime_container_create(
-        self,
-        sandbox: SandboxRecord,
-        container: ContainerRecord,
-        config: cri.ContainerConfig,
-        rootfs: str,
-        image: Mapping[str, Any],
+        self, sandbox: SandboxRecord, container: ContainerRecord, config: cri.ContainerConfig, spec: dict[str, Any]
     ) -> None:
         if "vm" not in sandbox.runtime_data:
             raise FailedPrecondition(f"pod sandbox {sandbox.id} was not set up by this runtime")
-        if not rootfs:
+        if not container.rootfs:
             raise FailedPrecondition("this runtime runs containers from images: the container has no root filesystem")
         data = container.runtime_data
         data.update(
-            termination_log=oci.container.termination_log(config),
+            termination_log=termination_log(config),
             stdin_once=config.stdin_once,
         )
         client = self._client(sandbox)
         client.subscribe(container.id, self._output(container))
         try:
-            oci_spec = self._guest_spec(sandbox, container, config, rootfs, image)
-            described = self.share_rootfs(sandbox, container, rootfs)
+            oci_spec = self._guest_spec(sandbox, container, spec)
+            described = self.share_rootfs(sandbox, container, container.rootfs)
             data["pid"] = self._agent(
                 sandbox, "create", id=container.id, spec=oci_spec, rootfs=described, stdin=config.stdin
             )["pid"]
@@ -533,7 +513,7 @@ class VmRuntime:
             finished_at=state["finished_at"],
             exit_code=code,
             message=state.get("message")
-            or oci.container.termination_message(container.runtime_data.get("termination_log", "")),
+            or termination_message(container.runtime_data.get("termination_log", "")),
         )
 
     @hookimpl
@@ -595,7 +575,7 @@ class VmRuntime:
     def runtime_container_update(
         self, sandbox: SandboxRecord, container: ContainerRecord, resources: cri.LinuxContainerResources
     ) -> None:
-        self._agent(sandbox, "update", id=container.id, resources=oci.spec.resources(resources))
+        self._agent(sandbox, "update", id=container.id, resources=oci_resources(resources))
 
     @hookimpl
     def runtime_container_reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
