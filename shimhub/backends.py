@@ -58,8 +58,8 @@ class Backend:
 
     def readiness(self) -> Readiness:
         """How ready the backend is now: the plugin's answer when it has a readiness hook, else as at setup."""
-        hook = f"{self.kind}_readiness"
-        if self.plugin is None or not self.plugin.implements(hook):
+        hook = f"{self.kind}_readiness"  # not every kind has one
+        if self.plugin is None or not self.plugin.has_hook(hook) or not self.plugin.implements(hook):
             return self.setup_readiness
         try:
             current = self.plugin.call(hook)

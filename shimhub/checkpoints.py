@@ -42,6 +42,8 @@ IMAGES = "checkpoint"
 ROOTFS_DIFF = "rootfs-diff.tar"
 #: Most entries an archive may hold (CRIU writes a few dozen files a process).
 MAX_ENTRIES = 100_000
+#: Most of the state disk's free space one archive may unpack to.
+STATE_DISK_SHARE = 0.5
 #: Most bytes config.dump may have.
 MAX_CONFIG_BYTES = 4 << 20
 #: What a restored container takes from the checkpointed one's config; the rest is the request's.
@@ -147,6 +149,13 @@ def restored_config(request: cri.ContainerConfig, checkpointed: Checkpointed) ->
         (merged if field.name in FROM_CHECKPOINT else taken).ClearField(field.name)
     merged.MergeFrom(taken)
     return merged
+
+
+def archive_limit(state_dir: str, configured: int) -> int:
+    """Most bytes an archive may unpack to: `configured` (0: no limit of its own), and never more than
+    STATE_DISK_SHARE of what is free on the state disk, where it is unpacked."""
+    free = int(shutil.disk_usage(state_dir).free * STATE_DISK_SHARE)
+    return min(configured, free) if configured else free
 
 
 def unpack_archive(path: str, into: Path, max_bytes: int) -> None:

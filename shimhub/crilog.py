@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 from typing import BinaryIO
+
+from shimhub import logpaths
 
 
 def timestamp(ns: int) -> bytes:
@@ -41,8 +42,7 @@ class LogFile:
     def _open(self) -> BinaryIO | None:
         if not self.path:
             return None
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        return open(self.path, "ab", buffering=0)
+        return open(logpaths.open_for_append(self.path), "ab", buffering=0)
 
     def write(self, stream: str, data: bytes) -> None:
         """Append what the container wrote to `stream`."""

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from shimhub import cdi, oci, profiles, telemetry, unpack
 from shimhub import config as config_module
-from shimhub import profiles, telemetry, unpack
 from shimhub.backends import Backend
 from shimhub.background import Coalesced
 from shimhub.config import Config
@@ -21,8 +21,8 @@ from shimhub.errors import ConfigError, FailedPrecondition
 from shimhub.extensions import Extensions
 from shimhub.handlers import HandlerRegistry
 from shimhub.hooktypes import PluginContext
+from shimhub.images.auth import Credentials
 from shimhub.images.manager import ImageManager
-from shimhub.images.registry import Credentials
 from shimhub.images.store import ImageRecord
 from shimhub.locks import KeyedLocks
 from shimhub.names import NameRegistry
@@ -69,6 +69,7 @@ class Daemon:
         self.pod_names = NameRegistry("pod sandbox")
         self.container_names = NameRegistry("container")
         self.extensions = Extensions(config.extensions)
+        self.cdi = cdi.Registry(config.cdi_spec_dirs)
         self.handlers = HandlerRegistry.build(config, self.plugin_context)
         self.network = Backend.setup(
             "network",
@@ -106,7 +107,7 @@ class Daemon:
         if config.nri.enable:
             from shimhub.nri.runtime import Nri
 
-            self.nri = Nri(config.nri, self.store, self.containers)
+            self.nri = Nri(config.nri, self.store, self.containers, self.cdi)
             self.extensions.nri = self.nri
             self.listeners.append(self.nri.lifecycle_event)
 
@@ -186,6 +187,7 @@ class Daemon:
         sandboxes = self.store.sandboxes()
         for sandbox in sandboxes:
             self.pod_names.restore(sandbox.name, sandbox.id, sandbox.request_digest)
+            self._adopt_pod(sandbox)
         containers = self.store.containers()
         for container in containers:
             self.container_names.restore(container.name, container.id, container.request_digest)
@@ -206,6 +208,19 @@ class Daemon:
         log.info(
             "recovered %d pod sandboxes and %d containers", len(self.store.sandboxes()), len(self.store.containers())
         )
+
+    def _adopt_pod(self, sandbox: SandboxRecord) -> None:
+        """A pod that a runtime of API 1.x set up before an upgrade: the core takes it over, as it owns pods."""
+        handler = self.handlers.handlers.get(sandbox.handler)
+        plugin = handler.backend.plugin if handler is not None else None
+        if sandbox.pod is not None or plugin is None or plugin.builds_own_spec:
+            return
+        pod = oci.pod.adopted(sandbox.runtime_data.get("pod"))
+        if pod is not None:
+            sandbox.pod = pod
+            del sandbox.runtime_data["pod"]
+            self.store.save_sandbox(sandbox)
+            log.info("pod sandbox %s: its pod, set up by its runtime before, is now the core's", sandbox.id[:12])
 
     def _finish_pending(self, sandboxes: list[SandboxRecord], containers: list[ContainerRecord]) -> None:
         """Roll back creations and finish removals that a crash interrupted; drop what crashed pulls left.

@@ -35,9 +35,11 @@ from shimhub.records import ContainerRecord, SandboxRecord
 
 
 class SpecAdjuster(Protocol):
-    """What adjusts a container's spec after the extensions, and may refuse it (NRI)."""
+    """What adjusts a container's spec after the extensions, and may refuse it or its pod (NRI)."""
 
     def create_container(self, sandbox: SandboxRecord, container: ContainerRecord, spec: dict[str, Any]) -> None: ...
+
+    def run_pod_sandbox(self, sandbox: SandboxRecord) -> None: ...
 
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,11 @@ class Extensions:
 
     def _others(self, kept: set[str]) -> list[object]:
         return [plugin for name, plugin in self.manager.list_name_plugin() if name not in kept]
+
+    def pod_sandbox_starting(self, sandbox: SandboxRecord) -> None:
+        """Tell the NRI plugins of a pod set up and about to be ready; one that answers an error refuses it."""
+        if self.nri is not None:
+            self.nri.run_pod_sandbox(sandbox)
 
     def adjust_oci_spec(self, sandbox: SandboxRecord, container: ContainerRecord, spec: dict[str, Any]) -> None:
         """Let the extensions, then the NRI plugins, adjust `spec`: each change whole or not at all."""

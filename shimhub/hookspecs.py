@@ -16,7 +16,7 @@ specifications of that kind, so a hook implementation with a wrong name or a
 wrong argument is refused at startup. Every plugin class declares the API
 version it was written for as ``shimhub_api = "MAJOR.MINOR"``: shimhub loads it
 when the major equals ``API_VERSION``'s and the minor is not newer, and a
-plugin of API 1.x through the adapter of `RuntimeSpecV1` (deprecated).
+plugin of API 1.x through the adapter of `shimhub.hookspecs_v1` (deprecated).
 
 In API 2.0 the core owns the pod and the OCI spec: it sets up the pod's
 namespaces and files (``SandboxRecord.pod``), builds each container's spec, lets
@@ -260,67 +260,6 @@ class RuntimeSpec:
         """
 
 
-_V1 = (
-    "plugin API 1.x is deprecated and goes in 3.0: declare shimhub_api = \"2.0\" and take the finished OCI "
-    "spec the core hands runtime_container_create (see docs/plugins.md, \"From API 1.x\")"
-)
-
-
-class RuntimeSpecV1(RuntimeSpec):
-    """The runtime hooks of API 1.x, for plugins that declare it (deprecated).
-
-    Such a runtime sets its pod up itself in `runtime_sandbox_run` and builds
-    each container's spec in `runtime_container_create`, calling the extension
-    relay of its `PluginContext`; the core sets up no `SandboxRecord.pod` for it.
-    """
-
-    @hookspec(firstresult=True, warn_on_impl=DeprecationWarning(_V1))
-    def runtime_sandbox_run(  # type: ignore[override]
-        self, sandbox: SandboxRecord, config: cri.PodSandboxConfig, network: PodNetwork
-    ) -> None:
-        """Create and start the pod sandbox (its namespaces and files too); return when it is ready."""
-
-    @hookspec(firstresult=True, warn_on_impl=DeprecationWarning(_V1))
-    def runtime_container_create(  # type: ignore[override]
-        self,
-        sandbox: SandboxRecord,
-        container: ContainerRecord,
-        config: cri.ContainerConfig,
-        rootfs: str,
-        image: Mapping[str, Any],
-    ) -> None:
-        """Create a container whose root filesystem is mounted at `rootfs`; `image` is its image's config."""
-
-    @hookspec(firstresult=True)
-    def runtime_container_restore(  # type: ignore[override]  # noqa: PLR0917
-        self,
-        sandbox: SandboxRecord,
-        container: ContainerRecord,
-        config: cri.ContainerConfig,
-        rootfs: str,
-        image: Mapping[str, Any],
-        checkpoint: str,
-        checkpointed_spec: Mapping[str, Any],
-    ) -> None:
-        """`runtime_container_create` resuming the processes checkpointed into `checkpoint`."""
-
-    @hookspec(
-        firstresult=True,
-        warn_on_impl=DeprecationWarning(
-            "runtime_container_stop is deprecated since plugin API 1.4 and is not in 2.0: implement "
-            "runtime_container_kill and runtime_container_wait, and shimhub owns the stop signal, the "
-            "escalation to SIGKILL and the timeouts"
-        ),
-    )
-    def runtime_container_stop(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: int) -> None:
-        """Stop the container: its stop signal, then SIGKILL after `timeout` seconds. Idempotent.
-
-        Deprecated since 1.4: called only for a plugin without `runtime_container_kill` and
-        `runtime_container_wait`. A runtime implements those two or this one.
-        """
-
-
-
 class StorageSpec:
     """Hooks of a storage driver. Each is called on the driver's own instance only."""
 
@@ -458,19 +397,3 @@ KINDS: dict[str, tuple[str, type, tuple[str, ...]]] = {
     "network": ("shimhub.network", NetworkSpec, ("network_setup", "network_pod_setup", "network_pod_teardown")),
     "extension": ("shimhub.extension", ExtensionSpec, ()),
 }
-#: Runtime plugins of API 1.x: their specification and required hooks, and the hooks of which they implement
-#: one set (the current one first) or the other (deprecated).
-RUNTIME_V1 = (
-    RuntimeSpecV1,
-    (
-        "runtime_setup",
-        "runtime_sandbox_run",
-        "runtime_sandbox_stop",
-        "runtime_sandbox_remove",
-        "runtime_container_create",
-        "runtime_container_start",
-        "runtime_container_remove",
-        "runtime_container_state",
-    ),
-    (("runtime_container_kill", "runtime_container_wait"), ("runtime_container_stop",)),
-)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from shimhub.backends import Backend
+    from shimhub.cdi import Registry
     from shimhub.config import Config
     from shimhub.extensions import Extensions
     from shimhub.handlers import HandlerRegistry
@@ -35,6 +36,8 @@ class Node(Protocol):
     images: ImageManager
     #: What adjusts every container's spec after the core built it: the extensions, then NRI.
     extensions: Extensions
+    #: The node's CDI devices.
+    cdi: Registry
 
     def storage_for(self, handler_name: str) -> tuple[str, Backend]:
         """The storage driver (name and backend) that a handler's containers use."""

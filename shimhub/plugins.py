@@ -24,7 +24,8 @@ from attrs import define
 
 from shimhub import telemetry
 from shimhub.errors import ConfigError, PluginFailed, PluginLoadError, ShimhubError, Unimplemented
-from shimhub.hookspecs import API_VERSION, KINDS, PROJECT, RUNTIME_V1
+from shimhub.hookspecs import API_VERSION, KINDS, PROJECT
+from shimhub.hookspecs_v1 import RUNTIME_V1
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def _raise_load_failure(_manager: object, entry_point: EntryPoint, exc: BaseExce
     raise PluginLoadError(f"{type(exc).__name__}: {exc}") from exc
 
 
-#: The older plugin API still loaded, up to its last minor (runtimes through `hookspecs.RuntimeSpecV1`).
+#: The older plugin API still loaded, up to its last minor (runtimes through `hookspecs_v1.RuntimeSpecV1`).
 OLDER_API = (1, 6)
 
 
@@ -158,10 +159,17 @@ class LoadedPlugin:
         caller = getattr(self.manager.hook, hook, None)
         return caller is not None and any(argument in impl.argnames for impl in caller.get_hookimpls())
 
-    def implements(self, hook: str) -> bool:
-        """Whether the plugin implements `hook` (False for a hook its kind does not have)."""
+    def has_hook(self, hook: str) -> bool:
+        """Whether `hook` is a hook of the plugin's specification (implemented or not)."""
         caller = getattr(self.manager.hook, hook, None)
-        return caller is not None and bool(caller.get_hookimpls())
+        return caller is not None and caller.spec is not None
+
+    def implements(self, hook: str) -> bool:
+        """Whether the plugin implements `hook`; TypeError for a name that is no hook of its specification
+        (a misspelled hook is the core's error, not a plugin that lacks it)."""
+        if not self.has_hook(hook):
+            raise TypeError(f"{self.kind} plugins of API {self.api_major}.x have no hook {hook!r}")
+        return bool(getattr(self.manager.hook, hook).get_hookimpls())
 
     def require_hook(self, hook: str) -> None:
         """Raise Unimplemented unless the plugin implements `hook`."""

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shimhub import netns, oci, resources, userns
+from shimhub import logpaths, netns, oci, resources, userns
 from shimhub.errors import FailedPrecondition, InvalidArgument
 from shimhub.faults import crash_point
 from shimhub.hooktypes import PodNetwork
@@ -60,6 +60,8 @@ class PodManager:
                 raise InvalidArgument(f"pod sandbox metadata.{field_name} is empty")
         check_hostname(config.hostname)
         check_pod(config)
+        if config.log_directory:
+            logpaths.check_directory(config.log_directory)
         check_cgroup_parent(config.linux.cgroup_parent, self.node.config.cgroup_driver)
         check_identity(config.linux.security_context, "pod sandbox")
         handler = self.node.handlers.select(runtime_handler, config.annotations)
@@ -133,6 +135,7 @@ class PodManager:
                         )
                     plugin.call("runtime_sandbox_run", **arguments)
                 crash_point("run_pod:sandbox")
+                node.extensions.pod_sandbox_starting(record)  # NRI: before the pod is ready or listed
                 record.state = SANDBOX_READY
                 record.pending = ""
                 node.store.save_sandbox(record)
@@ -144,7 +147,8 @@ class PodManager:
         return record.id
 
     def _pod_dir(self, record: SandboxRecord) -> Path:
-        return Path(self.node.config.run_dir, "pods", record.id)
+        """Where the pod's files and pins are (a pod set up before API 2.0 keeps its runtime's directory)."""
+        return Path(record.pod.dir) if record.pod is not None else Path(self.node.config.run_dir, "pods", record.id)
 
     def _set_up_pod(self, record: SandboxRecord, config: cri.PodSandboxConfig, handler: Handler) -> None:
         """The pod's namespaces and files, in one place for every handler (``record.pod``)."""

@@ -109,6 +109,8 @@ class ContainerRecord:
     #: The signal that asks it to stop: the CRI config's, else the image's, else SIGTERM ("" in records
     #: written before shimhub chose it; then SIGTERM).
     stop_signal: str = ""
+    #: The CDI devices injected into its spec, as named in its config.
+    cdi_devices: list[str] = field(factory=list)
     #: Images mounted into the container, in the order of their mounts.
     image_volumes: list[ImageVolume] = field(factory=list)
     #: Mount point of the root filesystem ("" for a container without an image).

@@ -19,7 +19,7 @@ from typing import Literal, TypeVar, overload
 
 from shimhub.config import converter
 from shimhub.errors import NO_SPACE, InvalidArgument, NotFound, ResourceExhausted
-from shimhub.records import ContainerRecord, SandboxRecord
+from shimhub.records import PENDING_CREATE, ContainerRecord, SandboxRecord
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,12 @@ def write_atomically(path: Path, data: bytes) -> None:
     disk: ResourceExhausted) removes the temporary file and leaves `path` as it was.
     """
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise ResourceExhausted(f"no space left to write {path.name}: {exc.strerror}") from None
+        raise
     try:
         view = memoryview(data)
         while view:
@@ -181,8 +186,13 @@ class StateStore:
         return [c for c in records if c.sandbox_id == sandbox_id] if sandbox_id else records
 
     def visible_containers(self, sandbox_id: str = "") -> list[ContainerRecord]:
-        """The containers the CRI sees (all, or one sandbox's): those whose removal was not asked for."""
-        return [c for c in self.containers(sandbox_id) if not c.removing]
+        """The containers the CRI sees (all, or one sandbox's): those created (NRI plugins had their say)
+        whose removal was not asked for."""
+        return [c for c in self.containers(sandbox_id) if not c.removing and c.pending != PENDING_CREATE]
+
+    def visible_sandboxes(self) -> list[SandboxRecord]:
+        """The sandboxes the list calls show: those whose creation finished."""
+        return [s for s in self.sandboxes() if s.pending != PENDING_CREATE]
 
     @overload
     def sandbox(self, id_or_prefix: str, missing_ok: Literal[False] = False) -> SandboxRecord: ...

@@ -297,7 +297,8 @@ def unsupported(features: HandlerFeatures) -> str:
 
 class IdmappedBinds:
     """A container's root filesystem and volumes, bound for a runtime in the pod's user namespace
-    (ID-mapped, but for a root filesystem its driver mapped), in `<mount_dir>/<container id>`."""
+    (ID-mapped, but for a root filesystem its driver mapped), in `<mount_dir>/<container id>`, a
+    directory only root and the pod's host root id may enter."""
 
     def __init__(self, mount_dir: str, container_id: str, namespace_directory: str, root: tuple[int, int]) -> None:
         self.directory = self.location(mount_dir, container_id)
@@ -322,12 +323,16 @@ class IdmappedBinds:
     def bind(self, source: str, name: str, *, recursive: bool = False, mapped: bool = True) -> str:
         """`source` bound (ID-mapped unless `mapped` is False) at a new path in the directory; that path.
 
-        The directory and its parents are searchable by all, as the runtime, once in the pod's user
-        namespace, must be able to reach what it mounts.
+        The runtime, once in the pod's user namespace, is the pod's host root id and must reach what it
+        mounts, so the parents are searchable by all; the directory itself is the pod's host root's alone
+        (mode 0700), so that no other local user reaches the pod's files through the paths that
+        /proc/self/mountinfo shows.
         """
         if not self.directory.parent.exists():
             self.directory.parent.mkdir(parents=True, mode=0o711)
-        self.directory.mkdir(exist_ok=True, mode=0o711)
+        if not self.directory.exists():
+            self.directory.mkdir(mode=0o700)
+            os.chown(self.directory, *self.root)
         target = self.directory / name
         if os.path.isdir(source):
             target.mkdir(mode=0o755, exist_ok=True)

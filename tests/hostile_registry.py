@@ -67,8 +67,8 @@ def drip(handler: http.server.BaseHTTPRequestHandler) -> None:
         return
 
 
-def oversized_config(handler: http.server.BaseHTTPRequestHandler) -> None:
-    """A well-formed manifest whose config claims 200 MiB."""
+def _send_manifest(handler: http.server.BaseHTTPRequestHandler, config_size: int, layers: list[dict]) -> None:
+    """A well-formed OCI manifest naming a config of `config_size` bytes and `layers`."""
     body = json.dumps(
         {
             "schemaVersion": 2,
@@ -76,9 +76,9 @@ def oversized_config(handler: http.server.BaseHTTPRequestHandler) -> None:
             "config": {
                 "mediaType": "application/vnd.oci.image.config.v1+json",
                 "digest": "sha256:" + hashlib.sha256(b"x").hexdigest(),
-                "size": 200 << 20,
+                "size": config_size,
             },
-            "layers": [],
+            "layers": layers,
         }
     ).encode()
     handler.send_response(200)
@@ -86,6 +86,19 @@ def oversized_config(handler: http.server.BaseHTTPRequestHandler) -> None:
     handler.send_header("Content-Length", str(len(body)))
     handler.end_headers()
     handler.wfile.write(body)
+
+
+def oversized_config(handler: http.server.BaseHTTPRequestHandler) -> None:
+    """A well-formed manifest whose config claims 200 MiB."""
+    _send_manifest(handler, 200 << 20, [])
+
+
+def many_layers(handler: http.server.BaseHTTPRequestHandler) -> None:
+    """A well-formed manifest of 600 layers (any blob it names answers 404)."""
+    layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "size": 32}
+    _send_manifest(
+        handler, 64, [{**layer, "digest": "sha256:" + hashlib.sha256(str(n).encode()).hexdigest()} for n in range(600)]
+    )
 
 
 def redos_challenge(handler: http.server.BaseHTTPRequestHandler) -> None:

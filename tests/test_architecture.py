@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shimhub import hookspecs, sdk
+from shimhub import hookspecs, hookspecs_v1, sdk
 
 pytestmark = pytest.mark.unit
 
@@ -114,7 +114,7 @@ def _hooks(spec_class: type, required: tuple[str, ...]) -> dict[str, str]:
 def _signatures() -> dict[str, dict[str, str]]:
     """Every hook of every plugin kind (and of runtimes of API 1.x): its parameters and options."""
     result = {kind: _hooks(spec_class, required) for kind, (_group, spec_class, required) in hookspecs.KINDS.items()}
-    result["runtime (API 1.x)"] = _hooks(*hookspecs.RUNTIME_V1[:2])
+    result["runtime (API 1.x)"] = _hooks(*hookspecs_v1.RUNTIME_V1[:2])
     return dict(sorted(result.items()))
 
 
@@ -137,3 +137,47 @@ def test_hook_signatures_change_only_with_the_api_version() -> None:
         "a public name of shimhub.sdk changed without a new API_VERSION: raise the minor for an added name, the "
         f"major for a removed or changed one, and record the result in {SNAPSHOT.name}"
     )
+
+
+def test_a_misspelled_hook_is_a_type_error_not_a_missing_hook() -> None:
+    from shimhub.plugins import LoadedPlugin
+
+    class Runtime:
+        shimhub_api = "2.0"
+
+        @hookspecs.hookimpl
+        def runtime_setup(self) -> None: ...
+
+        @hookspecs.hookimpl
+        def runtime_container_create(self) -> None: ...
+
+        @hookspecs.hookimpl
+        def runtime_container_start(self) -> None: ...
+
+        @hookspecs.hookimpl
+        def runtime_container_kill(self) -> None: ...
+
+        @hookspecs.hookimpl
+        def runtime_container_wait(self) -> None: ...
+
+        @hookspecs.hookimpl
+        def runtime_container_remove(self) -> None: ...
+
+        @hookspecs.hookimpl
+        def runtime_container_state(self) -> None: ...
+
+    plugin = LoadedPlugin("runtime", "minimal", Runtime, "minimal")
+    assert plugin.implements("runtime_container_start")
+    assert not plugin.implements("runtime_exec")
+    with pytest.raises(TypeError, match="have no hook 'runtime_container_strat'"):
+        plugin.implements("runtime_container_strat")
+    with pytest.raises(TypeError, match="have no hook 'runtime_container_stop'"):
+        plugin.call("runtime_container_stop", sandbox=None, container=None, timeout=0)  # gone in API 2.0
+
+
+def test_no_module_of_the_core_is_over_400_lines() -> None:
+    """A room per concept: a module past 400 lines holds more than one."""
+    long = {
+        str(path.relative_to(ROOT)): n for path in CORE.rglob("*.py") if (n := len(path.read_text().splitlines())) > 400
+    }
+    assert long == {}

@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 
-from shimhub import containers
 from shimhub.config import Config, UserNamespacesConfig
-from shimhub.containers import ContainerManager
+from shimhub.containers import ContainerManager, lifecycle
 from shimhub.errors import DeadlineExceeded, NotFound
 from shimhub.hooktypes import ContainerState, ContainerStatus
 from shimhub.locks import KeyedLocks
@@ -139,7 +138,7 @@ def test_stop_escalates_to_sigkill_after_the_timeout(tmp_path: Path) -> None:
     node, manager = _node(tmp_path, _running())
     runtime = node.handlers.get("").installed()
     manager.stop("app", timeout=2)
-    assert runtime.calls == [("kill", "SIGQUIT"), ("wait", 2.0), ("kill", "SIGKILL"), ("wait", containers.KILL_WAIT)]
+    assert runtime.calls == [("kill", "SIGQUIT"), ("wait", 2.0), ("kill", "SIGKILL"), ("wait", lifecycle.KILL_WAIT)]
     assert (node.store.container("app").state.exit_code, node.events) == (137, [("container_stopped", "app")])
 
 
@@ -149,7 +148,7 @@ def test_stop_with_no_timeout_kills_at_once_and_a_survivor_is_deadline_exceeded(
     runtime.fatal = set()  # a process stuck in the kernel
     with pytest.raises(DeadlineExceeded, match="container app did not exit within 10 s of SIGKILL"):
         manager.stop("app", timeout=0)
-    assert runtime.calls == [("kill", "SIGKILL"), ("wait", containers.KILL_WAIT)]
+    assert runtime.calls == [("kill", "SIGKILL"), ("wait", lifecycle.KILL_WAIT)]
 
 
 def test_a_runtime_of_api_1_3_still_stops_through_its_own_hook(tmp_path: Path) -> None:

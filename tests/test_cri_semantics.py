@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shimhub.testing.daemon import Pod
+from shimhub.testing.daemon import Pod, pod_config
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT
 from tests.test_runc import exec_sync, runc_config, security
@@ -247,6 +247,29 @@ def test_log_paths_never_lead_out_through_symlinks(node, tmp_path: Path) -> None
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert why in refused.value.details()
     assert list(outside.iterdir()) == []
+
+
+def test_a_log_directory_swapped_for_a_symlink_later_is_not_followed(node, tmp_path: Path) -> None:
+    pod = Pod(node, tmp_path)
+    container = pod.run("c", ["sh", "-c", "while true; do echo tick; sleep 0.1; done"], log_path="app/c.log")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (pod.logs / "app").rename(pod.logs / "app.old")
+    (pod.logs / "app").symlink_to(outside)
+    with pytest.raises(grpc.RpcError) as refused:
+        pod.rt.ReopenContainerLog(cri.ReopenContainerLogRequest(container_id=container))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "leads through a symlink at 'app'" in refused.value.details()
+    assert list(outside.iterdir()) == []
+    assert (pod.logs / "app.old" / "c.log").stat().st_size > 0
+
+
+def test_a_log_directory_with_a_control_character_is_refused(node, tmp_path: Path) -> None:
+    config = pod_config(log_directory=str(tmp_path / "logs\nforged"))
+    with pytest.raises(grpc.RpcError) as refused:
+        node.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "holds a control character" in refused.value.details()
 
 
 def test_an_apparmor_profile_the_node_cannot_load_is_refused(node, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -11,9 +12,10 @@ import pytest
 
 from shimhub.errors import ResourceExhausted
 from shimhub.state import write_atomically
-from shimhub.testing.daemon import pod_config
+from shimhub.testing.daemon import Pod, pod_config
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT, PROC_CONFIG
+from tests.test_runc import exec_sync, runc_config
 
 pytestmark = NEEDS_ROOT
 
@@ -107,3 +109,42 @@ def test_unreadable_records_never_stop_the_daemon_nor_lose_containers(daemon_fac
     (state / "containers" / f"{container_id}.orphan").rename(state / "containers" / f"{container_id}.json")
     daemon.start()
     assert [c.id for c in daemon.runtime.ListContainers(cri.ListContainersRequest()).containers] == [container_id]
+
+
+def test_resources_not_recorded_are_not_applied(tmp_path: Path, daemon_factory, registry) -> None:
+    """UpdateContainerResources on a full state disk: the cgroup keeps its old limit, as the status does."""
+    state = tmp_path / "state-fs"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(state)], check=True)
+    try:
+        daemon = daemon_factory(runc_config(registry))
+        os.symlink(state, daemon.root / "state")
+        daemon.start()
+        daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/busybox:1")))
+        pod = Pod(daemon, tmp_path / "pod")
+        first = cri.LinuxContainerResources(memory_limit_in_bytes=64 << 20)
+        container = pod.run("app", ["sleep", "600"], linux=cri.LinuxContainerConfig(resources=first))
+        info = pod.rt.ContainerStatus(cri.ContainerStatusRequest(container_id=container, verbose=True)).info
+        cgroup = Path("/sys/fs/cgroup/memory", json.loads(info["info"])["runtime_data"]["cgroup"].lstrip("/"))
+        filler = _fill(state)
+        try:
+            # the rewritten record needs new blocks: 64 KiB more of it cannot fit
+            bigger = cri.LinuxContainerResources(memory_limit_in_bytes=128 << 20, unified={"x": "y" * (64 << 10)})
+            with pytest.raises(grpc.RpcError) as full:
+                pod.rt.UpdateContainerResources(
+                    cri.UpdateContainerResourcesRequest(container_id=container, linux=bigger)
+                )
+            assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert int((cgroup / "memory.limit_in_bytes").read_text()) == 64 << 20
+            assert pod.status(container).resources.linux.memory_limit_in_bytes == 64 << 20
+        finally:
+            filler.unlink()
+        assert exec_sync(pod, container, "cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes").stdout == b"%d\n" % (
+            64 << 20
+        )
+        daemon.restart()
+        assert pod.status(container).resources.linux.memory_limit_in_bytes == 64 << 20
+        pod.rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod.id))
+        pod.rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=True)

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from shimhub.containers import collect
+from shimhub.containers.exec import collect
 from shimhub.hooktypes import STDOUT
 
 pytestmark = pytest.mark.unit

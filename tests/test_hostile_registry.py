@@ -24,6 +24,7 @@ def evil():
             "evil/drip": hostile.drip,
             "evil/config": hostile.oversized_config,
             "evil/redos": hostile.redos_challenge,
+            "evil/layers": hostile.many_layers,
         }
     )
     yield server
@@ -50,6 +51,7 @@ def _pull(node, image: str) -> grpc.RpcError:
         ("evil/drip", grpc.StatusCode.DEADLINE_EXCEEDED, "did not arrive in time"),
         ("evil/config", grpc.StatusCode.RESOURCE_EXHAUSTED, "the image config is 209715200 bytes"),
         ("evil/redos", grpc.StatusCode.UNAUTHENTICATED, "asks for unsupported authentication 'Bearer'"),
+        ("evil/layers", grpc.StatusCode.INVALID_ARGUMENT, "the image has 600 layers; at most 128"),
     ],
 )
 def test_a_hostile_registry_costs_bounded_time_and_memory(node, evil, repository, code, says) -> None:
@@ -62,8 +64,8 @@ def test_a_hostile_registry_costs_bounded_time_and_memory(node, evil, repository
     assert took < 20, f"the pull took {took:.1f} s"
     assert daemon.memory_info().rss - before < 100 << 20
     assert node.runtime.Version(cri.VersionRequest(), timeout=5).runtime_name == "shimhub"
-    if repository == "evil/config":
-        assert not any("/blobs/" in path for path in evil.requests), "an oversized config was fetched"
+    if repository in ("evil/config", "evil/layers"):
+        assert not any("/blobs/" in path for path in evil.requests), "a blob of a refused image was fetched"
 
 
 def test_the_redos_challenge_does_not_freeze_other_calls(node, evil) -> None:
@@ -104,6 +106,19 @@ def test_every_mirror_and_its_answer_are_named_when_all_fail(daemon_factory, reg
     assert f"{registry.open.host}: 404" in failed.details()
 
 
+def test_not_found_on_every_mirror_with_the_origin_unreachable_is_not_found(daemon_factory, registry, evil) -> None:
+    dead = "127.0.0.1:9"  # the origin: nothing listens
+    extra = (
+        f'[images.registries."{dead}"]\ninsecure = true\nmirrors = ["{evil.host}"]\n'
+        f'[images.registries."{evil.host}"]\ninsecure = true\n'
+    )
+    node = daemon_factory(image_config(registry, extra="timeout = 3.0\n") + extra).start()
+    failed = _pull(node, f"{dead}/test/nothing-here:1")
+    assert failed.code() == grpc.StatusCode.NOT_FOUND, failed.details()
+    assert f"{evil.host}: 404 manifest unknown" in failed.details()
+    assert dead in failed.details().split("tried:")[1]
+
+
 def test_a_mirror_only_registry_is_never_contacted_itself(daemon_factory, registry, evil) -> None:
     """An air-gapped node: the origin (here a registry with the image) is never asked, only its mirror."""
     extra = (
@@ -114,7 +129,7 @@ def test_a_mirror_only_registry_is_never_contacted_itself(daemon_factory, regist
     node = daemon_factory(config + extra).start()
     failed = _pull(node, "test/busybox:1")
     assert failed.code() == grpc.StatusCode.NOT_FOUND
-    assert failed.details().endswith(f"({evil.host}: 404 manifest unknown)"), failed.details()
+    assert failed.details().endswith(f"tried: {evil.host}: 404 manifest unknown"), failed.details()
 
 
 def test_a_layer_path_too_long_for_the_kernel_is_refused(node, registry) -> None:

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,6 +90,17 @@ def test_a_signature_from_the_policys_key_verifies(signer: Signer, tmp_path: Pat
         assert verified.fingerprint == signer.right
         assert verified.manifest_digest == MANIFEST_DIGEST
         assert verified.identity == "reg.example.test/team/app:1"
+
+
+def test_a_signature_inflating_to_more_than_the_limit_is_cut_off(signer: Signer, tmp_path: Path) -> None:
+    """A few KiB of signature that decompress to 64 MiB: gpgv's output is a bounded pipe, never a file."""
+    inflating = signer._gpg("--sign", "--compress-level", "9", "-u", signer.right, stdin=b"\0" * (64 << 20))
+    assert len(inflating) < 1 << 20
+    keys = signatures.keyring({"keyPath": str(signer.public)})
+    started = time.monotonic()
+    with pytest.raises(FailedPrecondition, match=f"the signed content is larger than {signatures.MAX_SIGNATURE_BYTES}"):
+        signatures.verify_gpg(inflating, keys)
+    assert time.monotonic() - started < signatures.GPGV_TIMEOUT
 
 
 def test_another_key_or_a_damaged_signature_does_not(signer: Signer, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ def node(daemon_factory, registry):
 
 
 def _volume(image: str, path: str = "/vol", sub_path: str = "") -> cri.Mount:
-    return cri.Mount(container_path=path, image=cri.ImageSpec(image=image), image_sub_path=sub_path)
+    return cri.Mount(container_path=path, image=cri.ImageSpec(image=image), image_sub_path=sub_path, readonly=True)
 
 
 def _layers(node) -> list[str]:
@@ -67,3 +67,17 @@ def test_an_image_not_on_the_node_is_named(node, tmp_path: Path) -> None:
         pod.create("c", ["true"], mounts=[_volume("test/never-pulled:7")])
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
     assert "'test/never-pulled:7'" in missing.value.details()
+
+
+def test_the_status_names_the_image_mounted_and_a_writable_image_volume_is_refused(node, tmp_path: Path) -> None:
+    pod = Pod(node, tmp_path)
+    pulled = node.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/plain:1"))).image_ref
+    container = pod.create("c", ["sleep", "300"], mounts=[_volume("test/plain:1")])
+    (mount,) = [m for m in pod.status(container).mounts if m.container_path == "/vol"]
+    assert (mount.image.image, mount.image.image_ref) == ("test/plain:1", pulled)
+    writable = _volume("test/plain:1")
+    writable.readonly = False
+    with pytest.raises(grpc.RpcError) as refused:
+        pod.create("w", ["true"], mounts=[writable])
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "has readonly = false: image volumes are read-only" in refused.value.details()

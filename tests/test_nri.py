@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ IMAGE = "test/busybox:1"
 class NriNode:
     """A daemon with NRI enabled, its plugin directories under `root`."""
 
-    def __init__(self, daemon_factory, registry, root: Path, extra: str = "") -> None:
+    def __init__(self, daemon_factory, registry, root: Path, extra: str = "", request_timeout: float = 1.0) -> None:
         self.root = root
         self.plugins = root / "plugins"
         self.configs = root / "conf.d"
@@ -36,7 +38,7 @@ class NriNode:
             directory.mkdir(parents=True)
         self.settings = (
             f'[nri]\nenable = true\nsocket = "{self.socket}"\nplugin_path = "{self.plugins}"\n'
-            f'plugin_config_path = "{self.configs}"\nrequest_timeout = 1.0\n{extra}'
+            f'plugin_config_path = "{self.configs}"\nrequest_timeout = {request_timeout}\n{extra}'
         )
         self.factory, self.registry = daemon_factory, registry
         self.daemon: Daemon | None = None
@@ -140,15 +142,51 @@ def test_a_connecting_plugin_is_synchronized_and_evicts(nri_node: NriNode, tmp_p
 
 
 @pytest.mark.parametrize("mode", ["hang", "crash"])
-def test_a_plugin_that_hangs_or_crashes_costs_at_most_its_timeout(nri_node: NriNode, tmp_path: Path, mode) -> None:
+def test_a_plugin_that_hangs_or_crashes_fails_the_container_within_its_timeout(
+    nri_node: NriNode, tmp_path: Path, mode
+) -> None:
     daemon = nri_node.start()
     nri_node.configure("30", mode, mode=mode)
     nri_node.connect("30", mode)
     pod = Pod(daemon, tmp_path / "pod")
-    container = pod.run("app", ["sleep", "300"])  # request_timeout is 1 s: the creation goes on without it
-    assert pod.status(container).state == cri.CONTAINER_RUNNING
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as failed:
+        pod.create("app", ["sleep", "300"])  # request_timeout is 1 s
+    assert time.monotonic() - started < 10
+    expected = grpc.StatusCode.DEADLINE_EXCEEDED if mode == "hang" else grpc.StatusCode.UNAVAILABLE
+    assert failed.value.code() == expected, failed.value.details()
+    assert f"NRI plugin 30-{mode} did not answer CreateContainer" in failed.value.details()
+    assert daemon.runtime.ListContainers(cri.ListContainersRequest()).containers == []
     assert nri_node.plugin_names() == []
     assert f"NRI: plugin 30-{mode} disconnected" in daemon.log()
+
+
+def test_with_fail_open_a_hanging_plugin_is_left_out(daemon_factory, shimhub_registry, tmp_path) -> None:
+    node = NriNode(daemon_factory, shimhub_registry, tmp_path / "nri", "fail_open = true\n")
+    daemon = node.start()
+    node.configure("30", "hang", mode="hang")
+    node.connect("30", "hang")
+    pod = Pod(daemon, tmp_path / "pod")
+    container = pod.run("app", ["sleep", "300"])
+    assert pod.status(container).state == cri.CONTAINER_RUNNING
+    node.stop()
+
+
+def test_a_node_state_of_5_mib_synchronizes_in_parts(daemon_factory, shimhub_registry, tmp_path) -> None:
+    node = NriNode(daemon_factory, shimhub_registry, tmp_path / "nri")
+    daemon = node.start()
+    big = {"big": "x" * (200 << 10)}  # each list answer stays under the test client's 4 MiB
+    for number in range(13):  # 13 pods and 13 containers of 200 KiB: 5.2 MiB of node state
+        pod = Pod(daemon, tmp_path / f"pod{number}", name=f"pod{number}", uid=f"uid{number}", annotations=big)
+        pod.create("app", ["sleep", "300"], annotations=big)
+    events = node.configure("10", "late")
+    node.connect("10", "late")
+    parts = [c for c in _calls(events) if c["method"] == "Synchronize"]
+    assert len(parts) >= 2, "5 MiB of node state in one message"
+    assert [bool(c["request"].get("more")) for c in parts] == [True] * (len(parts) - 1) + [False]
+    assert sum(len(c["request"].get("pods", [])) for c in parts) == 13
+    assert sum(len(c["request"].get("containers", [])) for c in parts) == 13
+    node.stop()
 
 
 def test_an_adjustment_the_node_does_not_allow_fails_the_creation(daemon_factory, shimhub_registry, tmp_path) -> None:
@@ -162,3 +200,45 @@ def test_an_adjustment_the_node_does_not_allow_fails_the_creation(daemon_factory
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "NRI plugin 10-adjuster adjusts mounts, devices, resources" in refused.value.details()
     assert daemon.runtime.ListContainers(cri.ListContainersRequest()).containers == []
+
+
+def test_a_pod_is_not_listed_while_a_plugin_handles_its_run_pod_sandbox(daemon_factory, shimhub_registry, tmp_path):
+    node = NriNode(daemon_factory, shimhub_registry, tmp_path / "nri", request_timeout=10.0)
+    node.configure("10", "slow", pod_delay=3)
+    node.install("10", "slow")
+    daemon = node.start()
+    started = time.monotonic()
+    running = threading.Thread(target=Pod, args=(daemon, tmp_path / "pod"))
+    running.start()
+    seen_before = []
+    while running.is_alive() and time.monotonic() - started < 2.5:
+        seen_before += daemon.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items
+        time.sleep(0.1)
+    running.join(30)
+    assert time.monotonic() - started >= 3, "RunPodSandbox answered before the plugin did"
+    assert seen_before == [], "the pod was listed while the plugin handled RunPodSandbox"
+    assert len(daemon.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items) == 1
+
+
+def test_a_plugin_that_fails_run_pod_sandbox_fails_the_pod(nri_node: NriNode, tmp_path: Path) -> None:
+    nri_node.configure("10", "gate", pod_error="pods of this namespace are not admitted")
+    nri_node.install("10", "gate")
+    daemon = nri_node.start()
+    with pytest.raises(grpc.RpcError) as refused:
+        Pod(daemon, tmp_path / "pod")
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "NRI plugin 10-gate failed RunPodSandbox: pods of this namespace are not admitted" in refused.value.details()
+    assert daemon.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items == []
+    assert daemon.remove_everything() == {}, "the refused pod left something behind"
+
+
+def test_a_container_that_exits_at_once_is_started_before_it_is_stopped(nri_node: NriNode, tmp_path: Path) -> None:
+    events = nri_node.configure("10", "observer")
+    nri_node.install("10", "observer")
+    daemon = nri_node.start()
+    pod = Pod(daemon, tmp_path / "pod")
+    container = pod.run("quick", ["false"])
+    pod.wait_exit(container)
+    wait_for(lambda: "StopContainer" in [c["method"] for c in _calls(events)], 10)
+    methods = [c["method"] for c in _calls(events) if c["method"] in ("StartContainer", "StopContainer")]
+    assert methods == ["StartContainer", "StopContainer"], methods

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from shimhub.cdi import Registry
 from shimhub.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from shimhub.nri import adjust
 from shimhub_proto.cri.v1 import api_pb2 as cri
@@ -14,6 +17,7 @@ from shimhub_proto.nri import api_pb2 as nri
 pytestmark = pytest.mark.unit
 ALL = frozenset(adjust.KINDS)
 POD = cri.NamespaceOption()
+NO_DEVICES = Registry([])
 
 
 def _spec() -> dict[str, Any]:
@@ -25,8 +29,13 @@ def _spec() -> dict[str, Any]:
     }
 
 
-def test_each_kind_lands_where_the_runtime_reads_it() -> None:
+def test_each_kind_lands_where_the_runtime_reads_it(tmp_path: Path) -> None:
+    cdi_spec = {"cdiVersion": "0.6.0", "kind": "example.com/null", "devices": [
+        {"name": "one", "containerEdits": {"deviceNodes": [{"path": "/dev/cdi-null", "hostPath": "/dev/null"}]}},
+    ]}  # fmt: skip
+    (tmp_path / "null.json").write_text(json.dumps(cdi_spec))
     change = nri.ContainerAdjustment(annotations={"added": "yes", "-drop": ""}, args=["sh"])
+    change.CDI_devices.add(name="example.com/null=one")
     change.env.add(key="ADDED", value="1")
     change.env.add(key="-DROP")
     change.mounts.add(destination="-/data")
@@ -39,14 +48,16 @@ def test_each_kind_lands_where_the_runtime_reads_it() -> None:
     change.linux.sysctl["net.ipv4.ip_forward"] = "1"
     change.rlimits.add(type="RLIMIT_NOFILE", hard=1024, soft=512)
     spec = _spec()
-    made = adjust.apply(spec, change, ALL, "10-test", POD)
+    made = adjust.apply(spec, change, ALL, "10-test", POD, devices=Registry([str(tmp_path)]))
     assert set(made) == set(adjust.KINDS)
     assert spec["annotations"] == {"keep": "1", "added": "yes"}
     assert spec["process"]["env"] == ["PATH=/bin", "KEEP=1", "ADDED=1"]
     assert [m["destination"] for m in spec["mounts"]] == ["/nri"]
     assert spec["hooks"]["prestart"] == [{"path": "/bin/true", "args": ["true"], "env": []}]
-    assert spec["linux"]["devices"] == [{"path": "/dev/nri", "type": "c", "major": 1, "minor": 3}]
-    assert spec["linux"]["resources"]["devices"][-1] == {
+    assert spec["linux"]["devices"][0] == {"path": "/dev/nri", "type": "c", "major": 1, "minor": 3}
+    injected = {"path": "/dev/cdi-null", "type": "c", "major": 1, "minor": 3, "fileMode": 0o666}
+    assert spec["linux"]["devices"][1] == injected
+    assert spec["linux"]["resources"]["devices"][-2] == {
         "allow": True,
         "type": "c",
         "major": 1,
@@ -62,7 +73,7 @@ def test_each_kind_lands_where_the_runtime_reads_it() -> None:
 
 def test_nothing_asked_changes_nothing() -> None:
     spec = _spec()
-    assert adjust.apply(spec, nri.ContainerAdjustment(), frozenset(), "10-test", POD) == []
+    assert adjust.apply(spec, nri.ContainerAdjustment(), frozenset(), "10-test", POD, devices=NO_DEVICES) == []
     assert spec == _spec()
 
 
@@ -70,14 +81,14 @@ def _refused(
     change: nri.ContainerAdjustment, error: type[Exception], words: str, allowed: frozenset[str] = ALL
 ) -> None:
     with pytest.raises(error, match=words):
-        adjust.apply(_spec(), change, allowed, "10-test", POD)
+        adjust.apply(_spec(), change, allowed, "10-test", POD, devices=NO_DEVICES)
 
 
 def test_what_is_refused() -> None:
     _refused(nri.ContainerAdjustment(annotations={"a": "b"}), PermissionDenied, "adjusts annotations", frozenset())
     cdi = nri.ContainerAdjustment()
     cdi.CDI_devices.add(name="vendor.com/gpu=0")
-    _refused(cdi, FailedPrecondition, "CDI devices")
+    _refused(cdi, FailedPrecondition, "CDI device 'vendor.com/gpu=0' is not defined in any spec file")
     scheduled = nri.ContainerAdjustment()
     scheduled.linux.scheduler.nice = 5
     _refused(scheduled, FailedPrecondition, "scheduling attributes")

@@ -10,6 +10,7 @@ import pytest
 from shimhub.config import Config
 from shimhub.containers import ContainerManager
 from shimhub.errors import InvalidArgument, PluginFailed
+from shimhub.extensions import Extensions
 from shimhub.hooktypes import PodNetwork
 from shimhub.locks import KeyedLocks
 from shimhub.names import NameRegistry
@@ -88,6 +89,7 @@ class FakeNode:
         self.pod_names = NameRegistry("pod sandbox")
         self.container_names = NameRegistry("container")
         self.config = Config()
+        self.extensions = Extensions([])
 
     def emit(self, event: str, sandbox: Any, container: Any = None) -> None:
         self.events.append(event)
@@ -159,3 +161,15 @@ def test_a_slice_parent_on_a_cgroupfs_node_is_refused_before_anything_is_made(no
     with pytest.raises(InvalidArgument, match="is a systemd slice name"):
         _pods(node).run(pod_config(linux=linux), "", "digest-1", None)
     assert (node.calls, node.store.sandboxes()) == ([], [])
+
+
+def test_a_pod_a_runtime_of_api_1_set_up_is_adopted_as_it_was() -> None:
+    from shimhub.oci.pod import adopted
+
+    namespaces = {"network": "/run/netns/n", "ipc": "/x/ipc", "uts": "/x/uts", "pid": ""}
+    kept = {"dir": "/old/pods/abc", "hostname": "web", "shm": "/x/shm", "namespaces": namespaces, "infra_pid": 42}
+    pod = adopted(kept)
+    assert pod is not None
+    assert (pod.dir, pod.hostname, pod.shm, pod.infra_pid) == (kept["dir"], "web", "/x/shm", 42)
+    assert pod.namespaces == kept["namespaces"]
+    assert adopted({"dir": ""}) is None and adopted(None) is None  # type: ignore[arg-type]

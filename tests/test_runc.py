@@ -518,7 +518,7 @@ def test_exec_sync_output_is_bounded_not_buffered(node, tmp_path: Path) -> None:
     the daemon reads the rest and drops it instead of holding it."""
     import psutil
 
-    from shimhub.containers import EXEC_OUTPUT_LIMIT
+    from shimhub.containers.exec import EXEC_OUTPUT_LIMIT
 
     pod = Pod(node, tmp_path)
     container_id = pod.run("server", ["sleep", "300"])
@@ -539,3 +539,26 @@ def test_conmon_cgroup_needs_the_systemd_driver(daemon_factory, registry) -> Non
     served = daemon.command("serve", "--config", str(daemon.config_path))
     assert served.returncode == 2
     assert "conmon_cgroup 'pod' needs cgroup_driver = \"systemd\"" in served.stderr
+
+
+def test_a_localhost_profile_anywhere_is_applied_by_default(daemon_factory, registry, tmp_path: Path) -> None:
+    """Without seccomp_profile_root, the kubelet's absolute path is taken wherever its root directory is; a
+    FIFO there is still refused rather than opened."""
+    daemon = daemon_factory(runc_config(registry)).start()
+    daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/busybox:1")))
+    moved_root = tmp_path / "data" / "kubelet" / "seccomp"
+    moved_root.mkdir(parents=True)
+    profile = moved_root / "no-mkdir.json"
+    rules = [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    profile.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": rules}))
+    pod = Pod(daemon, tmp_path / "pod")
+    localhost = cri.SecurityProfile(profile_type=cri.SecurityProfile.Localhost, localhost_ref=str(profile))
+    blocked = pod.run("blocked", ["mkdir", "/tmp/d"], linux=security(seccomp=localhost))
+    assert pod.wait_exit(blocked).exit_code == 1
+    assert pod.lines("blocked") == ["mkdir: can't create directory '/tmp/d': Operation not permitted"]
+    os.mkfifo(moved_root / "fifo.json")
+    fifo = cri.SecurityProfile(profile_type=cri.SecurityProfile.Localhost, localhost_ref=str(moved_root / "fifo.json"))
+    with pytest.raises(grpc.RpcError) as refused:
+        pod.create("fifo", ["true"], linux=security(seccomp=fifo))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a regular file" in refused.value.details()

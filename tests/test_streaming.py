@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -468,6 +469,30 @@ def test_dribbling_clients_cost_no_polling_and_are_bounded(node, tmp_path: Path)
         assert used < 1.0, f"200 dribbling connections cost the daemon {used:.2f} CPU seconds in 4 s"
         stdout, _, code = run_exec("spdy", pod, container, ["echo", "served"])
         assert (stdout, code) == (b"served\n", 0)
+    finally:
+        for sock in dribblers:
+            sock.close()
+
+
+def test_holders_of_valid_urls_get_in_past_300_dribbling_connections(node, tmp_path: Path) -> None:
+    """More slow clients than the server takes at once: each new connection closes the oldest still sending
+    its head, so real execs (whose head comes at once) are served every time."""
+    pod = Pod(node, tmp_path)
+    container = pod.run("sleeper", ["sleep", "300"])
+    host, port = urllib.parse.urlsplit(exec_url(pod, container, ["true"], stdout=True)).netloc.rsplit(":", 1)
+    dribblers = []
+    try:
+        for _ in range(300):
+            sock = socket.create_connection((host, int(port)), timeout=5)
+            with contextlib.suppress(OSError):
+                sock.send(b"G")
+            dribblers.append(sock)
+        for number in range(3):
+            stdout, _, code = run_exec("spdy", pod, container, ["echo", f"served-{number}"])
+            assert (stdout, code) == (f"served-{number}\n".encode(), 0)
+        # the oldest were answered and closed by the server to make room, before their head timeout
+        answered, _, _ = select.select(dribblers[:200], [], [], 2.0)
+        assert len(answered) == 200, len(answered)
     finally:
         for sock in dribblers:
             sock.close()

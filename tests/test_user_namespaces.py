@@ -12,6 +12,7 @@ import copy
 import fcntl
 import json
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,40 @@ def test_pods_with_other_ranges_cannot_touch_each_others_files(node, tmp_path: P
     refused = exec_sync(second, reader, "sh", "-c", "echo x > /other/secret")
     assert refused.exit_code != 0
     assert (upper / "secret").read_text() == "secret\n"
+
+
+def _as_nobody(*argv: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv],
+        check=False,
+        capture_output=True,
+        timeout=30,
+    )
+
+
+def test_local_users_cannot_reach_a_pods_files_through_the_mounts_they_see(node, tmp_path: Path) -> None:
+    """Every mount point made for the container is in /proc/self/mountinfo, which anyone reads: none of
+    them lets another local user read the pod's volume or write into its root filesystem."""
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "token").write_text("service-account-token\n")
+    (secrets / "token").chmod(0o644)
+    pod = Pod(node, tmp_path / "a", name="a", uid="uid-a", linux=_pod_linux(FIRST))
+    container = pod.run(
+        "app",
+        ["sleep", "300"],
+        linux=_container_linux(FIRST),
+        mounts=[cri.Mount(container_path="/var/run/secrets", host_path=str(secrets))],
+    )
+    assert exec_sync(pod, container, "cat", "/var/run/secrets/token").stdout == b"service-account-token\n"
+    made = [path for path in _mounts(node.root) if container in path]
+    assert any(path.endswith("volume-0") for path in made) and any("rootfs-" in path for path in made), made
+    for path in made:
+        for argv in (["cat", f"{path}/token"], ["sh", "-c", f"echo planted > {path}/tmp/planted"]):
+            tried = _as_nobody(*argv)
+            assert tried.returncode != 0, (argv, tried.stdout)
+            assert b"Permission denied" in tried.stderr, (argv, tried.stderr)
+    assert exec_sync(pod, container, "ls", "/tmp").stdout == b""
 
 
 def _pod_linux(base: int) -> cri.LinuxPodSandboxConfig:

@@ -30,8 +30,9 @@ from shimhub.errors import ConfigError, FailedPrecondition, InvalidArgument, Res
 from shimhub.faults import crash_point
 from shimhub.hooktypes import FilesystemUsage
 from shimhub.images import manifest, policy, reference, signatures
+from shimhub.images.auth import Credentials
 from shimhub.images.content import BlobMismatch, ContentStore
-from shimhub.images.registry import Credentials, RegistryClient
+from shimhub.images.registry import RegistryClient
 from shimhub.images.store import ImageRecord, ImageStore, Layer
 from shimhub.locks import KeyedLocks
 
@@ -245,6 +246,11 @@ class ImageManager:
         where: str,
         alive: Callable[[], bool],
     ) -> ImageRecord:
+        if len(parsed.layers) > self.config.max_layers:
+            raise InvalidArgument(
+                f"{where}: the image has {len(parsed.layers)} layers; at most {self.config.max_layers} are "
+                "accepted ([images] max_layers)"
+            )
         if parsed.config.size > MAX_CONFIG_BYTES:
             raise ResourceExhausted(
                 f"{where}: the image config is {parsed.config.size} bytes; at most {MAX_CONFIG_BYTES} are accepted"

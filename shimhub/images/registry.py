@@ -23,25 +23,24 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from attrs import define
 
 from shimhub.config import ImagesConfig
 from shimhub.errors import (
-    ConfigError,
     DeadlineExceeded,
-    InvalidArgument,
     NotFound,
     ResourceExhausted,
     ShimhubError,
     Unauthenticated,
     Unavailable,
 )
+from shimhub.images.auth import (
+    Credentials,
+    load_credentials_file,
+    parse_challenge,
+)
 from shimhub.images.manifest import ACCEPT
 from shimhub.images.reference import DOCKER_HUB, Reference
-from shimhub_proto.cri.v1 import api_pb2 as cri
 
 if TYPE_CHECKING:
     import httpx
@@ -55,95 +54,18 @@ DOCKER_HUB_API = "registry-1.docker.io"
 MAX_MANIFEST_BYTES = 4 << 20
 #: Largest answer of a token service read.
 MAX_TOKEN_ANSWER = 1 << 20
-#: Longest WWW-Authenticate header looked at.
-MAX_CHALLENGE = 8192
 #: Slowest download a blob may have on average: its deadline is the registry timeout plus its size at this rate.
 MIN_BLOB_RATE = 32 << 10
 #: Connections per registry host (each host has a pool of its own: one slow registry cannot take the others').
 HOST_CONNECTIONS = 16
-_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-.^_`|~")
 
 
-def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    """The scheme and parameters of a WWW-Authenticate challenge, in one pass (at most MAX_CHALLENGE characters).
-
-    Parameters are `name=value` or `name="quoted value"` (with backslash escapes), separated by commas.
-    """
-    text = header[:MAX_CHALLENGE].strip()
-    scheme, _, rest = text.partition(" ")
-    params: dict[str, str] = {}
-    position, end = 0, len(rest)
-    while position < end:
-        while position < end and rest[position] in " \t,":
-            position += 1
-        start = position
-        while position < end and rest[position] in _TOKEN_CHARS:
-            position += 1
-        name = rest[start:position].lower()
-        if position >= end or rest[position] != "=" or not name:
-            while position < end and rest[position] != ",":  # not a parameter: skip to the next
-                position += 1
-            continue
-        position += 1
-        value: list[str] = []
-        if position < end and rest[position] == '"':
-            position += 1
-            while position < end and rest[position] != '"':
-                if rest[position] == "\\" and position + 1 < end:
-                    position += 1
-                value.append(rest[position])
-                position += 1
-            position += 1
-        else:
-            start = position
-            while position < end and rest[position] not in " \t,":
-                position += 1
-            value.append(rest[start:position])
-        params[name] = "".join(value)
-    return scheme, params
 
 
-@define(frozen=True, repr=False)
-class Credentials:
-    """Registry credentials; repr never shows them."""
-
-    username: str = ""
-    password: str = ""
-    identity_token: str = ""
-    registry_token: str = ""
-
-    def __repr__(self) -> str:
-        return f"Credentials(username={self.username!r}, secrets=<hidden>)"
 
 
-def credentials_from_request(auth: cri.AuthConfig) -> Credentials | None:
-    """The credentials in a PullImage request's AuthConfig, if any."""
-    username, password = auth.username, auth.password
-    if auth.auth and not username:
-        try:
-            username, _, password = base64.b64decode(auth.auth).decode().partition(":")
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidArgument("auth.auth is not base64 of user:password") from None
-    if not (username or auth.identity_token or auth.registry_token):
-        return None
-    return Credentials(username, password, auth.identity_token, auth.registry_token)
 
 
-def load_credentials_file(path: str) -> dict[str, Credentials]:
-    """Credentials per registry host from a Docker-style config file ("" = none)."""
-    if not path:
-        return {}
-    try:
-        document = json.loads(Path(path).read_text())
-        found: dict[str, Credentials] = {}
-        for host, entry in document.get("auths", {}).items():
-            user, _, password = base64.b64decode(entry.get("auth", "")).decode().partition(":")
-            found[host.removeprefix("https://").removeprefix("http://").rstrip("/")] = Credentials(
-                user or entry.get("username", ""), password or entry.get("password", ""), entry.get("identitytoken", "")
-            )
-        return found
-    except (OSError, ValueError, AttributeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"images.credentials_file: cannot read {path}: {type(exc).__name__}") from None
 
 
 def _answer(response: httpx.Response) -> str:
@@ -267,7 +189,11 @@ class RegistryClient:
             http = self._http(httpx.URL(url).host)
             return http.send(http.build_request(method, url, headers=headers), stream=stream)
         except httpx.HTTPError as exc:
-            raise Unavailable(f"cannot reach {httpx.URL(url).host}: {type(exc).__name__}: {exc}") from exc
+            where = httpx.URL(url).netloc.decode()
+            hint = ""
+            if "WRONG_VERSION_NUMBER" in str(exc):
+                hint = f' (it may serve plain HTTP: set insecure = true in [images.registries."{where}"])'
+            raise Unavailable(f"cannot reach {where}: {type(exc).__name__}: {exc}{hint}") from exc
 
     def fetch(self, url: str, limit: int) -> bytes | None:
         """A document at an http, https or file URL (a signature store), at most `limit` bytes; None when
@@ -382,27 +308,33 @@ class RegistryClient:
     def manifest(self, ref: Reference, selector: str, creds: Credentials | None) -> tuple[bytes, str, str]:
         """(body, content type, digest header) of the manifest `selector` (a tag or digest) of `ref`.
 
-        When every host fails, the error names each with its answer; its code is the last host's.
+        When every host fails, the error names each with its answer. It is NOT_FOUND when every host that
+        answered said so (an unreachable one does not make "not found" a network error, as in containerd),
+        else the last host's.
         """
         failures: list[str] = []
         what = f"{ref.name}:{selector}"
         hosts = self._each_host(ref, f"manifests/{selector}", creds, {"Accept": ACCEPT}, failures=failures, stream=True)
-        for host, response, last in hosts:
-            try:
-                if response.status_code == 200:
-                    deadline = time.monotonic() + self.config.timeout
-                    body = _bounded(response, MAX_MANIFEST_BYTES, deadline, f"the manifest of {what}")
-                    headers = response.headers
-                    return body, headers.get("Content-Type", ""), headers.get("Docker-Content-Digest", "")
-                failures.append(f"{host}: {_answer(response)}")
-            finally:
-                response.close()
-            if last:
-                tried = "; ".join(failures)
-                if response.status_code == 404:
-                    raise NotFound(f"image {what} not found in registry {ref.registry} ({tried})")
-                raise Unavailable(f"image {what} could not be fetched ({tried})")
-        raise AssertionError("the last host either answers or raises")
+        answers: set[int] = set()
+        try:
+            for host, response, last in hosts:
+                try:
+                    if response.status_code == 200:
+                        deadline = time.monotonic() + self.config.timeout
+                        body = _bounded(response, MAX_MANIFEST_BYTES, deadline, f"the manifest of {what}")
+                        headers = response.headers
+                        return body, headers.get("Content-Type", ""), headers.get("Docker-Content-Digest", "")
+                    failures.append(f"{host}: {_answer(response)}")
+                    answers.add(response.status_code)
+                finally:
+                    response.close()
+                if last and answers != {404}:
+                    raise Unavailable(f"image {what} could not be fetched ({'; '.join(failures)})")
+        except (Unavailable, DeadlineExceeded) as exc:
+            if answers != {404}:
+                raise
+            failures.append(exc.message.split(" (before it:")[0])
+        raise NotFound(f"image {what} not found in registry {ref.registry}; tried: {'; '.join(failures)}")
 
     def blob(
         self, ref: Reference, digest: str, creds: Credentials | None, size: int, alive: Callable[[], bool]

@@ -18,8 +18,10 @@ import base64
 import binascii
 import json
 import os
+import select
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,6 @@ from shimhub.images import reference
 from shimhub.images.reference import Reference
 
 #: Where the containers tools keep signature storage settings.
-DEFAULT_REGISTRIES_D = "/etc/containers/registries.d"
 #: Most signatures looked at per image, bytes per signature and per key file, seconds per gpgv run.
 MAX_SIGNATURES = 16
 MAX_SIGNATURE_BYTES = 4 << 20
@@ -155,29 +156,62 @@ class Verified:
     identity: str
 
 
-def verify_gpg(signature: bytes, keys: bytes) -> Verified:
-    """Check one simple-signing signature against `keys`; FailedPrecondition saying why it is not valid."""
+def _signed_content(process: subprocess.Popen[bytes], deadline: float) -> bytes:
+    """What gpgv writes to its output pipe, at most MAX_SIGNATURE_BYTES by `deadline`; gpgv is killed past
+    either (a small signature may inflate to gigabytes)."""
+    assert process.stdout is not None
+    chunks, size = [], 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([process.stdout], [], [], left)[0]:
+            process.kill()
+            raise FailedPrecondition(f"gpgv took longer than {GPGV_TIMEOUT:.0f} s on a signature")
+        chunk = os.read(process.stdout.fileno(), 1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_SIGNATURE_BYTES:
+            process.kill()
+            raise FailedPrecondition(f"the signed content is larger than {MAX_SIGNATURE_BYTES} bytes")
+        chunks.append(chunk)
+
+
+def _gpgv(signature: bytes, keys: bytes) -> tuple[int, list[str], bytes]:
+    """gpgv's exit code, status lines and signed content (read from a pipe, bounded) for one signature."""
+    deadline = time.monotonic() + GPGV_TIMEOUT
     with tempfile.TemporaryDirectory(prefix="shimhub-gpgv-") as work:
-        ring, signed, content = (os.path.join(work, name) for name in ("keys.gpg", "signature", "content"))
+        ring, signed = os.path.join(work, "keys.gpg"), os.path.join(work, "signature")
         Path(ring).write_bytes(keys)
         Path(signed).write_bytes(signature)
-        try:
-            done = subprocess.run(
-                ["gpgv", "--status-fd", "1", "--keyring", ring, "--output", content, signed],
-                capture_output=True, timeout=GPGV_TIMEOUT, check=False, env={"LC_ALL": "C", "HOME": work},
-            )  # fmt: skip
-        except FileNotFoundError:
-            raise FailedPrecondition("gpgv is not installed: apt-get install gpgv") from None
-        except subprocess.TimeoutExpired:
-            raise FailedPrecondition(f"gpgv took longer than {GPGV_TIMEOUT:.0f} s on a signature") from None
-        status = done.stdout.decode(errors="replace").splitlines()
-        valid = [line.split()[2] for line in status if line.startswith("[GNUPG:] VALIDSIG ") and len(line.split()) > 2]
-        if done.returncode != 0 or not valid:
-            if any(" NO_PUBKEY " in f" {line} " for line in status):
-                raise FailedPrecondition("signed with a key the policy does not name")
-            raise FailedPrecondition("not a valid signature")
-        with open(content, "rb") as handle:
-            text = handle.read(MAX_SIGNATURE_BYTES)
+        with tempfile.TemporaryFile(dir=work) as status:
+            try:
+                process = subprocess.Popen(
+                    ["gpgv", "--status-fd", str(status.fileno()), "--keyring", ring, "--output", "-", signed],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                    pass_fds=(status.fileno(),), env={"LC_ALL": "C", "HOME": work},
+                )  # fmt: skip
+            except FileNotFoundError:
+                raise FailedPrecondition("gpgv is not installed: apt-get install gpgv") from None
+            with process:
+                try:
+                    content = _signed_content(process, deadline)
+                    code = process.wait(max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    raise FailedPrecondition(f"gpgv took longer than {GPGV_TIMEOUT:.0f} s on a signature") from None
+            status.seek(0)
+            lines = status.read(MAX_KEY_BYTES).decode(errors="replace").splitlines()
+    return code, lines, content
+
+
+def verify_gpg(signature: bytes, keys: bytes) -> Verified:
+    """Check one simple-signing signature against `keys`; FailedPrecondition saying why it is not valid."""
+    code, status, text = _gpgv(signature, keys)
+    valid = [line.split()[2] for line in status if line.startswith("[GNUPG:] VALIDSIG ") and len(line.split()) > 2]
+    if code != 0 or not valid:
+        if any(" NO_PUBKEY " in f" {line} " for line in status):
+            raise FailedPrecondition("signed with a key the policy does not name")
+        raise FailedPrecondition("not a valid signature")
     try:
         document = json.loads(text)
         critical = document["critical"]

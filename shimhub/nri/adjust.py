@@ -2,7 +2,7 @@
 
 Each kind of adjustment can be allowed or not by the node (``[nri]
 allowed_adjustments``); one that is not allowed, or that shimhub does not apply
-(CDI devices, namespaces, seccomp, scheduling, RDT, memory policy, cgroup
+(namespaces, seccomp, scheduling, RDT, memory policy, cgroup
 paths), fails the creation rather than be dropped unseen. Values are checked
 as the core checks the CRI's: absolute mount destinations and existing bind
 sources, namespaced sysctls the pod owns, well-formed devices and limits.
@@ -14,6 +14,7 @@ import os
 import re
 from typing import Any
 
+from shimhub.cdi import Registry
 from shimhub.config import NRI_ADJUSTMENTS
 from shimhub.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from shimhub.validation import check_sysctl
@@ -38,7 +39,6 @@ def _unsupported(adjust: nri.ContainerAdjustment) -> list[str]:
     """What `adjust` asks for that shimhub does not apply."""
     linux = adjust.linux
     asked = {
-        "CDI devices": bool(adjust.CDI_devices),
         "a cgroup path": bool(linux.cgroups_path),
         "namespaces": bool(linux.namespaces),
         "network devices": bool(linux.net_devices),
@@ -65,6 +65,7 @@ def _kinds(adjust: nri.ContainerAdjustment) -> list[str]:
         "env": bool(adjust.env),
         "hooks": adjust.HasField("hooks") and any(getattr(adjust.hooks, kind) for kind in HOOK_KINDS),
         "devices": bool(linux.devices),
+        "cdi_devices": bool(adjust.CDI_devices),
         "resources": linux.HasField("resources"),
         "rlimits": bool(adjust.rlimits),
         "args": bool(adjust.args),
@@ -80,8 +81,10 @@ def apply(
     allowed: frozenset[str],
     plugin: str,
     namespaces: cri.NamespaceOption,
+    *,
+    devices: Registry,
 ) -> list[str]:
-    """Check `adjust` and apply it to `spec` in place; the kinds of adjustment made."""
+    """Check `adjust` and apply it to `spec` in place (its CDI devices from `devices`); the kinds made."""
     unsupported = _unsupported(adjust)
     if unsupported:
         raise FailedPrecondition(f"NRI plugin {plugin} asks for {', '.join(unsupported)}, which shimhub does not apply")
@@ -98,6 +101,7 @@ def apply(
     _env(spec, adjust, where)
     _hooks(spec, adjust, where)
     _devices(spec, adjust, where)
+    devices.inject(spec, [device.name for device in adjust.CDI_devices])
     if adjust.linux.HasField("resources"):
         _resources(spec.setdefault("linux", {}).setdefault("resources", {}), adjust.linux.resources, where)
     _rlimits(spec, adjust, where)

@@ -33,6 +33,7 @@ from shimhub_proto.cri.v1 import api_pb2 as cri
 from shimhub_proto.nri import api_pb2 as nri
 
 if TYPE_CHECKING:
+    from shimhub.cdi import Registry
     from shimhub.config import NriConfig
     from shimhub.containers import ContainerManager
     from shimhub.state import StateStore
@@ -41,9 +42,10 @@ log = logging.getLogger(__name__)
 #: A plugin shimhub starts: an executable named <index>-<name>.
 LAUNCHABLE = re.compile(r"([0-9]{2})-([A-Za-z0-9_.+-]+)")
 CONFIG_LIMIT = 1 << 20
+#: Most bytes of pods and containers in one Synchronize message (ttrpc's limit is 4 MiB).
+SYNCHRONIZE_PART = 3 << 20
 #: shimhub's lifecycle events, as NRI events: (event, method, request type).
 EVENTS: dict[str, list[tuple[int, str, type[Message]]]] = {
-    "sandbox_ready": [(nri.RUN_POD_SANDBOX, "RunPodSandbox", nri.RunPodSandboxRequest)],
     "sandbox_stopped": [(nri.STOP_POD_SANDBOX, "StopPodSandbox", nri.StopPodSandboxRequest)],
     "sandbox_removed": [(nri.REMOVE_POD_SANDBOX, "RemovePodSandbox", nri.RemovePodSandboxRequest)],
     "container_created": [(nri.POST_CREATE_CONTAINER, "PostCreateContainer", nri.PostCreateContainerRequest)],
@@ -61,11 +63,13 @@ UPDATING = {"StopContainer": nri.StopContainerResponse}
 class Nri:
     """NRI for one daemon: `start` listens and starts the plugins of the plugin directory."""
 
-    def __init__(self, config: NriConfig, store: StateStore, containers: ContainerManager) -> None:
+    def __init__(self, config: NriConfig, store: StateStore, containers: ContainerManager, devices: Registry) -> None:
         self.config = config
         self.store = store
         self.containers = containers
         self.allowed = frozenset(config.allowed_adjustments)
+        #: Where the CDI devices plugins ask for are looked up.
+        self.devices = devices
         self._plugins: list[Plugin] = []
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
@@ -135,9 +139,7 @@ class Nri:
         plugin = Plugin(connection, self._unsolicited, process)
         try:
             plugin.configure(self._plugin_config, __version__, config.registration_timeout, config.request_timeout)
-            answer = plugin.call(
-                "Synchronize", self._synchronization(), nri.SynchronizeResponse, config.request_timeout
-            )
+            answer = self._synchronize(plugin)
         except ShimhubError as exc:
             log.warning("NRI: plugin %s not taken: %s", plugin, exc.message)
             plugin.close()
@@ -155,11 +157,28 @@ class Nri:
                     return text.read(CONFIG_LIMIT).decode(errors="replace")
         return ""
 
-    def _synchronization(self) -> nri.SynchronizeRequest:
-        store = self.store
-        pods = [messages.pod(s) for s in store.sandboxes() if messages.ready(s)]
-        containers = [messages.container(c) for c in store.visible_containers()]
-        return nri.SynchronizeRequest(pods=pods, containers=containers)
+    def _synchronize(self, plugin: Plugin) -> nri.SynchronizeResponse:
+        """Send the node's pods and containers in messages under the ttrpc limit (`more` set on all but the
+        last, as containerd does); the plugin's last answer. The whole takes at most registration_timeout."""
+        pods = [messages.pod(s) for s in self.store.sandboxes() if messages.ready(s)]
+        containers = [messages.container(c) for c in self.store.visible_containers()]
+        parts: list[nri.SynchronizeRequest] = [nri.SynchronizeRequest()]
+        size = 0
+        for item in [*pods, *containers]:
+            if size + item.ByteSize() > SYNCHRONIZE_PART and size:
+                parts.append(nri.SynchronizeRequest())
+                size = 0
+            (parts[-1].pods if isinstance(item, nri.PodSandbox) else parts[-1].containers).append(item)
+            size += item.ByteSize() + 8  # the field's tag and length
+        deadline = time.monotonic() + self.config.registration_timeout
+        answer = nri.SynchronizeResponse()
+        for number, part in enumerate(parts):
+            part.more = number < len(parts) - 1
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(f"Synchronize did not finish within {self.config.registration_timeout} s")
+            answer = plugin.call("Synchronize", part, nri.SynchronizeResponse, left)
+        return answer
 
     def _drop(self, plugin: Plugin, why: str) -> None:
         with self._lock:
@@ -210,15 +229,24 @@ class Nri:
                 answer = plugin.call("CreateContainer", request, nri.CreateContainerResponse, timeout)
             except (DeadlineExceeded, Unavailable) as exc:
                 self._drop(plugin, exc.message)
-                continue
+                if self.config.fail_open:
+                    continue
+                raise type(exc)(f"NRI plugin {plugin} did not answer CreateContainer: {exc.message}") from None
             except ShimhubError as exc:
                 raise FailedPrecondition(f"NRI plugin {plugin} refused the container: {exc.message}") from None
-            made = adjust.apply(spec, answer.adjust, self.allowed, repr(plugin), namespaces)
+            made = adjust.apply(spec, answer.adjust, self.allowed, repr(plugin), namespaces, devices=self.devices)
             if made:
                 log.info("NRI: plugin %s adjusted container %s: %s", plugin, container.id[:12], ", ".join(made))
                 request.container.CopyFrom(messages.container(container, spec))  # the next plugin sees it adjusted
             self._later(answer.update, answer.evict, plugin)
         telemetry.NRI_SECONDS.observe(time.perf_counter() - started)
+
+    def run_pod_sandbox(self, sandbox: SandboxRecord) -> None:
+        """Tell the subscribed plugins of a pod before it is ready; an error a plugin answers fails the pod."""
+        fields: dict[str, Message] = {"pod": messages.pod(sandbox)}
+        request = nri.RunPodSandboxRequest(**fields)
+        for plugin in self._subscribed(nri.RUN_POD_SANDBOX):
+            self._notify(plugin, nri.RUN_POD_SANDBOX, "RunPodSandbox", request, fields, refusing=True)
 
     def lifecycle_event(self, event: str, sandbox: SandboxRecord, container: ContainerRecord | None) -> None:
         """Tell the subscribed plugins of a lifecycle change."""
@@ -233,7 +261,17 @@ class Nri:
             for plugin in plugins:
                 self._notify(plugin, number, method, request, fields)
 
-    def _notify(self, plugin: Plugin, number: int, method: str, request: Message, fields: dict[str, Message]) -> None:
+    def _notify(
+        self,
+        plugin: Plugin,
+        number: int,
+        method: str,
+        request: Message,
+        fields: dict[str, Message],
+        *,
+        refusing: bool = False,
+    ) -> None:
+        """Send one event to one plugin; with `refusing`, an error it answers is raised (FailedPrecondition)."""
         timeout = self.config.request_timeout
         try:
             try:
@@ -245,6 +283,8 @@ class Nri:
             return
         except ShimhubError as exc:
             log.warning("NRI: plugin %s failed %s: %s", plugin, method, exc.message)
+            if refusing:
+                raise FailedPrecondition(f"NRI plugin {plugin} failed {exc.message}") from None
             return
         if isinstance(answer, nri.StopContainerResponse):
             self._later(answer.update, [], plugin)

@@ -10,7 +10,7 @@ from typing import Any
 
 from shimhub.errors import FailedPrecondition
 from shimhub.hooktypes import Pod, SpecOptions
-from shimhub.oci import spec
+from shimhub.oci import devices, spec
 from shimhub.oci.pod import context as pod_context
 from shimhub.records import ContainerRecord, SandboxRecord
 from shimhub.users import User
@@ -55,6 +55,7 @@ def build(  # noqa: PLR0917 - what a container is made of
     image: Mapping[str, Any],
     cgroup_driver: str,
     options: SpecOptions,
+    device_policy: devices.Policy,
 ) -> dict[str, Any]:
     """The container's OCI spec, before devices, extensions and NRI, with its root at ``container.rootfs``."""
     context = pod_context(_pod(sandbox), sandbox.pod_config(), sandbox.user_namespace)
@@ -66,6 +67,7 @@ def build(  # noqa: PLR0917 - what a container is made of
         cgroup_path=spec.cgroups_path(cgroup_driver, context.cgroup_parent, container.id),
         oom_score_adj=oom_score(config.linux.resources.oom_score_adj, options),
         user=container.user,
+        device_policy=device_policy,
     )
 
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from shimhub import userns
 from shimhub.errors import FailedPrecondition
@@ -123,6 +124,20 @@ def _start_infra(directory: Path, pause: str, user_namespace: str) -> int:
         time.sleep(0.01)
     launcher.kill()
     raise FailedPrecondition("the pod's infra process did not start")
+
+
+def adopted(data: dict[str, Any]) -> Pod | None:
+    """The `Pod` of what a runtime of API 1.x kept in ``runtime_data["pod"]`` (a pod set up before the core
+    owned pods, found after an upgrade), so that the core stops and removes it; None if it is no such."""
+    if not isinstance(data, dict) or not data.get("dir") or not isinstance(data.get("namespaces"), dict):
+        return None
+    return Pod(
+        dir=str(data["dir"]),
+        hostname=str(data.get("hostname", "")),
+        namespaces={str(k): str(v) for k, v in data["namespaces"].items()},
+        shm=str(data.get("shm", "")),
+        infra_pid=int(data.get("infra_pid", 0) or 0),
+    )
 
 
 def context(pod: Pod, config: cri.PodSandboxConfig, user_namespace: str) -> PodContext:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Mapping
 from typing import Any
 
 from attrs import define, field
 
 from shimhub.errors import InvalidArgument
-from shimhub.oci import seccomp
+from shimhub.oci import devices, seccomp
 from shimhub.users import User
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
@@ -247,34 +246,6 @@ def _base_mounts(pod: PodContext, privileged: bool, have: set[str]) -> list[dict
     return [m for m in mounts if m["destination"] not in have]
 
 
-def _devices(config: cri.ContainerConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    devices, rules = [], [{"allow": False, "access": "rwm"}]
-    for device in config.devices:
-        try:
-            info = os.stat(device.host_path)
-        except OSError as exc:
-            raise InvalidArgument(f"device {device.host_path}: {exc.strerror}") from None
-        if not (stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)):
-            raise InvalidArgument(f"device {device.host_path} is not a character or block device")
-        kind = "c" if stat.S_ISCHR(info.st_mode) else "b"
-        major, minor = os.major(info.st_rdev), os.minor(info.st_rdev)
-        devices.append(
-            {
-                "path": device.container_path,
-                "type": kind,
-                "major": major,
-                "minor": minor,
-                "fileMode": stat.S_IMODE(info.st_mode),
-                "uid": 0,
-                "gid": 0,
-            }
-        )
-        rules.append(
-            {"allow": True, "type": kind, "major": major, "minor": minor, "access": device.permissions or "rwm"}
-        )
-    return devices, rules
-
-
 def resources(linux: cri.LinuxContainerResources) -> dict[str, Any]:
     """The OCI linux.resources of CRI resources (unset values left out)."""
     result: dict[str, Any] = {}
@@ -321,6 +292,7 @@ def build(
     cgroup_path: str,
     oom_score_adj: int,
     user: User,
+    device_policy: devices.Policy = devices.DEFAULT,
 ) -> dict[str, Any]:
     """The OCI runtime spec of a container that runs as `user` (which shimhub resolved)."""
     security = config.linux.security_context
@@ -329,7 +301,7 @@ def build(
     caps = capabilities(security)
     mounts = _cri_mounts(config)
     have = {m["destination"] for m in mounts}
-    devices, device_rules = _devices(config)
+    nodes, device_rules = devices.for_container(config, user, device_policy)
     linux_resources = resources(config.linux.resources)
     linux_resources["devices"] = [{"allow": True, "access": "rwm"}] if privileged else device_rules
     namespaces = [{"type": "mount"}]
@@ -359,7 +331,7 @@ def build(
         "namespaces": namespaces,
         "resources": linux_resources,
         "cgroupsPath": cgroup_path,
-        "devices": devices,
+        "devices": nodes,
         "sysctl": dict(pod.sysctls),
         **(pod.id_mappings if pod.user_namespace else {}),
     }

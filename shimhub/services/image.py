@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from shimhub.images.registry import credentials_from_request
+from shimhub.images.auth import credentials_from_request
 from shimhub.images.store import ImageRecord
-from shimhub.services.runtime import chunks
+from shimhub.services.runtime.wire import chunks
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
 if TYPE_CHECKING:

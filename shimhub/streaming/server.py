@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 MAX_HEAD = 16 * 1024
 HEAD_TIMEOUT = 10.0
 MAX_CONNECTIONS = 256
+#: Connections whose request head has not come yet (no valid URL shown): a budget of their own, the oldest
+#: closed when a new one comes, so dribbling clients cannot keep holders of valid URLs out.
+MAX_PENDING = 64
 PATHS = ("exec", "attach", "portforward")
 
 
@@ -147,8 +150,10 @@ class StreamingServer:
         self.thread = threading.Thread(target=self.server.serve_forever, name="streaming-server", daemon=True)
         self.sessions: set[Session] = set()
         self.lock = threading.Lock()
-        #: Connections served at once; one more is answered 503 and closed.
+        #: Sessions served at once (their URL was valid); one more is answered 503 and closed.
         self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        #: Connections still sending their request head, oldest first.
+        self.pending: dict[socket.socket, None] = {}
 
     def start(self) -> None:
         self.thread.start()
@@ -168,12 +173,28 @@ class StreamingServer:
 
     # -- one connection ------------------------------------------------------------------
 
-    def _handle(self, sock: socket.socket, _address: object) -> None:
-        admitted = self.connections.acquire(blocking=False)
+    def _wait_for_head(self, sock: socket.socket) -> HttpHead:
+        """The request head, read under the budget of connections still sending theirs."""
+        with self.lock:
+            if len(self.pending) >= MAX_PENDING:
+                oldest = next(iter(self.pending))
+                del self.pending[oldest]
+                with contextlib.suppress(OSError):
+                    oldest.shutdown(socket.SHUT_RDWR)  # its read ends; its thread answers and closes it
+            self.pending[sock] = None
         try:
+            return _read_head(sock)
+        finally:
+            with self.lock:
+                self.pending.pop(sock, None)
+
+    def _handle(self, sock: socket.socket, _address: object) -> None:
+        admitted = False
+        try:
+            head = self._wait_for_head(sock)
+            admitted = self.connections.acquire(blocking=False)
             if not admitted:
-                raise BadRequest(503, "Service Unavailable", f"{MAX_CONNECTIONS} streaming connections are open")
-            head = _read_head(sock)
+                raise BadRequest(503, "Service Unavailable", f"{MAX_CONNECTIONS} streaming sessions are open")
             websocket, spdy = head.has_token("upgrade", "websocket"), head.has_token("upgrade", "SPDY/3.1")
             if not (websocket or spdy):  # checked first: a plain GET must not use up the URL
                 raise BadRequest(400, "Bad Request", "streaming needs an upgrade to SPDY/3.1 or websocket")

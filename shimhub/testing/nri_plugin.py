@@ -12,7 +12,9 @@ it does on CreateContainer (``mode``): ``adjust`` (an environment variable, an
 annotation, a mount of ``mount_source``, the device /dev/nri-null and a 64 MiB
 memory limit), ``evict`` (the container named ``victim`` when one named
 ``trigger`` is created), ``hang`` (never answers), ``crash`` (exits), or
-``none``. Every call it gets is appended to ``events_file`` as a JSON line.
+``none``. On RunPodSandbox it waits ``pod_delay`` seconds, then answers the
+error ``pod_error`` if that is set. Every call it gets is appended to
+``events_file`` as a JSON line.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ from google.protobuf.message import Message
 
 from shimhub_proto.nri import api_pb2 as nri
 from shimhub_proto.ttrpc import ttrpc_pb2
+
+
+class Refusal(Exception):
+    """An error the plugin answers a call with."""
+
 
 MUX = struct.Struct(">II")
 TTRPC = struct.Struct(">IIBB")
@@ -115,7 +122,13 @@ class TestPlugin:
             return
         message = kind.FromString(request.payload)
         self.record(request.method, message)
-        result = getattr(self, request.method, lambda _message: nri.Empty())(message)
+        try:
+            result = getattr(self, request.method, lambda _message: nri.Empty())(message)
+        except Refusal as refusal:
+            answer = ttrpc_pb2.Response()
+            answer.status.code, answer.status.message = 2, str(refusal)  # UNKNOWN, as a Go plugin's error
+            self.send(PLUGIN, stream_id, RESPONSE, answer.SerializeToString())
+            return
         if result is None:
             return
         self.send(
@@ -140,6 +153,12 @@ class TestPlugin:
 
     def Synchronize(self, request: nri.SynchronizeRequest) -> nri.SynchronizeResponse:
         return nri.SynchronizeResponse()
+
+    def RunPodSandbox(self, request: nri.RunPodSandboxRequest) -> nri.Empty:
+        time.sleep(float(self.settings.get("pod_delay", 0)))
+        if self.settings.get("pod_error"):
+            raise Refusal(self.settings["pod_error"])
+        return nri.Empty()
 
     def StopContainer(self, request: nri.StopContainerRequest) -> nri.StopContainerResponse:
         return nri.StopContainerResponse()

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -62,8 +63,15 @@ OPTIONS: dict[str, Any] = {
     "conmon_cgroup": "",
 }
 COMMAND_TIMEOUT = 60.0
+#: A container's cgroup as shimhub names it: cgroupfs ("<parent>/shimhub-<id>") or systemd ("<slice>:shimhub:<id>").
+CONTAINER_CGROUP = re.compile(r"(/[\w.@-]+)*/shimhub-[0-9a-f]{64}|[\w.@-]+\.slice:shimhub:[0-9a-f]{64}")
 #: Rounds of moving a restored container's processes into its cgroup.
 MOVE_ROUNDS = 5
+
+
+def container_cgroup(path: str) -> str:
+    """`path` if it is a container cgroup as shimhub names them, else "" (a checkpoint archive names it)."""
+    return path if CONTAINER_CGROUP.fullmatch(path) and ".." not in path.split("/") else ""
 
 
 def _wait_for(predicate: Any, timeout: float) -> bool:
@@ -219,8 +227,14 @@ class RuncRuntime:
         checkpointed_spec: Mapping[str, Any],
     ) -> None:
         self._write_bundle(container, config, spec)
-        # CRIU may restore the processes into the checkpointed container's cgroup (made again if it is gone)
-        source = str((checkpointed_spec.get("linux") or {}).get("cgroupsPath", ""))
+        # CRIU may restore the processes into the checkpointed container's cgroup (made again if it is gone);
+        # the archive names it, so only a cgroup of the shape shimhub gives containers is looked in
+        named = str((checkpointed_spec.get("linux") or {}).get("cgroupsPath", ""))
+        source = container_cgroup(named)
+        if named and not source:
+            self.log.warning(
+                "container %s: the archive's cgroup %r is no container's; ignored", container.id[:12], named[:256]
+            )
         container.runtime_data["restore"] = {"checkpoint": checkpoint, "source_cgroup": source, **self._stdio(config)}
 
     @staticmethod
@@ -233,11 +247,7 @@ class RuncRuntime:
         monitor = self._monitor(container)
         monitor.bundle.mkdir(mode=0o700)
         (monitor.bundle / "config.json").write_text(json.dumps(spec))
-        if container.log_path:
-            Path(container.log_path).parent.mkdir(parents=True, exist_ok=True)
-        container.runtime_data.update(
-            cgroup=spec["linux"]["cgroupsPath"], termination_log=termination_log(config)
-        )
+        container.runtime_data.update(cgroup=spec["linux"]["cgroupsPath"], termination_log=termination_log(config))
 
     def _launch(self, sandbox: SandboxRecord, container: ContainerRecord, stdio: Mapping[str, Any]) -> int:
         """conmon for the container: creating it, or restoring it when `stdio` names a checkpoint."""

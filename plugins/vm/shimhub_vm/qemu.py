@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 from attrs import define, field
 
-from shimhub.sdk import DeadlineExceeded, FailedPrecondition, PluginFailed
+from shimhub.sdk import DeadlineExceeded, PluginFailed
 from shimhub_vm.guest import AGENT_PORT, GuestFiles
 
 #: Kernel parameters every guest gets (before the handler's and the pod's).
@@ -255,11 +255,3 @@ def probe_acceleration(hypervisor: str, machine: str, directory: Path) -> tuple[
         return "kvm", ""
     detail = result.stderr.decode(errors="replace").strip().splitlines()
     return "tcg", f"a guest under /dev/kvm failed: {detail[-1] if detail else f'exit code {result.returncode}'}"
-
-
-def check_binary(hypervisor: str) -> None:
-    """FailedPrecondition unless `hypervisor` runs."""
-    try:
-        subprocess.run([hypervisor, "--version"], capture_output=True, check=True, timeout=10)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise FailedPrecondition(f"hypervisor {hypervisor!r} does not run: {exc}") from None
