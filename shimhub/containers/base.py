@@ -9,15 +9,9 @@ from typing import TYPE_CHECKING
 import attrs
 
 from shimhub import checkpoints, userns
-from shimhub.errors import (
-    FailedPrecondition,
-    NotFound,
-)
+from shimhub.errors import FailedPrecondition, NotFound
 from shimhub.hooktypes import ContainerState, ContainerStatus
-from shimhub.records import (
-    ContainerRecord,
-    SandboxRecord,
-)
+from shimhub.records import ContainerRecord, SandboxRecord
 
 if TYPE_CHECKING:
     from shimhub.node import Node

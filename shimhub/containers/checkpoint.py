@@ -5,18 +5,11 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from typing import TYPE_CHECKING
 
 from shimhub import checkpoints
-from shimhub.errors import (
-    FailedPrecondition,
-)
-from shimhub.hooktypes import ContainerStatus
-
-if TYPE_CHECKING:
-    pass
-
 from shimhub.containers.base import ContainerBase
+from shimhub.errors import FailedPrecondition
+from shimhub.hooktypes import ContainerStatus
 
 log = logging.getLogger(__name__)
 

@@ -11,22 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shimhub import cdi, checkpoints, logpaths, oci, profiles, resources, userns, users
-from shimhub.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-)
+from shimhub.containers.base import ContainerBase
+from shimhub.errors import FailedPrecondition, InvalidArgument, NotFound
 from shimhub.faults import crash_point
 from shimhub.hooktypes import ContainerStatus
 from shimhub.names import new_id
-from shimhub.records import (
-    PENDING_CREATE,
-    SANDBOX_READY,
-    ContainerRecord,
-    ImageVolume,
-    SandboxRecord,
-    proto_to_dict,
-)
+from shimhub.records import PENDING_CREATE, SANDBOX_READY, ContainerRecord, ImageVolume, SandboxRecord, proto_to_dict
 from shimhub.unpack import APPLY, unpack
 from shimhub.validation import check_identity, check_mounts
 from shimhub_proto.cri.v1 import api_pb2 as cri
@@ -37,7 +27,6 @@ if TYPE_CHECKING:
     from shimhub.images.store import ImageRecord
     from shimhub.plugins import LoadedPlugin
 
-from shimhub.containers.base import ContainerBase
 
 log = logging.getLogger(__name__)
 

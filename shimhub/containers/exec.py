@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING
 
-from shimhub.errors import (
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidArgument,
-)
+from shimhub.containers.base import ContainerBase
+from shimhub.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from shimhub.hooktypes import STDERR, STDOUT, ExecResult, StreamedProcess
 from shimhub.streaming.requests import CommandRequest
 from shimhub_proto.cri.v1 import api_pb2 as cri
-
-if TYPE_CHECKING:
-    pass
-
-from shimhub.containers.base import ContainerBase
 
 log = logging.getLogger(__name__)
 

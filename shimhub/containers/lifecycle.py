@@ -11,23 +11,15 @@ from typing import TYPE_CHECKING
 import attrs
 
 from shimhub import logpaths, resources
-from shimhub.errors import (
-    DeadlineExceeded,
-    FailedPrecondition,
-    PluginFailed,
-)
+from shimhub.containers.base import ContainerBase
+from shimhub.errors import DeadlineExceeded, FailedPrecondition, PluginFailed
 from shimhub.hooktypes import ContainerState, ContainerStatus
-from shimhub.records import (
-    PENDING_REMOVE,
-    ContainerRecord,
-    SandboxRecord,
-)
+from shimhub.records import PENDING_REMOVE, ContainerRecord, SandboxRecord
 from shimhub_proto.cri.v1 import api_pb2 as cri
 
 if TYPE_CHECKING:
     from shimhub.plugins import LoadedPlugin
 
-from shimhub.containers.base import ContainerBase
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +56,19 @@ class Lifecycle(ContainerBase):
             logpaths.check(record.log_path)
             plugin.call("runtime_container_start", sandbox=sandbox, container=record)
             current = plugin.call("runtime_container_state", sandbox=sandbox, container=record)
-            if current.status == ContainerStatus.EXITED:  # it ran: announced as started, then as stopped
-                record.state = attrs.evolve(current, status=ContainerStatus.RUNNING, exit_code=0, finished_at=0)
+            exited = current.status == ContainerStatus.EXITED
+            with self._state_guard:  # one that exited at once is announced started, then stopped
+                record.state = (
+                    attrs.evolve(
+                        current, status=ContainerStatus.RUNNING, exit_code=0, finished_at=0, reason="", message=""
+                    )
+                    if exited
+                    else current
+                )
                 self.node.store.save_container(record)
-                self.node.emit("container_started", sandbox, record)
+            self.node.emit("container_started", sandbox, record)
+            if exited:
                 self._record_state(sandbox, record, current)
-            else:
-                self._record_state(sandbox, record, current)
-                self.node.store.save_container(record)
-                self.node.emit("container_started", sandbox, record)
 
     def stop(self, container_id: str, timeout: int) -> None:
         """Stop a container, forcibly after `timeout` seconds. Idempotent."""

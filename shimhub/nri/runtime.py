@@ -165,11 +165,12 @@ class Nri:
         parts: list[nri.SynchronizeRequest] = [nri.SynchronizeRequest()]
         size = 0
         for item in [*pods, *containers]:
-            if size + item.ByteSize() > SYNCHRONIZE_PART and size:
+            item_size = item.ByteSize() + 8  # with the field's tag and length
+            if size + item_size > SYNCHRONIZE_PART and size:
                 parts.append(nri.SynchronizeRequest())
                 size = 0
             (parts[-1].pods if isinstance(item, nri.PodSandbox) else parts[-1].containers).append(item)
-            size += item.ByteSize() + 8  # the field's tag and length
+            size += item_size
         deadline = time.monotonic() + self.config.registration_timeout
         answer = nri.SynchronizeResponse()
         for number, part in enumerate(parts):

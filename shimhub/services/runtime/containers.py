@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import grpc
 
 from shimhub.records import ContainerRecord
-from shimhub_proto.cri.v1 import api_pb2 as cri
-
-if TYPE_CHECKING:
-    pass
-
-#: CRI API version reported by Version.
 from shimhub.services.runtime.room import Room
 from shimhub.services.runtime.views import CONTAINER_STATES, container_status, container_summary
 from shimhub.services.runtime.wire import chunks, labels_match, record_json, request_digest
-
-if TYPE_CHECKING:
-    pass
+from shimhub_proto.cri.v1 import api_pb2 as cri
 
 
 class ContainerCalls(Room):

@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import grpc
 
 from shimhub.errors import ResourceExhausted
 from shimhub.records import ContainerRecord, SandboxRecord
-from shimhub_proto.cri.v1 import api_pb2 as cri
-
-if TYPE_CHECKING:
-    pass
-
-#: CRI API version reported by Version.
 from shimhub.services.runtime.room import Room
 from shimhub.services.runtime.views import container_status, sandbox_status
-
-if TYPE_CHECKING:
-    pass
+from shimhub_proto.cri.v1 import api_pb2 as cri
 
 _EVENT_TYPES = {
     "container_created": cri.CONTAINER_CREATED_EVENT,

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
 import grpc
 
 from shimhub import __version__, userns
-from shimhub_proto.cri.v1 import api_pb2 as cri
-
-if TYPE_CHECKING:
-    pass
-
-#: CRI API version reported by Version.
 from shimhub.services.runtime.room import Room
-
-if TYPE_CHECKING:
-    pass
+from shimhub_proto.cri.v1 import api_pb2 as cri
 
 #: CRI API version reported by Version.
 CRI_VERSION = "v1"

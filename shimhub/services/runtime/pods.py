@@ -5,18 +5,11 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import grpc
 
 from shimhub.errors import NotFound
 from shimhub.records import ContainerRecord, SandboxRecord
-from shimhub_proto.cri.v1 import api_pb2 as cri
-
-if TYPE_CHECKING:
-    pass
-
-#: CRI API version reported by Version.
 from shimhub.services.runtime.room import Room
 from shimhub.services.runtime.views import (
     TIMESTAMP_TAG,
@@ -26,9 +19,7 @@ from shimhub.services.runtime.views import (
     sandbox_summary,
 )
 from shimhub.services.runtime.wire import chunks, labels_match, record_json, request_digest, varint
-
-if TYPE_CHECKING:
-    pass
+from shimhub_proto.cri.v1 import api_pb2 as cri
 
 
 class PodCalls(Room):

@@ -6,15 +6,9 @@ from typing import TYPE_CHECKING
 
 from shimhub.events import EventBus
 from shimhub.records import ContainerRecord, SandboxRecord
+from shimhub.services.runtime.wire import ListEntries
 from shimhub.stats import StatsCollector
 from shimhub_proto.cri.v1 import api_pb2 as cri
-
-if TYPE_CHECKING:
-    from shimhub.daemon import Daemon
-    from shimhub.streaming.server import StreamingServer
-
-#: CRI API version reported by Version.
-from shimhub.services.runtime.wire import ListEntries
 
 if TYPE_CHECKING:
     from shimhub.daemon import Daemon

@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import grpc
 
 from shimhub import metrics
 from shimhub.records import SandboxRecord
-from shimhub_proto.cri.v1 import api_pb2 as cri
-
-if TYPE_CHECKING:
-    pass
-
-#: CRI API version reported by Version.
 from shimhub.services.runtime.room import Room
 from shimhub.services.runtime.wire import chunks, labels_match
-
-if TYPE_CHECKING:
-    pass
+from shimhub_proto.cri.v1 import api_pb2 as cri
 
 
 class StatsCalls(Room):

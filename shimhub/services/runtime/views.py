@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from shimhub.hooktypes import ContainerState, ContainerStatus
 from shimhub.records import SANDBOX_READY, ContainerRecord, SandboxRecord
 from shimhub_proto.cri.v1 import api_pb2 as cri
-
-if TYPE_CHECKING:
-    pass
-
-#: CRI API version reported by Version.
-
-if TYPE_CHECKING:
-    pass
 
 CONTAINER_STATES = {
     ContainerStatus.CREATED: cri.CONTAINER_CREATED,

@@ -5,20 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from shimhub.config import converter
-
-if TYPE_CHECKING:
-    pass
-
-#: CRI API version reported by Version.
-
-if TYPE_CHECKING:
-    pass
 
 #: Items per message of the Stream* list RPCs.
 STREAM_CHUNK = 500
