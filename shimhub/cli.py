@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 import tomli_w
 
-from shimhub import __version__, config, plugins
+from shimhub import __version__, config, config_import, plugins
 from shimhub.errors import ConfigError, PluginLoadError
 from shimhub.hookspecs import API_VERSION
 
@@ -66,8 +66,24 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.default:
         sys.stdout.write(config.default_text())
         return 0
-    sys.stdout.write(tomli_w.dumps(config.dump(_load_config(args))))
+    sys.stdout.write(tomli_w.dumps(_without_unset(config.dump(_load_config(args)))))
     return 0
+
+
+def cmd_config_import(args: argparse.Namespace) -> int:
+    """Print the shimhub configuration equivalent to CRI-O's or containerd's, listing what has none."""
+    data, left_out = config_import.read(args.source, args.files)
+    sys.stdout.write(config_import.header(args.source, args.files, left_out) + tomli_w.dumps(data))
+    return 0
+
+
+def _without_unset(data: Any) -> Any:
+    """`data` without its None values: TOML has no null, and an unset key reads back as unset."""
+    if isinstance(data, dict):
+        return {key: _without_unset(value) for key, value in data.items() if value is not None}
+    if isinstance(data, list):
+        return [_without_unset(value) for value in data]
+    return data
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -163,6 +179,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_orphans(args: argparse.Namespace) -> int:
+    """List the pods rebuilt for containers whose pod record was lost; with --remove, remove them."""
+    from shimhub.orphans import ORPHAN_LABEL
+    from shimhub_proto.cri.v1 import api_pb2 as cri
+
+    client = _client(args)
+    selector = cri.PodSandboxFilter(label_selector={ORPHAN_LABEL: "true"})
+    found = _ask(client.ListPodSandbox, cri.ListPodSandboxRequest(filter=selector)).items
+    for pod in found:
+        if args.remove:
+            _ask(client.RemovePodSandbox, cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
+        print(f"{pod.id}  {pod.metadata.name}  {'removed' if args.remove else 'left to remove'}")
+    return 0
+
+
 def cmd_version(_args: argparse.Namespace) -> int:
     """Print shimhub's version and its plugin API version."""
     print(f"shimhub {__version__} (CRI v1, plugin API {API_VERSION})")
@@ -192,6 +223,10 @@ def parser() -> argparse.ArgumentParser:
     show = with_config(sub.add_parser("config", help=cmd_config.__doc__))
     show.add_argument("--default", action="store_true", help="print the embedded default configuration")
     show.set_defaults(func=cmd_config)
+    importing = show.add_subparsers(dest="config_action").add_parser("import", help=cmd_config_import.__doc__)
+    importing.add_argument("--from", dest="source", choices=config_import.SOURCES, required=True)
+    importing.add_argument("files", nargs="+", type=Path, help="the configuration files, later ones overriding")
+    importing.set_defaults(func=cmd_config_import)
 
     listing = with_config(sub.add_parser("plugins", help=cmd_plugins.__doc__))
     listing.add_argument("--json", action="store_true", help="machine-readable output")
@@ -200,11 +235,13 @@ def parser() -> argparse.ArgumentParser:
     )
     listing.set_defaults(func=cmd_plugins)
 
-    for name, func in (("status", cmd_status), ("inspect", cmd_inspect)):
+    for name, func in (("status", cmd_status), ("inspect", cmd_inspect), ("orphans", cmd_orphans)):
         client = with_config(sub.add_parser(name, help=func.__doc__))
         client.add_argument("--socket", help="CRI socket path (default: the config's)")
         if name == "inspect":
             client.add_argument("id", help="pod sandbox or container id, or a unique prefix")
+        if name == "orphans":
+            client.add_argument("--remove", action="store_true", help="remove them (with their containers)")
         client.set_defaults(func=func)
 
     sub.add_parser("version", help=cmd_version.__doc__).set_defaults(func=cmd_version)

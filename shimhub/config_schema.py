@@ -50,6 +50,12 @@ class RegistryConfig:
     mirrors: list[str] = field(factory=list)
     #: Reach this registry only through its mirrors, never itself (an air-gapped node).
     mirror_only: bool = False
+    #: Refuse every pull from this registry (registries.conf's `blocked`).
+    blocked: bool = False
+    #: A PEM file of the CA certificates this host's TLS certificate is checked against ("" = the system's).
+    ca_file: str = ""
+    #: Do not check this host's TLS certificate (containerd's skip_verify; still TLS, unlike insecure).
+    skip_verify: bool = False
 
 
 @define(frozen=True)
@@ -60,6 +66,13 @@ class ImagesConfig:
     search_registries: list[str] = field(factory=lambda: ["docker.io"])
     #: A Docker-style credentials file ({"auths": {"host": {"auth": base64(user:password)}}}), "" for none.
     credentials_file: str = ""
+    #: The node's global containers-auth.json(5) file, read when present, for hosts credentials_file does
+    #: not name ("" = none).
+    auth_file: str = "/etc/containers/auth.json"
+    #: containers-registries.conf(5) v2 with its .d directory, read when present ("" = not read).
+    registries_conf: str = "/etc/containers/registries.conf"
+    #: containerd's hosts directory (<dir>/<registry host>/hosts.toml), read when present ("" = not read).
+    hosts_dir: str = "/etc/containerd/certs.d"
     #: Layers downloaded at once per pull.
     max_concurrent_downloads: int = 3
     #: Platform to pick from multi-platform images ("" = this node's, e.g. linux/amd64).

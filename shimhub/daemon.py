@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from shimhub import cdi, oci, profiles, telemetry, unpack
+from shimhub import cdi, oci, orphans, profiles, telemetry, unpack
 from shimhub import config as config_module
 from shimhub.backends import Backend
 from shimhub.background import Coalesced
@@ -184,6 +184,16 @@ class Daemon:
     def recover(self) -> None:
         """Load the persisted records and let each handler reattach to its pods."""
         self.store.load()
+        for sandbox_id, kept in sorted(self.store.orphaned.items()):
+            pod = orphans.rebuilt_pod(
+                sandbox_id, kept, self.store.corrupt_sandbox(sandbox_id), self.config.default_runtime
+            )
+            self.store.restore_pod(pod, kept)
+            log.error(
+                "pod sandbox %s: its record is missing or unreadable, its %d containers' records are not: "
+                "rebuilt (handler %r) to remove the pod and what it left on the node",
+                sandbox_id, len(kept), pod.handler,
+            )  # fmt: skip
         sandboxes = self.store.sandboxes()
         for sandbox in sandboxes:
             self.pod_names.restore(sandbox.name, sandbox.id, sandbox.request_digest)
@@ -291,6 +301,7 @@ class Daemon:
             "nri": self.nri.status() if self.nri is not None else {"enabled": False},
             "security_modules": profiles.node_lsms(),
             "image_trust_policy": self._policy_summary(),
+            "image_registries": self.images.node_registries.summary(),
         }
 
     def _policy_summary(self) -> dict[str, Any] | None:

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from shimhub_proto.cri.v1 import api_pb2 as cri
 
 _V1 = (
-    "plugin API 1.x is deprecated and goes in 3.0: declare shimhub_api = \"2.0\" and take the finished OCI "
-    "spec the core hands runtime_container_create (see docs/plugins.md, \"From API 1.x\")"
+    'plugin API 1.x is deprecated and goes in 3.0: declare shimhub_api = "2.0" and take the finished OCI '
+    'spec the core hands runtime_container_create (see docs/plugins.md, "From API 1.x")'
 )
 
 

@@ -13,9 +13,11 @@ installed at all is PluginMissing, which callers treat as "not available".
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import warnings
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -82,22 +84,60 @@ def load_class(kind: str, name: str) -> tuple[type, str]:
         raise PluginLoadError(f"{len(found)} distributions provide {kind} plugin {name!r}: {claimants}")
     entry_point = found[0]
     label = _label(kind, entry_point)
-    try:
-        driver = stevedore.DriverManager(
-            namespace=KINDS[kind][0],
-            name=name,
-            invoke_on_load=False,
-            on_load_failure_callback=_raise_load_failure,
-        )
-    except PluginLoadError as exc:
-        raise PluginLoadError(f"{label}: cannot be imported: {exc}") from exc
-    plugin_class = driver.driver
+    plugin_class = _import(kind, entry_point, label)
     api_version(plugin_class, label)
     return plugin_class, label
 
 
+class _ImportFailed(Exception):
+    """stevedore could not import the entry point it found."""
+
+    def __init__(self, entry_point: EntryPoint, exc: BaseException) -> None:
+        super().__init__(f"{type(exc).__name__}: {exc}")
+        self.entry_point = entry_point
+
+
+def _import(kind: str, entry_point: EntryPoint, label: str) -> type:
+    """The class behind `entry_point`, through stevedore; its entry-point cache rebuilt once when stale."""
+    for attempt in (1, 2):
+        try:
+            driver = stevedore.DriverManager(
+                namespace=KINDS[kind][0],
+                name=entry_point.name,
+                invoke_on_load=False,
+                on_load_failure_callback=_raise_load_failure,
+            )
+        except stevedore.exception.NoMatches:
+            cached = "no such entry point"
+        except _ImportFailed as exc:
+            if exc.entry_point.value == entry_point.value:
+                raise PluginLoadError(f"{label}: cannot be imported: {exc}") from exc
+            cached = exc.entry_point.value
+        else:
+            cached = driver.extensions[0].entry_point.value
+            if cached == entry_point.value:
+                return driver.driver
+        if attempt == 1:
+            log.warning(
+                "stale entry-point cache (stevedore has %s for %s, the installed distribution %s): rebuilding it",
+                cached, label, entry_point.value,
+            )  # fmt: skip
+            _forget_entry_point_cache()
+    raise PluginLoadError(f"{label}: stevedore's entry-point cache still has {cached} after it was rebuilt")
+
+
+def _forget_entry_point_cache() -> None:
+    """Drop stevedore's caches of this interpreter's entry points, file and memory (it has no public call)."""
+    from stevedore import _cache
+
+    digest, _paths = _cache._hash_settings_for_path(tuple(sys.path))
+    Path(_cache._c._dir, digest).unlink(missing_ok=True)
+    _cache._c._internal.clear()
+    stevedore.ExtensionManager.ENTRY_POINT_CACHE.clear()
+
+
 def _raise_load_failure(_manager: object, entry_point: EntryPoint, exc: BaseException) -> None:
-    raise PluginLoadError(f"{type(exc).__name__}: {exc}") from exc
+    raise _ImportFailed(entry_point, exc) from exc
 
 
 #: The older plugin API still loaded, up to its last minor (runtimes through `hookspecs_v1.RuntimeSpecV1`).

@@ -97,6 +97,8 @@ class ContainerRecord:
     config: dict[str, Any]
     #: Absolute path of the container's CRI log ("" when the kubelet asked for none).
     log_path: str = ""
+    #: Its pod's runtime handler, kept so that a pod whose record is lost can be removed ("" in older records).
+    handler: str = ""
     request_digest: str = ""
     #: The image's id (config digest).
     image_ref: str = ""

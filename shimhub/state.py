@@ -157,6 +157,8 @@ class StateStore:
         self.lock = threading.Lock()
         self._sandboxes = _Table(state_dir / "sandboxes", SandboxRecord, "pod sandbox")
         self._containers = _Table(state_dir / "containers", ContainerRecord, "container")
+        #: Containers whose sandbox record is missing or unreadable, by sandbox id (filled by load).
+        self.orphaned: dict[str, list[ContainerRecord]] = {}
 
     def load(self) -> None:
         """Read every record from disk (at startup)."""
@@ -165,16 +167,22 @@ class StateStore:
         for container in list(self._containers.records.values()):
             if container.sandbox_id not in self._sandboxes.records:
                 # Its processes, mounts and cgroup may still be on the node: the record is what finds them.
-                kept = self._containers.directory / f"{container.id}.orphan"
-                (self._containers.directory / f"{container.id}.json").rename(kept)
-                self._containers.records.pop(container.id)
-                log.error(
-                    "container %s belongs to pod sandbox %s, whose record is missing or unreadable; "
-                    "its record is kept as %s for an operator (its process, mounts and cgroup may remain)",
-                    container.id,
-                    container.sandbox_id,
-                    kept,
-                )
+                self.orphaned.setdefault(container.sandbox_id, []).append(self._containers.records.pop(container.id))
+
+    def corrupt_sandbox(self, sandbox_id: str) -> bytes:
+        """What is left of a sandbox record that could not be read (b"" when there is none)."""
+        try:
+            return (self._sandboxes.directory / f"{sandbox_id}.corrupt").read_bytes()[: 1 << 20]
+        except OSError:
+            return b""
+
+    def restore_pod(self, record: SandboxRecord, containers: list[ContainerRecord]) -> None:
+        """Put back a pod rebuilt for its orphaned containers (see `shimhub.orphans`)."""
+        with self.lock:
+            self._sandboxes.save(record)
+            for container in containers:
+                self._containers.records[container.id] = container
+            self.orphaned.pop(record.id, None)
 
     def sandboxes(self) -> list[SandboxRecord]:
         """A snapshot of all sandbox records."""

@@ -9,8 +9,9 @@ tools, Debian's cloud kernel) and cached under CACHE by a hash of its recipe,
 so a run builds it only when the recipe changed. It boots with
 ``systemd.unified_cgroup_hierarchy=1 cgroup_no_v1=all`` under KVM where KVM
 runs a guest, else TCG. The host's root is shared read-only over virtio-fs;
-the guest binds the checkout, this Python and what the tests run from the host
-(the registry) at their own paths, runs pytest as root, prints its output on
+the guest binds the checkout, this Python, what the tests run from the host
+(the registry) and the wheels an offline ./install takes (downloaded once, cached
+by requirements) at their own paths, runs pytest as root, prints its output on
 the serial console, and powers off. This command prints that output and exits
 with pytest's exit code.
 """
@@ -18,6 +19,7 @@ with pytest's exit code.
 from __future__ import annotations
 
 import base64
+import configparser
 import hashlib
 import json
 import os
@@ -44,6 +46,7 @@ PACKAGES = [
     "linux-image-cloud-amd64",
     "initramfs-tools",
     "python3",
+    "python3-venv",
     "runc",
     "crun",
     "conmon",
@@ -53,6 +56,8 @@ PACKAGES = [
     "iptables",
     "util-linux",
     "e2fsprogs",
+    "btrfs-progs",
+    "gpgv",
     "dmsetup",
     "thin-provisioning-tools",
     "busybox-static",
@@ -66,6 +71,10 @@ RUN_TIMEOUT = 40 * 60
 #: Host files the tests use that the node does not install (the registry the tests pull from).
 HOST_FILES = ("/usr/bin/docker-registry",)
 MARK = "SHIMHUB-NODE"
+#: The node's python3 (Debian bookworm's), for the wheels its offline ./install takes.
+NODE_PYTHON = "3.11"
+#: Platform tags of the wheels that run on the node (glibc 2.36).
+NODE_PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_28_x86_64", "manylinux1_x86_64")
 
 #: The guest's side: mount the host, bind what the run needs, run pytest, report, power off.
 GUEST_RUN = r"""#!/bin/sh
@@ -137,9 +146,40 @@ def image() -> Path:
     return directory
 
 
+def requirements() -> list[str]:
+    """What pip installs besides shimhub's own distributions: their dependencies and the build backend."""
+    found = {"setuptools>=68", "wheel"}
+    for setup in [ROOT / "setup.cfg", *sorted(ROOT.glob("plugins/*/setup.cfg"))]:
+        parser = configparser.ConfigParser()
+        parser.read(setup)
+        lines = parser.get("options", "install_requires", fallback="").splitlines()
+        found |= {line.strip() for line in lines if line.strip() and not line.strip().startswith(("#", "shimhub"))}
+    return sorted(found)
+
+
+def wheels() -> Path:
+    """A directory of the wheels ./install needs on the node (which has no network), cached by requirements."""
+    wanted = requirements()
+    directory = CACHE / f"wheels-{hashlib.sha256(json.dumps([NODE_PYTHON, wanted]).encode()).hexdigest()[:16]}"
+    if directory.is_dir():
+        return directory
+    staging = Path(tempfile.mkdtemp(dir=CACHE, prefix="wheels-build-"))
+    try:
+        platforms = [part for platform in NODE_PLATFORMS for part in ("--platform", platform)]
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--implementation", "cp",
+             "--python-version", NODE_PYTHON, *platforms, "--dest", str(staging), *wanted],
+            check=True,
+        )  # fmt: skip
+        staging.rename(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
 def binds() -> list[str]:
-    """Host paths the guest binds at the same place: the checkout, this Python, host-only tools."""
-    paths = {str(ROOT), sys.base_prefix, sys.prefix, sysconfig.get_paths()["purelib"]}
+    """Host paths the guest binds at the same place: the checkout, this Python, host-only tools, the wheels."""
+    paths = {str(ROOT), sys.base_prefix, sys.prefix, sysconfig.get_paths()["purelib"], str(wheels())}
     paths |= {path for path in HOST_FILES if os.path.exists(path)}
     return sorted(paths)
 
@@ -272,7 +312,9 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--"]:
         command = argv[1:]
         return run([sys.executable, *command[1:]] if command[:1] == ["python3"] else command)  # this Python
-    return run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *(argv or ["-q", "-m", "node"])])
+    offline_pip = ["env", "PIP_NO_INDEX=1", f"PIP_FIND_LINKS={wheels()}"]  # for ./install on the node
+    pytest_args = argv or ["-q", "-rA", "-m", "node"]
+    return run([*offline_pip, sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *pytest_args])
 
 
 if __name__ == "__main__":

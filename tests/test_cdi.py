@@ -62,9 +62,7 @@ def test_a_cdi_device_is_injected_and_only_its_cgroup_rule_opens_it(cdi_node, tm
     environment = exec_sync(pod, asked, "env").stdout.decode().splitlines()
     assert "CDI_DEVICE=rw" in environment and "CDI_SPEC=yes" in environment
     assert exec_sync(pod, asked, "cat", "/cdi-share/note").stdout == b"from the vendor\n"
-    info = json.loads(
-        pod.rt.ContainerStatus(cri.ContainerStatusRequest(container_id=asked, verbose=True)).info["info"]
-    )
+    info = json.loads(pod.rt.ContainerStatus(cri.ContainerStatusRequest(container_id=asked, verbose=True)).info["info"])
     assert info["cdi_devices"] == ["example.com/fuse=rw"]
 
     # the same node, injected without its cgroup rule: it is there and does not open

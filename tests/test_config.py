@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import textwrap
 from pathlib import Path
 
 import pytest
 
-from shimhub import config
+from shimhub import cli, config
 from shimhub.errors import ConfigError
 
 
@@ -104,3 +106,24 @@ def test_all_mistakes_are_reported_at_once(tmp_path: Path) -> None:
 def test_dump_round_trips(tmp_path: Path) -> None:
     loaded = config.load(tmp_path / "absent.toml")
     assert config.converter.structure(config.dump(loaded), config.Config) == loaded
+
+
+def _documented_examples() -> list[tuple[str, str]]:
+    """Every TOML example of the README and the plugin guide, as (where, text)."""
+    examples = []
+    for name in ("README.md", "docs/plugins.md"):
+        text = (Path(__file__).parent.parent / name).read_text()
+        for number, match in enumerate(re.finditer(r"```toml\n(.*?)```", text, re.S), 1):
+            examples.append((f"{name} example {number}", textwrap.dedent(match.group(1))))
+    return examples
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("where", "text"), _documented_examples(), ids=lambda value: value if " " in value else "")
+def test_shimhub_config_prints_every_documented_example_back(
+    where: str, text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = write(tmp_path / "source.toml", text)
+    assert cli.main(["config", "--config", str(source)]) == 0, where
+    printed = write(tmp_path / "printed.toml", capsys.readouterr().out)
+    assert config.dump(config.load(printed, required=True)) == config.dump(config.load(source, required=True)), where

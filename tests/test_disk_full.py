@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 
 from shimhub.errors import ResourceExhausted
 from shimhub.state import write_atomically
-from shimhub.testing.daemon import Pod, pod_config
+from shimhub.testing.daemon import Pod, pod_config, wait_for
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import NEEDS_ROOT, PROC_CONFIG
 from tests.test_runc import exec_sync, runc_config
@@ -73,12 +74,12 @@ def test_a_full_state_disk_answers_resource_exhausted_and_loses_nothing(small_fs
     assert not list(small_fs.rglob(".*.tmp"))
 
 
-def test_unreadable_records_never_stop_the_daemon_nor_lose_containers(daemon_factory, registry) -> None:
-    """A truncated sandbox record sets its containers' records aside for an operator instead of deleting them;
-    a truncated image record is set aside; shimhub starts either way."""
-    from tests.conftest import image_config
+def test_unreadable_records_never_stop_the_daemon_nor_leave_what_they_named(daemon_factory, registry) -> None:
+    """A truncated sandbox record: its pod is rebuilt from its containers' records and removed with what it left
+    on the node (the running container's process, the pod's directory); a truncated image record is set aside;
+    shimhub starts either way."""
 
-    daemon = daemon_factory(image_config(registry)).start()
+    daemon = daemon_factory(runc_config(registry)).start()
     daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/busybox:1")))
     rt = daemon.runtime
     sandbox_id = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config())).pod_sandbox_id
@@ -88,27 +89,22 @@ def test_unreadable_records_never_stop_the_daemon_nor_lose_containers(daemon_fac
     container_id = rt.CreateContainer(
         cri.CreateContainerRequest(pod_sandbox_id=sandbox_id, config=container)
     ).container_id
-    daemon.stop()
+    rt.StartContainer(cri.StartContainerRequest(container_id=container_id))
+    status = rt.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id, verbose=True))
+    pid = json.loads(status.info["info"])["runtime_data"]["pid"]
+    daemon.kill()
     state = daemon.root / "state"
     sandbox_file = state / "sandboxes" / f"{sandbox_id}.json"
-    good_sandbox = sandbox_file.read_bytes()
-    sandbox_file.write_bytes(good_sandbox[: len(good_sandbox) // 2])
+    sandbox_file.write_bytes(sandbox_file.read_bytes()[:200])  # the handler's name is past the cut
     image_file = next((state / "images" / "images").glob("*.json"))
-    good_image = image_file.read_bytes()
-    image_file.write_bytes(good_image[:10])
+    image_file.write_bytes(image_file.read_bytes()[:10])
     daemon.start()
     assert list(daemon.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items) == []
-    assert (state / "containers" / f"{container_id}.orphan").exists()
-    assert "kept as" in daemon.log() and "moved to" in daemon.log()
-    # an operator puts the records back: everything is found again and removed as usual
-    daemon.stop()
-    sandbox_file.with_suffix(".corrupt").unlink()
-    sandbox_file.write_bytes(good_sandbox)
-    image_file.with_suffix(".corrupt").unlink()
-    image_file.write_bytes(good_image)
-    (state / "containers" / f"{container_id}.orphan").rename(state / "containers" / f"{container_id}.json")
-    daemon.start()
-    assert [c.id for c in daemon.runtime.ListContainers(cri.ListContainersRequest()).containers] == [container_id]
+    assert list(daemon.runtime.ListContainers(cri.ListContainersRequest()).containers) == []
+    assert not Path(f"/proc/{pid}").exists() or b"sleep" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert not (daemon.root / "run" / "pods" / sandbox_id).exists(), "the pod's directory is left"
+    assert sandbox_id not in Path("/proc/self/mountinfo").read_text()
+    assert "rebuilt (handler 'runc') to remove the pod" in daemon.log() and "moved to" in daemon.log()
 
 
 def test_resources_not_recorded_are_not_applied(tmp_path: Path, daemon_factory, registry) -> None:
@@ -148,3 +144,33 @@ def test_resources_not_recorded_are_not_applied(tmp_path: Path, daemon_factory, 
         pod.rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
     finally:
         subprocess.run(["umount", "-l", str(state)], check=True)
+
+
+def test_an_orphan_whose_handler_is_gone_is_listed_until_it_can_be_removed(daemon_factory, registry) -> None:
+    """The lost pod's handler left the configuration: the rebuilt pod stays listed, and `shimhub orphans
+    --remove` removes it once the handler is back."""
+    config = runc_config(registry).replace("[runtimes.runsc]", '[runtimes.retired]\nplugin = "runc"\n[runtimes.runsc]')
+    daemon = daemon_factory(config).start()
+    daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image="test/busybox:1")))
+    pod = Pod(daemon, daemon.root, handler="retired")
+    container_id = pod.run("c", ["sleep", "300"])
+    status = daemon.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id, verbose=True))
+    pid = json.loads(status.info["info"])["runtime_data"]["pid"]
+    daemon.kill()
+    sandbox_file = daemon.root / "state" / "sandboxes" / f"{pod.id}.json"
+    sandbox_file.write_bytes(b'{"handler": "retired", "id": "' + pod.id.encode() + b'", "conf')
+    daemon.write_config(runc_config(registry))
+    daemon.start()
+    listed = daemon.command("orphans", "--config", str(daemon.config_path))
+    assert listed.stdout.split() == [pod.id, f"orphaned-{pod.id[:12]}", "left", "to", "remove"], listed.stderr
+    assert "is no longer configured" in daemon.log(), "the failed removal is not logged"
+
+    daemon.write_config(config)
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "configuration reloaded" in daemon.log())
+    assert Path(f"/proc/{pid}").exists(), "the container's process went with nothing to remove it"
+    removed = daemon.command("orphans", "--remove", "--config", str(daemon.config_path))
+    assert removed.stdout.split()[-1] == "removed", removed.stderr
+    assert list(daemon.runtime.ListContainers(cri.ListContainersRequest()).containers) == []
+    assert daemon.command("orphans", "--config", str(daemon.config_path)).stdout == ""
+    assert not Path(f"/proc/{pid}").exists() or b"sleep" not in Path(f"/proc/{pid}/cmdline").read_bytes()

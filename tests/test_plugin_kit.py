@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -10,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from shimhub.testing.daemon import Daemon
+from shimhub.testing.daemon import BUSYBOX, Daemon, Pod
+from shimhub.testing.leaks import ids_in, leftovers
+from shimhub_proto.cri.v1 import api_pb2 as cri
 from tests.conftest import EXAMPLE_PLUGIN, NEEDS_ROOT, install_in_venv
+from tests.test_runc import runc_config
 
 pytestmark = NEEDS_ROOT
 PLUGIN = "shimhub_procrun/__init__.py"
@@ -110,3 +114,31 @@ def test_a_broken_hook_fails_the_kit_naming_it(
     failures = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
     assert any(failing_test in line for line in failures), done.stdout[-4000:]
     assert re.search(rf"^E +AssertionError: .*{hook}", done.stdout, re.MULTILINE), done.stdout[-4000:]
+
+
+@NEEDS_ROOT
+def test_leak_checks_count_only_what_the_daemon_under_test_made(tmp_path: Path, registry) -> None:
+    """Another shimhub daemon's running pod is not ours; our own container that outlives our daemon is."""
+    for name in ("other", "ours"):
+        (tmp_path / name).mkdir()
+    other = Daemon(tmp_path / "other", runc_config(registry)).start()
+    ours = Daemon(tmp_path / "ours", runc_config(registry)).start()
+    try:
+        for daemon in (other, ours):
+            daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=BUSYBOX)))
+        Pod(other, tmp_path / "other-pod").run("busy", ["sleep", "300"])  # started after `ours.before`
+        Pod(ours, tmp_path / "our-pod").run("app", ["sleep", "300"])
+        assert ours.remove_everything() == {}, "another daemon's pod counted as ours"
+
+        container_id = Pod(ours, tmp_path / "lost-pod").run("app", ["sleep", "300"])
+        status = ours.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id, verbose=True))
+        pid = json.loads(status.info["info"])["runtime_data"]["pid"]
+        ours.kill()  # its container lives on, and no record of ours is read: the check must find it anyway
+        found = leftovers(ours.root, set(), set(), ours.before, ids_in(ours.log()))
+        assert [line.split(":")[0] for line in found["stray processes"]] == [str(pid)]
+        assert not [line for lines in found.values() for line in lines if str(other.root) in line]
+        ours.start()
+    finally:
+        for daemon in (ours, other):
+            daemon.remove_everything()
+            daemon.stop()

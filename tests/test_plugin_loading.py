@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
 import textwrap
 from pathlib import Path
 
 import grpc
 import pytest
+import stevedore
 
+from shimhub import plugins
 from shimhub.hookspecs import API_VERSION
 from shimhub.testing.daemon import host_network, pod_config
 from shimhub_proto.cri.v1 import api_pb2 as cri
@@ -207,3 +212,31 @@ def test_default_handler_missing_makes_runtime_not_ready(daemon_factory) -> None
     assert not conditions["RuntimeReady"].status
     assert conditions["RuntimeReady"].reason == "DefaultHandlerNotReady"
     assert "runtime handler 'vm': no runtime plugin named 'ghost' is installed" in conditions["RuntimeReady"].message
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("stale", ["an old module", "no such entry point"])
+def test_a_stale_entry_point_cache_is_rebuilt_with_a_warning(
+    stale: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reinstall that stevedore's cache did not notice: the class comes from the installed distribution."""
+    from stevedore import _cache
+
+    monkeypatch.setattr(_cache._c, "_dir", str(tmp_path))
+    monkeypatch.setattr(_cache._c, "_internal", {})
+    monkeypatch.setattr(stevedore.ExtensionManager, "ENTRY_POINT_CACHE", {})
+    digest, _paths = _cache._hash_settings_for_path(tuple(sys.path))
+    cached = _cache._build_cacheable_data()
+    runtimes = [entry for entry in cached["groups"]["shimhub.runtime"] if entry[0] != "runc"]
+    if stale == "an old module":
+        runtimes.append(["runc", "shimhub_runc_before_reinstall.runtime:RuncRuntime", "shimhub.runtime"])
+    cached["groups"]["shimhub.runtime"] = runtimes
+    (tmp_path / digest).write_text(json.dumps(cached))
+
+    with caplog.at_level(logging.WARNING, logger="shimhub"):
+        plugin_class, _label = plugins.load_class("runtime", "runc")
+
+    assert f"{plugin_class.__module__}:{plugin_class.__name__}" == "shimhub_runc.runtime:RuncRuntime"
+    assert "stale entry-point cache" in caplog.text
+    rebuilt = json.loads((tmp_path / digest).read_text())["groups"]["shimhub.runtime"]
+    assert ["runc", "shimhub_runc.runtime:RuncRuntime", "shimhub.runtime"] in rebuilt

@@ -56,12 +56,13 @@ def test_interrupted_write_and_corrupt_record_do_not_stop_loading(tmp_path: Path
     assert (tmp_path / "sandboxes" / "bad001.corrupt").exists()
 
 
-def test_orphan_container_is_forgotten(tmp_path: Path) -> None:
+def test_orphan_container_is_kept_for_its_pod_to_be_rebuilt(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     store.save_container(ContainerRecord(id="c1", sandbox_id="gone", name="c", created_at=1, config={}))
     again = StateStore(tmp_path)
     again.load()
     assert again.containers() == []
+    assert [c.id for c in again.orphaned["gone"]] == ["c1"]
 
 
 def test_lookup_by_prefix(tmp_path: Path) -> None:

@@ -138,6 +138,7 @@ class Creation(ContainerBase):
             id=new_id(),
             sandbox_id=sandbox.id,
             name=name,
+            handler=sandbox.handler,
             created_at=time.time_ns(),
             config=proto_to_dict(config),
             log_path=log_path,

@@ -87,9 +87,9 @@ def credentials_from_request(auth: cri.AuthConfig) -> Credentials | None:
     return Credentials(username, password, auth.identity_token, auth.registry_token)
 
 
-def load_credentials_file(path: str) -> dict[str, Credentials]:
-    """Credentials per registry host from a Docker-style config file ("" = none)."""
-    if not path:
+def load_credentials_file(path: str, missing_ok: bool = False) -> dict[str, Credentials]:
+    """Credentials per registry host from a Docker-style config file ("" = none; absent = none if `missing_ok`)."""
+    if not path or (missing_ok and not Path(path).exists()):
         return {}
     try:
         document = json.loads(Path(path).read_text())
@@ -101,4 +101,4 @@ def load_credentials_file(path: str) -> dict[str, Credentials]:
             )
         return found
     except (OSError, ValueError, AttributeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"images.credentials_file: cannot read {path}: {type(exc).__name__}") from None
+        raise ConfigError(f"images: cannot read the credentials file {path}: {type(exc).__name__}") from None

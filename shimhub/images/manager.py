@@ -29,7 +29,7 @@ from shimhub.config import ImagesConfig
 from shimhub.errors import ConfigError, FailedPrecondition, InvalidArgument, ResourceExhausted, ShimhubError
 from shimhub.faults import crash_point
 from shimhub.hooktypes import FilesystemUsage
-from shimhub.images import manifest, policy, reference, signatures
+from shimhub.images import manifest, node_registries, policy, reference, signatures
 from shimhub.images.auth import Credentials
 from shimhub.images.content import BlobMismatch, ContentStore
 from shimhub.images.registry import RegistryClient
@@ -122,6 +122,9 @@ class ImageManager:
     """The node's images: pull, look up, provide layers, remove."""
 
     def __init__(self, config: ImagesConfig, state_dir: Path, default_driver: str) -> None:
+        search_is_shimhubs = config.search_registries != ImagesConfig().search_registries
+        #: shimhub's [images] with what the node's registries.conf and hosts directory add.
+        config, self.node_registries = node_registries.merged(config, search_is_shimhubs)
         self.config = config
         self.registry = RegistryClient(config)
         path = policy.default_path(config.signature_policy)

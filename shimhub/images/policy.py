@@ -47,6 +47,18 @@ _KEY_SOURCES = {"keyPath", "keyPaths", "keyData"}
 _SIGSTORE_KEY_SOURCES = {"keyPath", "keyPaths", "keyData", "fulcio"}
 
 
+def read_bounded(path: str | Path, limit: int, what: str) -> bytes:
+    """The bytes of the node's file `path`, at most `limit`; ConfigError naming it and `what` it is."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    if len(raw) > limit:
+        raise ConfigError(f"{path}: larger than {limit} bytes")
+    return raw
+
+
 @define(frozen=True)
 class Requirement:
     """One requirement of a scope, as the policy file states it."""
@@ -90,13 +102,7 @@ class Policy:
     @classmethod
     def load(cls, path: str) -> Policy:
         """The policy in the file at `path`; ConfigError naming the file and the key that is wrong."""
-        try:
-            with open(path, "rb") as handle:
-                raw = handle.read(MAX_POLICY_BYTES + 1)
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the image trust policy: {exc.strerror}") from None
-        if len(raw) > MAX_POLICY_BYTES:
-            raise ConfigError(f"{path}: larger than {MAX_POLICY_BYTES} bytes")
+        raw = read_bounded(path, MAX_POLICY_BYTES, "the image trust policy")
         try:
             document = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:

@@ -20,6 +20,7 @@ import base64
 import contextlib
 import json
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,16 +30,13 @@ from shimhub.config import ImagesConfig
 from shimhub.errors import (
     DeadlineExceeded,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     ShimhubError,
     Unauthenticated,
     Unavailable,
 )
-from shimhub.images.auth import (
-    Credentials,
-    load_credentials_file,
-    parse_challenge,
-)
+from shimhub.images.auth import Credentials, load_credentials_file, parse_challenge
 from shimhub.images.manifest import ACCEPT
 from shimhub.images.reference import DOCKER_HUB, Reference
 
@@ -58,14 +56,6 @@ MAX_TOKEN_ANSWER = 1 << 20
 MIN_BLOB_RATE = 32 << 10
 #: Connections per registry host (each host has a pool of its own: one slow registry cannot take the others').
 HOST_CONNECTIONS = 16
-
-
-
-
-
-
-
-
 
 
 def _answer(response: httpx.Response) -> str:
@@ -107,7 +97,11 @@ class RegistryClient:
 
     def __init__(self, config: ImagesConfig) -> None:
         self.config = config
-        self.file_credentials = load_credentials_file(config.credentials_file)
+        #: credentials_file's hosts first, then the node's containers-auth.json(5) for the others.
+        self.file_credentials = {
+            **load_credentials_file(config.auth_file, missing_ok=True),
+            **load_credentials_file(config.credentials_file),
+        }
         self._clients: dict[str, httpx.Client] = {}
         #: Bearer tokens by (host, scope, the credentials they were obtained with; None: anonymously).
         self._tokens: dict[tuple[str, str, Credentials | None], str] = {}
@@ -128,9 +122,26 @@ class RegistryClient:
             client = self._clients.get(host)
             if client is None:
                 limits = httpx.Limits(max_connections=HOST_CONNECTIONS, max_keepalive_connections=HOST_CONNECTIONS)
-                client = httpx.Client(timeout=httpx.Timeout(self.config.timeout), limits=limits, follow_redirects=True)
+                client = httpx.Client(
+                    timeout=httpx.Timeout(self.config.timeout),
+                    limits=limits,
+                    follow_redirects=True,
+                    verify=self._tls(host),
+                )
                 self._clients[host] = client
             return client
+
+    def _tls(self, host: str) -> bool | ssl.SSLContext:
+        """How `host`'s certificate is checked: the system's CAs, its own CA file, or not at all."""
+        entry = self.config.registries.get(host)
+        if entry is None or not (entry.skip_verify or entry.ca_file):
+            return True
+        if entry.skip_verify:
+            return False
+        try:
+            return ssl.create_default_context(cafile=entry.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise Unavailable(f"registry {host}: cannot use the CA file {entry.ca_file}: {exc}") from None
 
     def _hosts(self, registry: str) -> list[str]:
         entry = self.config.registries.get(registry)
@@ -186,7 +197,7 @@ class RegistryClient:
         import httpx
 
         try:
-            http = self._http(httpx.URL(url).host)
+            http = self._http(httpx.URL(url).netloc.decode())
             return http.send(http.build_request(method, url, headers=headers), stream=stream)
         except httpx.HTTPError as exc:
             where = httpx.URL(url).netloc.decode()
@@ -288,6 +299,9 @@ class RegistryClient:
         it is the last, its error is raised, naming what the hosts before it answered.
         """
         scope = f"repository:{ref.repository}:pull"
+        entry = self.config.registries.get(ref.registry)
+        if entry is not None and entry.blocked:
+            raise PermissionDenied(f"pulls from registry {ref.registry} are blocked by the node's registry settings")
         hosts = self._hosts(ref.registry)
         for number, host in enumerate(hosts, start=1):
             url = f"{self._base_url(host)}/{ref.repository}/{path}"

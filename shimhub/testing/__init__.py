@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shimhub import __version__
+from shimhub import __version__, mountinfo, mounts
 from shimhub.hookspecs import API_VERSION
 from shimhub.testing.daemon import BUSYBOX, Daemon
 from shimhub.testing.network_suite import NetworkConformance
@@ -103,6 +103,10 @@ def shimhub_daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
     for daemon in factory.daemons:
         daemon.stop()
         daemon.kill()
+    # what a failed test left mounted under a daemon goes before any cleanup of the temporary directory walks in
+    for daemon in factory.daemons:
+        for point in sorted(mountinfo.under(str(daemon.root)), key=len, reverse=True):
+            mounts.unmount(point)
     assert not problems, f"the test left things behind: {problems}"
 
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from shimhub.testing.leaks import NodeSnapshot, leftovers
+from shimhub.testing.leaks import NodeSnapshot, ids_in, leftovers
 from shimhub_proto.cri.v1 import api_pb2 as cri
 from shimhub_proto.cri.v1 import api_pb2_grpc
 
@@ -150,7 +150,7 @@ class Daemon:
         containers = {c.id for c in self.runtime.ListContainers(cri.ListContainersRequest()).containers}
         for sandbox_id in sandboxes:
             self.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=120)
-        found = leftovers(self.root, sandboxes, containers, self.before)
+        found = leftovers(self.root, sandboxes, containers, self.before, ids_in(self.log()))
         return {f"{self.root.name}: {kind}": items for kind, items in found.items()}
 
 

@@ -4,14 +4,18 @@
 under the root, processes naming it, cgroups and network namespaces of its pods,
 records, and temporary files (half-written records, half-downloaded blobs,
 half-unpacked layers). Given a `NodeSnapshot` taken before the test, it also
-finds network namespaces created since and processes started since that run in a
-network or PID namespace made since and are no descendants of the test run:
-container processes that lost their parent, whatever their command line says.
+finds network namespaces created since for the daemon's pods and processes started
+since that run in a network or PID namespace made since, are no descendants of the
+test run and belong to the daemon (their cgroup or command line names one of its
+pods or containers): container processes that lost their parent. Only what the
+daemon under test made counts, so the checks hold on a node where other pods and
+other shimhub daemons run.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -68,15 +72,39 @@ def _processes_mentioning(root: Path) -> list[str]:
     return found
 
 
-def _stray_processes(before: NodeSnapshot) -> list[str]:
-    """Live processes started since `before`, not under this test run, in a network or PID namespace made since."""
+def _names_one_of(pid: int, ids: set[str]) -> bool:
+    """Whether process `pid`'s cgroup or command line names one of these pod or container ids (or prefixes)."""
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text() + Path(f"/proc/{pid}/cmdline").read_bytes().decode(
+            errors="replace"
+        )
+    except OSError:
+        return False
+    return any(i in text for i in ids)
+
+
+def _names_a_pod_of(netns_name: str, ids: set[str]) -> bool:
+    """Whether a network namespace's name (see `netns.pod_name`) is that of one of these pods."""
+    if not netns_name.startswith(netns.POD_PREFIX):
+        return False
+    part = netns_name.removeprefix(netns.POD_PREFIX)
+    return any(i.startswith(part) or part.startswith(i) for i in ids)
+
+
+#: A pod's or container's id, or the prefix of one that logs and names use.
+_ID = re.compile(r"[0-9a-f]{12,64}")
+
+
+def _stray_processes(before: NodeSnapshot, ids: set[str]) -> list[str]:
+    """Live processes started since `before`, not under this test run, in a network or PID namespace made since,
+    that belong to one of these pods or containers."""
     ours = {os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))}
     found = []
     for process in psutil.process_iter(["pid", "create_time", "status", "cmdline"]):
         info = process.info
         if info["pid"] in ours or info["create_time"] < before.taken_at or info["status"] == psutil.STATUS_ZOMBIE:
             continue
-        if _namespaces_of(info["pid"]) <= before.namespaces:
+        if _namespaces_of(info["pid"]) <= before.namespaces or not _names_one_of(info["pid"], ids):
             continue
         found.append(f"{info['pid']}: {' '.join(info['cmdline'] or [])[:120]}")
     return found
@@ -108,10 +136,27 @@ def _temporary_files(root: Path) -> list[str]:
     return sorted(str(path) for path in found)
 
 
+def _ids_under(root: Path) -> set[str]:
+    """Ids of the pods and containers whose records, directories or layers are still under `root`."""
+    places = ("state/sandboxes/*", "state/containers/*", "run/pods/*", "storage/*/containers/*")
+    names = {path.name.split(".")[0] for place in places for path in root.glob(place)}
+    return {name for name in names if _ID.fullmatch(name)}
+
+
+def ids_in(text: str) -> set[str]:
+    """The pod and container ids (or their 12-character prefixes) a daemon's log names."""
+    return set(_ID.findall(text))
+
+
 def leftovers(
-    root: Path, sandbox_ids: set[str], container_ids: set[str], before: NodeSnapshot | None = None
+    root: Path,
+    sandbox_ids: set[str],
+    container_ids: set[str],
+    before: NodeSnapshot | None = None,
+    logged_ids: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> dict[str, list[str]]:
-    """Everything still on the node from a daemon rooted at `root` whose objects had these ids."""
+    """Everything still on the node from a daemon rooted at `root` whose objects had these ids (and the ids its
+    log names, for objects it made and forgot)."""
     names = _netns_names()
     found = {
         "mounts": _mounts_under(root),
@@ -122,7 +167,8 @@ def leftovers(
         "temporary files": _temporary_files(root),
     }
     if before is not None:
-        made = {n for n in names - before.netns if n.startswith(netns.POD_PREFIX)}
+        ids = sandbox_ids | container_ids | set(logged_ids) | _ids_under(root)
+        made = {name for name in names - before.netns if _names_a_pod_of(name, ids)}
         found["netns"] = sorted(set(found["netns"]) | made)
-        found["stray processes"] = _stray_processes(before)
+        found["stray processes"] = _stray_processes(before, ids)
     return {kind: items for kind, items in found.items() if items}

@@ -512,8 +512,7 @@ class VmRuntime:
             started_at=state.get("started_at", 0),
             finished_at=state["finished_at"],
             exit_code=code,
-            message=state.get("message")
-            or termination_message(container.runtime_data.get("termination_log", "")),
+            message=state.get("message") or termination_message(container.runtime_data.get("termination_log", "")),
         )
 
     @hookimpl
