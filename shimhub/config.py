@@ -155,6 +155,18 @@ class _Layers:
         return DEFAULT_SOURCE
 
 
+def read_node_file(path: str | Path, limit: int, what: str) -> bytes:
+    """The bytes of the node's file `path`, at most `limit`; ConfigError naming it and `what` it is."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    if len(raw) > limit:
+        raise ConfigError(f"{path}: larger than {limit} bytes")
+    return raw
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:

@@ -172,7 +172,8 @@ class StateStore:
     def corrupt_sandbox(self, sandbox_id: str) -> bytes:
         """What is left of a sandbox record that could not be read (b"" when there is none)."""
         try:
-            return (self._sandboxes.directory / f"{sandbox_id}.corrupt").read_bytes()[: 1 << 20]
+            with (self._sandboxes.directory / f"{sandbox_id}.corrupt").open("rb") as damaged:
+                return damaged.read(1 << 20)
         except OSError:
             return b""
 

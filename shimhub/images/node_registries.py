@@ -19,9 +19,9 @@ from urllib.parse import urlsplit
 
 from attrs import asdict, define, evolve, field
 
+from shimhub.config import read_node_file
 from shimhub.config_schema import ImagesConfig, RegistryConfig
 from shimhub.errors import ConfigError
-from shimhub.images.policy import read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class NodeRegistries:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    data = read_bounded(path, MAX_FILE_BYTES, "its registry settings")
+    data = read_node_file(path, MAX_FILE_BYTES, "its registry settings")
     try:
         return tomllib.loads(data.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -178,9 +178,8 @@ def _tls(scheme: str, table: dict[str, Any], source: str, found: NodeRegistries)
 def merged(images: ImagesConfig, search_is_shimhubs: bool) -> tuple[ImagesConfig, NodeRegistries]:
     """`images` with what the node's registries.conf and hosts directory add, and where each came from."""
     found = NodeRegistries()
-    for host in images.registries:
-        found.sources[host] = "shimhub"
-    found.registries.update(images.registries)
+    for host, entry in images.registries.items():
+        found.add(host, entry, "shimhub")
     if images.registries_conf:
         read_registries_conf(Path(images.registries_conf), found)
     if images.hosts_dir:

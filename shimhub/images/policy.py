@@ -26,6 +26,7 @@ from typing import Any
 
 from attrs import define, field
 
+from shimhub.config import read_node_file
 from shimhub.errors import ConfigError, FailedPrecondition
 from shimhub.images import signatures
 from shimhub.images.reference import Reference
@@ -45,18 +46,6 @@ _IDENTITY_TYPES = {
 }
 _KEY_SOURCES = {"keyPath", "keyPaths", "keyData"}
 _SIGSTORE_KEY_SOURCES = {"keyPath", "keyPaths", "keyData", "fulcio"}
-
-
-def read_bounded(path: str | Path, limit: int, what: str) -> bytes:
-    """The bytes of the node's file `path`, at most `limit`; ConfigError naming it and `what` it is."""
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(limit + 1)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
-    if len(raw) > limit:
-        raise ConfigError(f"{path}: larger than {limit} bytes")
-    return raw
 
 
 @define(frozen=True)
@@ -102,7 +91,7 @@ class Policy:
     @classmethod
     def load(cls, path: str) -> Policy:
         """The policy in the file at `path`; ConfigError naming the file and the key that is wrong."""
-        raw = read_bounded(path, MAX_POLICY_BYTES, "the image trust policy")
+        raw = read_node_file(path, MAX_POLICY_BYTES, "the image trust policy")
         try:
             document = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
@@ -153,7 +154,7 @@ def leftovers(
     sandbox_ids: set[str],
     container_ids: set[str],
     before: NodeSnapshot | None = None,
-    logged_ids: set[str] = frozenset(),  # type: ignore[assignment]
+    logged_ids: Iterable[str] = (),
 ) -> dict[str, list[str]]:
     """Everything still on the node from a daemon rooted at `root` whose objects had these ids (and the ids its
     log names, for objects it made and forgot)."""
